@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs mae_jax and what it needs on a fresh Debian/Ubuntu machine (or TPU VM).
+#   bash launch/setup_env.sh          # the package and the embedded Fashion-MNIST data
+#   bash launch/setup_env.sh --test   # also torch (CPU build), transformers and pytest
+set -euo pipefail
+usage() { sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//'; }
+with_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_test=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown option: $arg" >&2; usage >&2; exit 2 ;;
+  esac
+done
+cd "$(dirname "$0")/.."
+
+# Fashion-MNIST (the embedded default) ships as a Debian package: no internet download needed.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+  sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq || true
+  $sudo_cmd apt-get install -y -qq dataset-fashion-mnist \
+    || echo "warning: could not install dataset-fashion-mnist; TFDS will download Fashion-MNIST instead" >&2
+fi
+
+pip_install() { python3 -m pip install -q --disable-pip-version-check "$@"; }
+if [ "$with_test" -eq 1 ]; then
+  # The CPU build of torch, pinned: a plain `torch` pulls several GB of CUDA wheels.
+  pip_install "torch==2.13.0"
+  pip_install -e ".[test,torch]"
+else
+  pip_install -e .
+fi

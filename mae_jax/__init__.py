@@ -1,0 +1,1 @@
+"""mae_jax: Masked Autoencoder pre-training of Vision Transformers in JAX/Flax."""

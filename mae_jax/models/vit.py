@@ -1,0 +1,142 @@
+"""Vision Transformer building blocks with the official MAE (timm 0.3.2) conventions.
+
+Pre-norm blocks with a fused qkv projection, exact-erf GELU, LayerNorm eps 1e-6 and xavier-uniform
+init over each matrix's real fan. Every parameter carries logical axis names ("embed", "mlp",
+"heads", ...) so that training code can shard them over a mesh by rules without touching modules.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+LN_EPS = 1e-6
+
+
+def logical(init, names: Sequence[str | None]):
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=dtype, use_fast_variance=False, name=name,
+      scale_init=logical(ones, ("embed",)), bias_init=logical(zeros, ("embed",)))
+
+
+def patch_kernel_init(key, shape, dtype=jnp.float32):
+  """Official init: xavier-uniform on the conv weight viewed as (D, p*p*C): fan_in p*p*C, fan_out D."""
+  flat = xavier_uniform(key, (int(np.prod(shape[:-1])), shape[-1]), dtype)
+  return flat.reshape(shape)
+
+
+def patch_bias_init(key, shape, dtype=jnp.float32, fan_in: int = 1):
+  """PyTorch's default Conv2d bias init U(+-1/sqrt(fan_in)), which the official code keeps."""
+  bound = 1.0 / np.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p x p patches -> D, i.e. a stride-p conv, written as one matmul.
+
+  The kernel has the conv layout (p, p, C, D); tokens come out row-major as in the official
+  `flatten(2).transpose(1, 2)`.
+  """
+  patch_size: int
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    b, h, w, c = images.shape
+    p = self.patch_size
+    kernel = self.param("kernel", logical(patch_kernel_init, (None, None, None, "embed")),
+                        (p, p, c, self.embed_dim))
+    fan_in = p * p * c
+    bias = self.param(
+        "bias", logical(lambda k, s, d=jnp.float32: patch_bias_init(k, s, d, fan_in), ("embed",)),
+        (self.embed_dim,))
+    x = images.astype(self.dtype).reshape(b, h // p, p, w // p, p, c)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", x, kernel.astype(self.dtype))
+    x = x + bias.astype(self.dtype)
+    return x.reshape(b, (h // p) * (w // p), self.embed_dim)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with one fused qkv matrix (rows [q; k; v], head-major)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    head_dim = dim // self.num_heads
+    # DenseGeneral initialises the kernel on its flattened (D, 3D) view: the fused fan, as official.
+    qkv = nn.DenseGeneral(
+        (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
+        kernel_init=logical(xavier_uniform, ("embed", None, "heads", "head_dim")),
+        bias_init=logical(zeros, (None, "heads", "head_dim")))(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = jax.nn.dot_product_attention(q, k, v)  # scale head_dim**-0.5
+    return nn.DenseGeneral(
+        dim, axis=(-2, -1), dtype=self.dtype, name="proj",
+        kernel_init=logical(xavier_uniform, ("heads", "head_dim", "embed")),
+        bias_init=logical(zeros, ("embed",)))(out)
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dim = x.shape[-1]
+    x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1",
+                 kernel_init=logical(xavier_uniform, ("embed", "mlp")),
+                 bias_init=logical(zeros, ("mlp",)))(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(dim, dtype=self.dtype, name="fc2",
+                    kernel_init=logical(xavier_uniform, ("mlp", "embed")),
+                    bias_init=logical(zeros, ("embed",)))(x)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops the whole residual branch per example (fine-tuning only)."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """x + attn(norm1(x)), then x + mlp(norm2(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    dim = x.shape[-1]
+    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(layer_norm("norm1", self.dtype)(x))
+    x = x + DropPath(self.drop_path)(y, deterministic)
+    y = Mlp(int(dim * self.mlp_ratio), dtype=self.dtype, name="mlp")(
+        layer_norm("norm2", self.dtype)(x))
+    return x + DropPath(self.drop_path)(y, deterministic)
+
+
+def check_divisible(what: str, value: int, by_what: str, by: int, fix: str):
+  if by <= 0 or value % by:
+    raise ValueError(f"{what} ({value}) must be divisible by {by_what} ({by}); {fix}.")

@@ -1,0 +1,92 @@
+r"""MAE pre-training (the paper's recipe for ViT-B/L/H on ImageNet; small variants for CPUs).
+
+  python -m mae_jax.main --config=configs/pretrain.py:fashion_mnist --workdir=/tmp/mae_fmnist
+  python -m mae_jax.main --config=configs/pretrain.py:vit_large --workdir=gs://BUCKET/mae/vit_large \
+      --config.data.manual_dir=gs://BUCKET/imagenet/manual
+
+Variants: fashion_mnist (default), tiny, vit_base, vit_large, vit_huge. Every field can be
+overridden with --config.KEY=VALUE; unknown keys and wrong types are refused.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from mae_jax import data
+
+VARIANTS = ("fashion_mnist", "tiny", "vit_base", "vit_large", "vit_huge")
+_OFFICIAL = {"vit_base": "mae_vit_base_patch16", "vit_large": "mae_vit_large_patch16",
+             "vit_huge": "mae_vit_huge_patch14"}
+
+
+def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
+  variant = variant or "fashion_mnist"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown pretrain variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.variant = variant
+  c.seed = 0
+
+  # Paper recipe (Table 8, PRETRAIN.md): batch 4096, lr = blr * batch / 256, AdamW(0.9, 0.95),
+  # wd 0.05, 40 warm-up epochs, cosine to 0, 800 epochs, mask 0.75, norm-pix loss.
+  c.batch_size = 4096             # global, over all hosts and devices
+  c.num_epochs = 800
+  c.total_steps = 0               # > 0 overrides num_epochs
+  c.warmup_epochs = 40
+  c.warmup_steps = 0              # > 0 overrides warmup_epochs
+  c.base_lr = 1.5e-4              # blr: lr = base_lr * batch_size / 256
+  c.min_lr = 0.0
+  c.weight_decay = 0.05
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.grad_accum_steps = 1          # micro-batches per step; keeps the batch on few devices
+  c.max_consecutive_nonfinite = 10  # non-finite steps are skipped; this many in a row stop the run
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = _OFFICIAL.get(variant, "mae_vit_small_patch4")
+  c.model.mask_ratio = 0.75
+  c.model.norm_pix_loss = True
+  c.model.loss_all_patches = False
+  c.model.encoder_mask_tokens = False   # the paper's "w/ [M]" ablation
+  c.model.decoder_embed_dim = config_dict.placeholder(int)  # None: the named size's
+  c.model.decoder_depth = config_dict.placeholder(int)
+  c.model.decoder_num_heads = config_dict.placeholder(int)
+  c.model.dtype = "bfloat16"      # compute dtype; params and optimizer stay float32
+  c.model.remat = False
+
+  c.data = data.default_config()
+  c.data.name = "imagenet2012"
+  c.data.image_size = 224
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                # -1: all devices not used by the other axis
+  c.mesh.fsdp = 1
+
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.figure_every_steps = 5000     # reconstruction figure to TensorBoard; 0 = off
+  c.eval_every_steps = 0          # masked loss on the eval split; 0 = off
+  c.eval_batches = 10
+  c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
+
+  if variant == "vit_huge":
+    c.mesh.data, c.mesh.fsdp = 1, -1  # 632M params + Adam: shard them over the whole slice
+    c.model.remat = True
+  if variant in ("fashion_mnist", "tiny"):
+    c.data.name = "fashion_mnist"
+    c.data.image_size = 32
+    c.model.dtype = "float32"     # CPUs gain nothing from bf16
+    c.batch_size = 256
+    c.num_epochs = 10
+    c.warmup_epochs = 1
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 500
+    c.figure_every_steps = 500
+    c.eval_every_steps = 500
+    c.eval_batches = 4
+  if variant == "fashion_mnist":
+    c.total_steps = 2000          # ~2 epochs in about 10 minutes on a 2-core CPU
+    c.warmup_steps = 100
+  if variant == "tiny":
+    c.model.name = "mae_vit_tiny_patch4"
+  return c

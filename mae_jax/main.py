@@ -1,0 +1,54 @@
+r"""The one entry point: the config's `task` picks pre-training (and later fine-tuning, probing).
+
+  python -m mae_jax.main --config=configs/pretrain.py:fashion_mnist --workdir=/tmp/mae_fmnist
+
+On TPU pods `jax.distributed.initialize()` finds its peers itself; elsewhere pass
+--coordinator_address, --num_processes and --process_id (launch/local.sh does).
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go (local or gs://).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed():
+  import jax  # pylint: disable=import-outside-toplevel
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(
+      "MEGASCALE_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()  # a multi-host TPU slice: peers come from the TPU metadata
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Hide accelerators from TensorFlow: tf.data only runs on the host.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+  initialize_distributed()
+  import jax  # pylint: disable=import-outside-toplevel
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+  config = FLAGS.config
+  if config.task == "pretrain":
+    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
+    pretrain.train_and_evaluate(config, FLAGS.workdir)
+  else:
+    raise app.UsageError(f"Unknown task {config.task!r} in the config.")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,349 @@
+"""MAE pre-training loop: one jitted step over a device mesh, orbax checkpoints, clu metrics.
+
+Sections, in the order they run: config checks -> mesh -> input -> model & optimizer ->
+sharded state (created in place) -> update step -> checkpoint restore -> loop (metrics, figures,
+eval, checkpoints, preemption) -> final checkpoint.
+"""
+import functools
+import json
+import logging
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+from etils import epath
+from jax.experimental import multihost_utils
+
+from mae_jax import data, models
+from mae_jax.training import checkpointing, config_checks, figures, flops, optimizer, sharding
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, schedule and per-example randomness.
+def build_model(model_config: ml_collections.ConfigDict, **extra):
+  overrides = {k: v for k, v in model_config.items() if k != "name" and v is not None}
+  overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
+  return models.create_model(model_config.name, **overrides, **extra)
+
+
+def schedule_from_config(config, steps_per_epoch: int):
+  total = config_checks.total_steps(config, steps_per_epoch)
+  warmup = config.warmup_steps if config.warmup_steps > 0 else int(
+      config.warmup_epochs * steps_per_epoch)
+  peak_lr = config.base_lr * config.batch_size / 256
+  return optimizer.warmup_cosine(peak_lr, warmup, total, config.min_lr), total
+
+
+def masking_noise(seed: int, step, batch_size: int, num_patches: int) -> jax.Array:
+  """Per-example noise keyed by the example's global position in the run (step * batch + i), so
+  masks never depend on how the batch is split over devices or hosts."""
+  step_key = jax.random.fold_in(jax.random.key(seed), step)
+  index = jnp.arange(batch_size)
+  return jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(step_key, i), (num_patches,)))(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state, created already sharded.
+def create_train_state(model, tx, mesh, seed: int):
+  """{'params', 'opt', 'step', 'nonfinite', 'skipped'}: params and Adam moments are placed by
+  the logical-axis rules at creation, never materialised whole on one device."""
+  def init():
+    params = models.init_params(model, jax.random.key(seed))
+    zero = jnp.zeros((), jnp.int32)
+    return {"params": params, "opt": tx.init(params), "step": zero, "nonfinite": zero,
+            "skipped": zero}
+  abstract = jax.eval_shape(init)
+  param_shardings = sharding.param_shardings(models.logical_axes(model), abstract["params"], mesh)
+  shardings = sharding.state_shardings(abstract, param_shardings, mesh)
+  state = jax.jit(init, out_shardings=shardings)()
+  return state, shardings
+
+
+def make_train_step(model, tx, schedule, config, state_shardings, mesh):
+  batch_size, accum = config.batch_size, config.grad_accum_steps
+  batch_spec = sharding.batch_sharding(mesh)
+
+  def loss_fn(params, images, noise):
+    loss, _, _ = model.apply({"params": params}, images, noise=noise)
+    return loss
+
+  def loss_and_grads(params, images, noise):
+    if accum == 1:
+      return jax.value_and_grad(loss_fn)(params, images, noise)
+    # Micro-batch m takes examples m, m + accum, ...: each device keeps working on its own rows.
+    micro = lambda x: jax.lax.with_sharding_constraint(
+        x.reshape(batch_size // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+
+    def body(carry, xs):
+      loss, grads = jax.value_and_grad(loss_fn)(params, *xs)
+      return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+    zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(noise)))
+    return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
+
+  def train_step(state, batch):
+    params, step = state["params"], state["step"]
+    noise = jax.lax.with_sharding_constraint(
+        masking_noise(config.seed, step, batch_size, model.num_patches), batch_spec)
+    loss, grads = loss_and_grads(params, batch["image"], noise)
+    grad_norm = optax.global_norm(grads)
+    updates, opt = tx.update(grads, state["opt"], params)
+    new_params = optax.apply_updates(params, updates)
+    # A non-finite loss or gradient leaves params and optimizer untouched; the host counts these.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = {
+        "params": keep(new_params, params), "opt": keep(opt, state["opt"]), "step": step + 1,
+        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
+        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+    }
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step),
+               "param_norm": optax.global_norm(new_state["params"])}
+    return new_state, metrics
+
+  replicated = sharding.replicated(mesh)
+  return jax.jit(train_step, in_shardings=(state_shardings, {"image": batch_spec, "label": batch_spec}),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+FIGURE_IMAGES = 8
+
+
+def make_eval_steps(model, mesh):
+  """(loss step, figure step), both with the caller's fixed noise. The figure step runs on the
+  first few images only and returns them replicated, small enough for any host to draw."""
+  def loss_step(params, images, noise):
+    return model.apply({"params": params}, images, noise=noise)[0]
+
+  def figure_step(params, images, noise):
+    images, noise = images[:FIGURE_IMAGES], noise[:FIGURE_IMAGES]
+    _, pred, mask = model.apply({"params": params}, images, noise=noise)
+    return images, pred, mask
+  replicated = sharding.replicated(mesh)
+  return (jax.jit(loss_step, out_shardings=replicated),
+          jax.jit(figure_step, out_shardings=replicated))
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption: SIGTERM on a single host; JAX's preemption sync point across hosts, so that every
+# host stops and saves at the same step.
+class PreemptionWatcher:
+
+  def __init__(self):
+    self.multihost = jax.process_count() > 1
+    self._signalled = False
+    if not self.multihost:
+      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint at the next step and exiting.")
+    self._signalled = True
+
+  def reached(self, step: int) -> bool:
+    if self.multihost:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._signalled
+
+  def close(self):
+    if not self.multihost:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) pre-training in `workdir`; returns the last logged metrics."""
+  # --- Config checks: everything that can be wrong fails here, before any compute.
+  config_checks.check_pretrain(config, jax.process_count(), jax.device_count())
+  model = build_model(config.model)
+  workdir = epath.Path(workdir)
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    config_checks.check_writable(workdir)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  logging.info("Config:\n%s", config)
+
+  # --- Mesh.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # --- Input.
+  train_examples = data.num_examples(config.data, config.data.train_split)
+  steps_per_epoch = train_examples // config.batch_size
+  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
+
+  # --- Model, optimizer, sharded state.
+  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+  with jax.set_mesh(mesh):
+    state, state_shardings = create_train_state(model, tx, mesh, config.seed)
+  train_step = make_train_step(model, tx, schedule, config, state_shardings, mesh)
+
+  # --- Checkpoint restore (automatic resume).
+  manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
+                                         config.keep_checkpoints)
+  restored_step, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  if restored is not None:
+    state = restored
+    logging.info("Resumed from the checkpoint at step %d.", restored_step)
+  start_step = int(jax.device_get(state["step"]))
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  train_iter = data.create_iterator(
+      config.data, split=config.data.train_split, global_batch_size=config.batch_size,
+      seed=config.seed, start_step=start_step, sharding=batch_sharding, mode="pretrain")
+
+  # --- Metrics.
+  writer = metric_writers.create_default_writer(
+      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config).items()})
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  metrics_log = workdir / "metrics.jsonl"
+  peak_flops, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
+  step_flops = None
+  eval_fn = Evaluator(model, config, mesh) if (
+      config.eval_every_steps or config.figure_every_steps) else None
+
+  # --- Loop.
+  watcher = PreemptionWatcher()
+  pending, last = [], {}
+  tick, tick_step = time.perf_counter(), start_step
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      with jax.set_mesh(mesh):
+        if step_flops is None:
+          compiled = train_step.lower(state, batch).compile()
+          step_flops = flops.compiled_flops(compiled)
+          logging.info("Train step: %.3g FLOPs per device per step.", step_flops)
+        state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      progress(step)
+      preempted = watcher.reached(step)
+
+      if step % config.log_every_steps == 0 or step == total_steps or preempted:
+        last = _summarise(pending, state, config)
+        elapsed = time.perf_counter() - tick
+        done = step - tick_step
+        if step > start_step + done or done > 1:  # skip the compile-only interval when possible
+          last["step_time_s"] = elapsed / done
+          last["images_per_sec"] = done * config.batch_size / elapsed
+          last["images_per_sec_per_device"] = last["images_per_sec"] / jax.device_count()
+          last["mfu"] = step_flops * done / elapsed / peak_flops
+        writer.write_scalars(step, last)
+        if is_chief:
+          with metrics_log.open("a") as f:
+            f.write(json.dumps({"step": step, **last}) + "\n")
+        pending, tick, tick_step = [], time.perf_counter(), step
+
+      if eval_fn is not None:
+        eval_fn.maybe_run(step, state["params"], writer, total_steps)
+
+      if preempted:
+        checkpointing.save(manager, step, state, force=True)
+        logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
+                        "resume.", step)
+        break
+      if step % config.checkpoint_every_steps == 0:
+        _check_nonfinite(state, config)
+        checkpointing.save(manager, step, state)
+    else:
+      if manager.latest_step() != step:
+        _check_nonfinite(state, config)
+        checkpointing.save(manager, step, state, force=True)
+  finally:
+    watcher.close()
+    manager.wait_until_finished()
+    writer.flush()
+  manager.close()
+  if is_chief:
+    logging.info("Done at step %d. Checkpoints: %s  TensorBoard: %s  Metrics: %s  Config: %s",
+                 step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,
+                 workdir / "config.json")
+  logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  return {"step": step, **last}
+
+
+def _summarise(pending, state, config) -> dict:
+  host = jax.device_get(pending)
+  out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+  out["lr"] = float(host[-1]["lr"])
+  out["skipped_steps"] = int(jax.device_get(state["skipped"]))
+  _check_nonfinite(state, config)
+  return out
+
+
+def _check_nonfinite(state, config):
+  consecutive = int(jax.device_get(state["nonfinite"]))
+  if consecutive >= config.max_consecutive_nonfinite:
+    raise NonFiniteError(
+        f"{consecutive} consecutive steps had a non-finite loss or gradient (limit "
+        f"max_consecutive_nonfinite={config.max_consecutive_nonfinite}); they were skipped, so the "
+        "parameters are still finite. Lower base_lr, use float32 (--config.model.dtype=float32), "
+        "or check the input data.")
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+class Evaluator:
+  """Masked-patch loss on the eval split and the reconstruction figure, with fixed eval masks."""
+
+  def __init__(self, model, config, mesh):
+    self.model, self.config, self.mesh = model, config, mesh
+    self.loss_step, self.figure_step = make_eval_steps(model, mesh)
+    self.batch_size = config.batch_size
+    self._batches = None
+
+  def _eval_batches(self):
+    if self._batches is None:
+      it = data.create_iterator(
+          self.config.data, split=self.config.data.eval_split, global_batch_size=self.batch_size,
+          seed=self.config.seed, start_step=0, sharding=sharding.batch_sharding(self.mesh),
+          mode="eval")
+      self._batches = [b for _, b in zip(range(max(self.config.eval_batches, 1)), it)]
+    return self._batches
+
+  def _noise(self, i):
+    noise = masking_noise(self.config.seed + 1, i, self.batch_size, self.model.num_patches)
+    return jax.device_put(noise, sharding.batch_sharding(self.mesh))
+
+  def maybe_run(self, step, params, writer, total_steps):
+    every_eval, every_fig = self.config.eval_every_steps, self.config.figure_every_steps
+    last = step == total_steps
+    if every_eval and (step % every_eval == 0 or last):
+      losses = []
+      with jax.set_mesh(self.mesh):
+        for i, batch in enumerate(self._eval_batches()):
+          loss = self.loss_step(params, batch["image"], self._noise(i))
+          losses.append(float(loss))
+      writer.write_scalars(step, {"eval_loss": float(np.mean(losses))})
+    if every_fig and (step % every_fig == 0 or last):
+      batch = self._eval_batches()[0]
+      with jax.set_mesh(self.mesh):
+        images, pred, mask = jax.device_get(
+            self.figure_step(params, batch["image"], self._noise(0)))
+      grid = figures.reconstruction_grid(
+          images, pred, mask,
+          self.model.patch_size, self.model.norm_pix_loss, self.config.data.mean,
+          self.config.data.std)
+      writer.write_images(step, {"reconstruction": grid[None]})

@@ -1,0 +1,97 @@
+"""Device mesh and parameter placement: FSDP by logical-axis rules, data parallel over the rest.
+
+The model only names its parameter axes ("embed", "mlp", ...); these rules decide which mesh axis
+each name is split over. Parameters are split over "fsdp" along their "embed" dimension; the batch
+is split over both mesh axes, so an (N, 1) mesh is pure data parallelism and (1, N) is full FSDP.
+"""
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("head_dim", None),
+    ("decoder_embed", None),
+    ("patch", None),
+    ("classes", None),
+)
+
+
+def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
+  """Resolves -1 (fill with the remaining devices) and checks the mesh uses every device."""
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp cannot both be -1; set one of them.")
+  for name, size in (("mesh.data", data), ("mesh.fsdp", fsdp)):
+    if size == 0 or size < -1:
+      raise ValueError(f"{name} must be a positive size or -1 (fill), got {size}.")
+  known = (data if data > 0 else 1) * (fsdp if fsdp > 0 else 1)
+  if num_devices % known:
+    raise ValueError(f"mesh {data}x{fsdp} does not fit {num_devices} devices; choose mesh.data * "
+                     f"mesh.fsdp = {num_devices} (or -1 on one axis to fill).")
+  data = num_devices // known if data == -1 else data
+  fsdp = num_devices // known if fsdp == -1 else fsdp
+  if data * fsdp != num_devices:
+    raise ValueError(f"mesh {data}x{fsdp} = {data * fsdp} devices, but there are {num_devices}; "
+                     f"set mesh.data * mesh.fsdp = {num_devices} (or -1 on one axis to fill).")
+  return data, fsdp
+
+
+def make_mesh(data: int, fsdp: int, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(data, fsdp, len(devices))
+  # Auto axes: XLA's partitioner places the FSDP gathers; the model code stays sharding-free.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def logical_to_mesh(spec: P, shape, mesh) -> P:
+  """Maps one parameter's logical axis names to mesh axes; a dimension that does not divide by its
+  mesh axis stays replicated (small tables, odd widths)."""
+  rules = dict(LOGICAL_RULES)
+  out = []
+  for name, dim in zip(tuple(spec), shape):
+    axis = rules.get(name) if name is not None else None
+    if axis is not None and (dim % mesh.shape[axis] or axis in out):
+      axis = None
+    out.append(axis)
+  return P(*out)
+
+
+def param_shardings(logical_specs, abstract_params, mesh):
+  """NamedShardings for a params pytree from its logical specs (see models.logical_axes)."""
+  is_spec = lambda x: isinstance(x, P)
+  specs = jax.tree_util.tree_map(
+      lambda spec, leaf: logical_to_mesh(spec, leaf.shape, mesh), logical_specs, abstract_params,
+      is_leaf=is_spec)
+  return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
+
+
+def state_shardings(abstract_state, params_shardings, mesh):
+  """Optimizer state follows its parameter (Adam moments have the params' tree); scalars replicate."""
+  flat_params = {leaf_key(path): s for path, s in
+                 jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+
+  def choose(path, leaf):
+    # Optimizer leaves end with the parameter's own path (mu/.../blocks_0/attn/qkv/kernel).
+    for n in range(len(path), 0, -1):
+      key = leaf_key(path[-n:])
+      if key in flat_params and np.ndim(leaf) == len(flat_params[key].spec):
+        return flat_params[key]
+    return replicated(mesh)
+  return jax.tree_util.tree_map_with_path(choose, abstract_state)
+
+
+def leaf_key(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)

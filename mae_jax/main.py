@@ -5,6 +5,7 @@ r"""The one entry point: the config's `task` picks pre-training (and later fine-
 On TPU pods `jax.distributed.initialize()` finds its peers itself; elsewhere pass
 --coordinator_address, --num_processes and --process_id (launch/local.sh does).
 """
+import logging as std_logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -25,14 +26,25 @@ def initialize_distributed():
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get(
-      "MEGASCALE_COORDINATOR_ADDRESS"):
-    jax.distributed.initialize()  # a multi-host TPU slice: peers come from the TPU metadata
+    return
+  try:
+    jax.distributed.initialize()  # Cloud TPU / GKE / Slurm: JAX detects its peers itself
+  except ValueError:
+    logging.info("No cluster detected: running as a single process.")
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax narrates every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietOrbax())
   # Hide accelerators from TensorFlow: tf.data only runs on the host.
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")

@@ -231,13 +231,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, metrics = train_step(state, batch)
       pending.append(metrics)
       progress(step)
+      if step == start_step + 1:  # time from here on: the first step includes compilation
+        jax.block_until_ready(state)
+        tick, tick_step = time.perf_counter(), step
       preempted = watcher.reached(step)
 
       if step % config.log_every_steps == 0 or step == total_steps or preempted:
         last = _summarise(pending, state, config)
         elapsed = time.perf_counter() - tick
         done = step - tick_step
-        if step > start_step + done or done > 1:  # skip the compile-only interval when possible
+        if done:
           last["step_time_s"] = elapsed / done
           last["images_per_sec"] = done * config.batch_size / elapsed
           last["images_per_sec_per_device"] = last["images_per_sec"] / jax.device_count()

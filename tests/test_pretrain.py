@@ -1,0 +1,174 @@
+"""The pre-training loop end to end on a tiny model and real Fashion-MNIST batches."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain as pretrain_config
+from mae_jax.training import config_checks, pretrain, sharding
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  c = pretrain_config.get_config("tiny")
+  c.model.name = "mae_vit_test_patch4"
+  c.batch_size = 32
+  c.total_steps = 20
+  c.warmup_steps = 4
+  c.base_lr = 2e-3
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 5
+  c.keep_checkpoints = 10
+  c.figure_every_steps = 0
+  c.eval_every_steps = 0
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_train_falls_checkpoints_and_resumes_exactly(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config()
+  pretrain.train_and_evaluate(config, workdir)
+  unbroken = losses(workdir)
+  assert sorted(unbroken) == list(range(1, 21))
+  assert np.mean([unbroken[s] for s in (18, 19, 20)]) < np.mean([unbroken[s] for s in (1, 2, 3)])
+  steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints")) if p.isdigit())
+  assert steps == [5, 10, 15, 20]
+  # Lose everything after step 10, as a crash would, and run the same config again.
+  for step in (15, 20):
+    shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+  os.rename(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "unbroken.jsonl"))
+  pretrain.train_and_evaluate(config, workdir)
+  resumed = losses(workdir)
+  assert sorted(resumed) == list(range(11, 21))
+  np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
+                             [unbroken[s] for s in range(11, 21)], rtol=1e-6)
+
+
+def _curve(tmp_path, name, data, fsdp):
+  workdir = str(tmp_path / name)
+  pretrain.train_and_evaluate(tiny_config(**{"total_steps": 4, "mesh.data": data,
+                                             "mesh.fsdp": fsdp}), workdir)
+  return [losses(workdir)[s] for s in range(1, 5)]
+
+
+def test_same_loss_curve_for_every_mesh_and_one_device(tmp_path):
+  curves = {shape: _curve(tmp_path, f"mesh{shape}", *shape) for shape in [(8, 1), (1, 8), (2, 4)]}
+  # One device: a separate process that sees a single CPU device.
+  workdir = str(tmp_path / "one_device")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  subprocess.run(
+      [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
+       f"--workdir={workdir}", "--config.model.name=mae_vit_test_patch4",
+       "--config.batch_size=32", "--config.total_steps=4", "--config.warmup_steps=4",
+       "--config.base_lr=0.002", "--config.log_every_steps=1", "--config.mesh.data=1",
+       "--config.figure_every_steps=0", "--config.eval_every_steps=0"],
+      cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  curves["1 device"] = [losses(workdir)[s] for s in range(1, 5)]
+  reference = curves[(8, 1)]
+  assert reference[-1] < reference[0]
+  for shape, curve in curves.items():
+    np.testing.assert_allclose(curve, reference, rtol=2e-5, err_msg=str(shape))
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+  full = _curve(tmp_path, "full", 2, 4)
+  workdir = str(tmp_path / "accum")
+  pretrain.train_and_evaluate(tiny_config(total_steps=4, grad_accum_steps=4, batch_size=32,
+                                          **{"mesh.data": 8, "mesh.fsdp": 1}), workdir)
+  np.testing.assert_allclose([losses(workdir)[s] for s in range(1, 5)], full, rtol=2e-5)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+  config = tiny_config(total_steps=12, max_consecutive_nonfinite=3)
+  real_iterator = pretrain.data.create_iterator
+
+  def poisoned(*args, **kwargs):
+    for i, batch in enumerate(real_iterator(*args, **kwargs)):
+      if i >= 4:  # steps 5, 6, ... see NaN pixels
+        batch = dict(batch, image=batch["image"] * jnp.nan)
+      yield batch
+  monkeypatch.setattr(pretrain.data, "create_iterator", poisoned)
+  workdir = str(tmp_path / "nan")
+  with pytest.raises(pretrain.NonFiniteError, match="3 consecutive steps"):
+    pretrain.train_and_evaluate(config, workdir)
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["skipped_steps"] for r in records] == [0, 0, 0, 0, 1, 2, 3]
+  assert all(np.isfinite(r["param_norm"]) for r in records)
+  assert records[-1]["param_norm"] == records[3]["param_norm"]  # skipped steps changed nothing
+
+
+def test_command_line_overrides_and_unknown_keys(tmp_path):
+  base = [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
+          f"--workdir={tmp_path / 'cli'}"]
+  bad = subprocess.run(base + ["--config.bacth_size=8"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert bad.returncode != 0 and "bacth_size" in bad.stderr
+  wrong_type = subprocess.run(base + ["--config.batch_size=many"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+  assert wrong_type.returncode != 0 and "batch_size" in wrong_type.stderr
+  ok = subprocess.run(base + ["--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
+                              "--config.total_steps=2", "--config.log_every_steps=1",
+                              "--config.figure_every_steps=0", "--config.eval_every_steps=0"],
+                      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  written = json.loads((tmp_path / "cli" / "config.json").read_text())
+  assert written["batch_size"] == 16 and written["model"]["name"] == "mae_vit_test_patch4"
+  assert sorted(losses(str(tmp_path / "cli"))) == [1, 2]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"batch_size": 12}, "batch_size=12 is not divisible by the mesh's 2x4 devices"),
+    ({"mesh.data": 3, "mesh.fsdp": 1}, "mesh 3x1 does not fit 8 devices"),
+    ({"mesh.data": 16, "mesh.fsdp": 1}, "does not fit 8 devices"),
+    ({"mesh.data": -1, "mesh.fsdp": -1}, "cannot both be -1"),
+    ({"model.mask_ratio": 1.0}, "mask_ratio must be in [0, 1)"),
+    ({"data.image_size": 28}, "set --config.data.image_size=32"),
+    ({"model.name": "mae_vit_nope"}, "Unknown model 'mae_vit_nope'"),
+    ({"model.dtype": "float8"}, "config.model.dtype='float8'"),
+    ({"grad_accum_steps": 3}, "grad_accum_steps=3"),
+    ({"base_lr": 0.0}, "config.base_lr must be > 0"),
+    ({"log_every_steps": 0}, "config.log_every_steps must be positive"),
+])
+def test_bad_configs_fail_before_compute(overrides, message):
+  with pytest.raises(ValueError) as err:
+    config_checks.check_pretrain(tiny_config(**overrides), 1, 8)
+  assert message in str(err.value)
+
+
+def test_unwritable_workdir_is_named(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")  # even root cannot create a directory under a file
+  with pytest.raises(PermissionError, match="Cannot write to workdir .*a_file/run"):
+    pretrain.train_and_evaluate(tiny_config(), str(blocker / "run"))
+
+
+def test_mesh_shape_fill():
+  assert sharding.mesh_shape(-1, 2, 8) == (4, 2)
+  assert sharding.mesh_shape(1, -1, 8) == (1, 8)
+
+
+def test_fsdp_shards_params_along_embed():
+  mesh = sharding.make_mesh(1, 8)
+  spec = sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed", "mlp"), (32, 128), mesh)
+  assert tuple(spec) == ("fsdp", None)
+  odd = sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed",), (12,), mesh)
+  assert tuple(odd) == (None,)  # 12 does not split over 8 devices: replicated

@@ -547,3 +547,44 @@ def test_local_usage_errors_and_dry_run(local_env):
     assert words[4:10] == ["-m", "mae_jax.main", NASTY, "--coordinator_address=127.0.0.1:7",
                            "--num_processes=2", "--process_id=1"]
     assert words[10].endswith("process_1.log") and words[11:] == ["2>&1", "&"]
+
+
+STAND_IN_MAIN = '''"""Stands in for mae_jax.main: joins the job as told, then sums across all processes."""
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+parser = argparse.ArgumentParser()
+for flag in ("--config", "--workdir", "--coordinator_address"):
+    parser.add_argument(flag)
+parser.add_argument("--num_processes", type=int)
+parser.add_argument("--process_id", type=int)
+args, overrides = parser.parse_known_args()
+jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+mesh = Mesh(np.array(jax.devices()), ("d",))
+local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/"
+      f"{jax.device_count()} sum {float(total)} overrides {overrides}", flush=True)
+'''
+
+
+def test_local_forms_one_real_jax_job(tmp_path):
+    """Two real JAX processes with two CPU devices each see four devices and sum across."""
+    pytest.importorskip("jax")
+    (tmp_path / "mae_jax").mkdir()
+    (tmp_path / "mae_jax" / "__init__.py").write_text("")
+    (tmp_path / "mae_jax" / "main.py").write_text(STAND_IN_MAIN)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(LAUNCH_PYTHON=sys.executable, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(["bash", str(LOCAL), "--num_processes=2", "--devices_per_process=2",
+                           "--", "--config=c.py:v", f"--workdir={tmp_path / 'wd'}", NASTY],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(2):
+        log = (tmp_path / "wd" / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i}/2 devices 2/4 sum 6.0 overrides {[NASTY]!r}" in log, log

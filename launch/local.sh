@@ -3,7 +3,7 @@
 #
 # Usage: launch/local.sh --num_processes=N [options] -- MAIN_ARGS...
 #   e.g. launch/local.sh --num_processes=2 --devices_per_process=4 -- \
-#          --config=configs/pretrain.py:vit_tiny --workdir=workdirs/pod2 --config.note="a b"
+#          --config=configs/pretrain.py:tiny --workdir=workdirs/pod2 --config.note="a b"
 #
 # Process i runs, with JAX_PLATFORMS=cpu and
 # XLA_FLAGS=--xla_force_host_platform_device_count=D (added to any other XLA_FLAGS):

@@ -1,0 +1,333 @@
+#!/usr/bin/env bash
+# Cloud TPU VMs and pod slices for mae_jax: create, set up, run, watch, stop, delete.
+#
+# Usage: launch/tpu.sh COMMAND [options] [-- extra]
+#
+# Commands
+#   create   gcloud compute tpus tpu-vm create (args after -- go to gcloud as they are)
+#   setup    on every worker: copy this checkout (or git clone --repo), make a Python venv,
+#            bash launch/setup_env.sh, pip install jax[tpu] of the installed jax version,
+#            then `check`
+#   check    on every worker at once: python3 launch/check_devices.py (jax must see the TPU)
+#   run      on every worker at once, detached (nohup setsid), a log per worker:
+#              python3 -m mae_jax.main --config=CONFIG --workdir=WORKDIR [--config.k=v ...]
+#            --config.* options, and everything after --, go to mae_jax.main unchanged.
+#            Run it again on a preempted or recreated slice (after setup) to resume: the
+#            train loop resumes from the latest checkpoint in WORKDIR, which is never wiped.
+#   logs     tail one worker's log (--worker=N, default 0; -f to follow)
+#   status   the TPU's state, and the mae_jax.main processes on every worker
+#   stop     end the job on every worker (pkill: TERM, then KILL after --timeout seconds)
+#   delete   delete the TPU VM (asks for confirmation unless --yes)
+#
+# Settings: a flag wins over its environment variable. "--a_b" and "--a-b" are the same flag.
+#   --name=NAME              TPU_NAME          required by every command
+#   --zone=ZONE              ZONE              required by every command, e.g. europe-west4-a
+#   --project=PROJECT        PROJECT           default: gcloud's configured project
+#   --accelerator-type=TYPE  ACCELERATOR_TYPE  create: v3-8, v3-128, v4-64, v5litepod-16 ...
+#   --runtime-version=VER    RUNTIME_VERSION   create: default from the type, e.g.
+#                                              tpu-ubuntu2204-base for v2, v3, v4
+#   --spot                   SPOT=1            create: a Spot VM
+#   --preemptible            PREEMPTIBLE=1     create: a preemptible VM (older kind of Spot)
+#   --repo=URL               REPO_URL          setup: git clone URL instead of copying this
+#                                              checkout (tracked and untracked files, no .git)
+#   --ref=REF                REPO_REF          setup: branch, tag or commit of --repo (HEAD)
+#   --remote-dir=DIR         REMOTE_DIR        the project on the workers (mae_jax, under ~)
+#   --venv=DIR               REMOTE_VENV       the venv on the workers (mae_jax_venv, under ~)
+#   --python-version=V       PYTHON_VERSION    setup: the venv's Python (3.12; jax needs 3.11+)
+#   --config=FILE:VARIANT    CONFIG            run: e.g. configs/pretrain.py:vit_large
+#   --workdir=gs://...       WORKDIR           run: checkpoints and summaries (must be gs://)
+#   --env=KEY=VALUE                            run: export on the workers (repeatable)
+#   --log-dir=DIR            REMOTE_LOG_DIR    the logs on the workers (mae_jax_logs, under ~):
+#                                              DIR/worker-N.log, appended to by each run
+#   --worker=W                                 which workers: all (default), 0, or 0,2;
+#                                              logs: one worker, 0 by default
+#   --lines=N, -n N                            logs: lines to show (100)
+#   --follow, -f                               logs: keep following the log
+#   --timeout=S                                stop: seconds between TERM and KILL (30)
+#   --gcloud-arg=ARG         GCLOUD_ARGS       an extra argument for every gcloud ssh/scp
+#                                              (repeatable; the variable splits on spaces),
+#                                              e.g. --gcloud-arg=--tunnel-through-iap
+#   --yes, -y                                  delete: do not ask
+#   --dry-run                DRY_RUN=1         print the commands (quoted, copy-pasteable)
+#                                              instead of running them
+#   -h, --help                                 this help
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+truthy() { case "${1-}" in 1|true|TRUE|True|yes|YES|on) return 0 ;; *) return 1 ;; esac; }
+# bool_flag ARG: 1 for "--flag" or "--flag=true", 0 for "--flag=false".
+bool_flag() { if [[ "$1" != *=* ]] || truthy "${1#*=}"; then echo 1; else echo 0; fi; }
+
+# ---- settings: environment first, flags below override ----
+name=${TPU_NAME:-}
+zone=${ZONE:-}
+project=${PROJECT:-}
+accelerator_type=${ACCELERATOR_TYPE:-}
+runtime_version=${RUNTIME_VERSION:-}
+spot=0; truthy "${SPOT:-}" && spot=1
+preemptible=0; truthy "${PREEMPTIBLE:-}" && preemptible=1
+repo_url=${REPO_URL:-}
+repo_ref=${REPO_REF:-HEAD}
+remote_dir=${REMOTE_DIR:-mae_jax}
+remote_venv=${REMOTE_VENV:-mae_jax_venv}
+python_version=${PYTHON_VERSION:-3.12}
+config=${CONFIG:-}
+workdir=${WORKDIR:-}
+remote_log_dir=${REMOTE_LOG_DIR:-mae_jax_logs}
+worker=""
+lines=100
+follow=0
+stop_timeout=30
+yes=0
+if truthy "${DRY_RUN:-}"; then DRY_RUN=1; else DRY_RUN=0; fi
+gcloud_args=()
+if [[ -n "${GCLOUD_ARGS:-}" ]]; then
+  read -r -a gcloud_args <<<"$GCLOUD_ARGS"
+fi
+env_pairs=()
+job_args=()    # --config.* options and the words after --: for mae_jax.main (run)
+extra_args=()  # the words after --: for gcloud (create)
+command=""
+
+while [[ $# -gt 0 ]]; do
+  arg=$1
+  shift
+  case "$arg" in
+    --)
+      extra_args=("$@")
+      break ;;
+    --config.*)
+      job_args+=("$arg") ;;
+    -h|--help)
+      usage; exit 0 ;;
+    -f)
+      follow=1 ;;
+    -y)
+      yes=1 ;;
+    -n)
+      take_value "$arg" "$@"; lines=$OPT_VALUE; shift "$OPT_SHIFT" ;;
+    --*)
+      key=$(flag_key "$arg")
+      case "$key" in
+        --spot) spot=$(bool_flag "$arg") ;;
+        --preemptible) preemptible=$(bool_flag "$arg") ;;
+        --follow) follow=$(bool_flag "$arg") ;;
+        --yes) yes=$(bool_flag "$arg") ;;
+        --dry-run) DRY_RUN=$(bool_flag "$arg") ;;
+        --name|--zone|--project|--accelerator-type|--runtime-version|--repo|--ref|\
+        --remote-dir|--venv|--python-version|--config|--workdir|--env|--log-dir|--worker|\
+        --lines|--timeout|--gcloud-arg)
+          take_value "$arg" "$@"
+          shift "$OPT_SHIFT"
+          case "$key" in
+            --name) name=$OPT_VALUE ;;
+            --zone) zone=$OPT_VALUE ;;
+            --project) project=$OPT_VALUE ;;
+            --accelerator-type) accelerator_type=$OPT_VALUE ;;
+            --runtime-version) runtime_version=$OPT_VALUE ;;
+            --repo) repo_url=$OPT_VALUE ;;
+            --ref) repo_ref=$OPT_VALUE ;;
+            --remote-dir) remote_dir=$OPT_VALUE ;;
+            --venv) remote_venv=$OPT_VALUE ;;
+            --python-version) python_version=$OPT_VALUE ;;
+            --config) config=$OPT_VALUE ;;
+            --workdir) workdir=$OPT_VALUE ;;
+            --env) env_pairs+=("$OPT_VALUE") ;;
+            --log-dir) remote_log_dir=$OPT_VALUE ;;
+            --worker) worker=$OPT_VALUE ;;
+            --lines) lines=$OPT_VALUE ;;
+            --timeout) stop_timeout=$OPT_VALUE ;;
+            --gcloud-arg) gcloud_args+=("$OPT_VALUE") ;;
+          esac ;;
+        *) die "unknown option: $arg (see --help)" ;;
+      esac ;;
+    -*)
+      die "unknown option: $arg (see --help)" ;;
+    *)
+      [[ -z "$command" ]] || die "unexpected argument: $arg (one command at a time; see --help)"
+      command=$arg ;;
+  esac
+done
+
+[[ -n "$command" ]] || { usage >&2; die "no command given: create, setup, check, run, logs, status, stop or delete"; }
+case "$command" in
+  create|setup|check|run|logs|status|stop|delete) ;;
+  *) die "unknown command: $command (create, setup, check, run, logs, status, stop or delete)" ;;
+esac
+if [[ ${#job_args[@]} -gt 0 && "$command" != run ]]; then
+  die "--config.* overrides are for 'run' only"
+fi
+if [[ ${#extra_args[@]} -gt 0 && "$command" != create && "$command" != run ]]; then
+  die "arguments after -- are for 'create' (gcloud) and 'run' (mae_jax.main) only"
+fi
+if [[ "$command" == run && ${#extra_args[@]} -gt 0 ]]; then
+  job_args+=("${extra_args[@]}")
+  extra_args=()
+fi
+
+require "$name" --name TPU_NAME "TPU name"
+require "$zone" --zone ZONE "zone"
+GCLOUD=${GCLOUD:-gcloud}
+
+# ---- helpers ----
+# The gcloud words every tpu-vm call shares: VERB NAME --zone [--project].
+tpu_vm() {
+  local verb=$1
+  shift
+  local cmd=("$GCLOUD" compute tpus tpu-vm "$verb" "$@" "--zone=$zone")
+  [[ -z "$project" ]] || cmd+=("--project=$project")
+  TPU_VM_CMD=("${cmd[@]}")
+}
+
+# remote WORKERS SCRIPT: run a bash script on the workers, all at once.
+# The script travels as `bash -c '<script>'`, single-quoted, so whatever login shell the
+# workers have, bash gets the script byte for byte.
+remote() {
+  local workers=$1 script=$2
+  tpu_vm ssh "$name" "--worker=$workers"
+  run_cmd "${TPU_VM_CMD[@]}" ${gcloud_args[@]+"${gcloud_args[@]}"} \
+    "--command=bash -c $(shell_quote "$script")"
+}
+
+# home_path PATH: PATH for a remote script, relative paths taken from the home directory.
+home_path() {
+  local p=${1#\~/}
+  if [[ "$p" == /* ]]; then shell_quote "$p"; else printf '"%s"/%s' "\$HOME" "$(shell_quote "$p")"; fi
+}
+
+default_runtime() {
+  case "$1" in
+    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
+    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
+    v5p-*) echo v2-alpha-tpuv5 ;;
+    v6e-*) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
+# The job's processes: python3 -m mae_jax.main, the interpreter's path in front or not.
+# Anchored, so it never matches a shell whose command line merely mentions mae_jax.main.
+JOB_PATTERN='^[^ ]*python[^ ]* -m mae_jax[.]main( |$)'
+# ... as a remote script line that sets $pat (double quotes: keeps the scripts free of ').
+set_pat="pat=\"${JOB_PATTERN//\$/\\\$}\""
+q_dir=$(home_path "$remote_dir")
+q_venv=$(home_path "$remote_venv")
+q_logs=$(home_path "$remote_log_dir")
+# Script lines that enter the project with the venv's python3 first on PATH.
+enter_project="set -euo pipefail; cd \"\$HOME\"; cd $q_dir; export VIRTUAL_ENV=$q_venv; export PATH=\"\$VIRTUAL_ENV/bin:\$PATH\""
+# This worker's number: from the TPU metadata server, else the host name.
+# shellcheck disable=SC2016  # expanded on the worker
+worker_id='w=${MAE_WORKER_ID:-}; if [ -z "$w" ]; then w=$(curl -sf -m 5 -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || true); fi; [ -n "$w" ] || w=$(hostname)'
+
+cmd_create() {
+  require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
+  if [[ -z "$runtime_version" ]]; then
+    runtime_version=$(default_runtime "$accelerator_type") \
+      || die "no default runtime for accelerator type $accelerator_type: pass --runtime-version=... or set RUNTIME_VERSION"
+  fi
+  [[ "$spot" == 1 && "$preemptible" == 1 ]] && die "--spot and --preemptible exclude each other"
+  tpu_vm create "$name" "--accelerator-type=$accelerator_type" "--version=$runtime_version"
+  local cmd=("${TPU_VM_CMD[@]}")
+  [[ "$spot" == 0 ]] || cmd+=(--spot)
+  [[ "$preemptible" == 0 ]] || cmd+=(--preemptible)
+  run_cmd "${cmd[@]}" ${extra_args[@]+"${extra_args[@]}"}
+}
+
+cmd_check() {
+  remote "${worker:-all}" "$enter_project; python3 launch/check_devices.py"
+}
+
+cmd_setup() {
+  local fetch
+  if [[ -n "$repo_url" ]]; then
+    local q_url q_ref
+    q_url=$(shell_quote "$repo_url")
+    q_ref=$(shell_quote "$repo_ref")
+    fetch="if [ ! -d $q_dir/.git ]; then git clone --quiet $q_url $q_dir; fi; git -C $q_dir fetch --quiet origin $q_ref; git -C $q_dir checkout --quiet --force FETCH_HEAD"
+  else
+    # This checkout, as one tarball: tracked and untracked files, no .git or build output.
+    local root tmp bundle
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/mae_jax_setup.XXXXXX")
+    # shellcheck disable=SC2064  # expand now: $tmp is local
+    trap "rm -rf '$tmp'" EXIT
+    bundle="$tmp/mae_jax_bundle.tgz"
+    export COPYFILE_DISABLE=1  # no macOS ._ files in the tarball
+    run_cmd tar -C "$root" -czf "$bundle" --exclude=.git --exclude=__pycache__ \
+      --exclude='*.pyc' --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./workdirs \
+      --exclude=./build --exclude=./.whl .
+    tpu_vm scp "$bundle" "$name:mae_jax_bundle.tgz" "--worker=${worker:-all}"
+    run_cmd "${TPU_VM_CMD[@]}" ${gcloud_args[@]+"${gcloud_args[@]}"}
+    fetch="mkdir -p $q_dir; tar -xzf \"\$HOME\"/mae_jax_bundle.tgz -C $q_dir; rm -f \"\$HOME\"/mae_jax_bundle.tgz"
+  fi
+  local q_py
+  q_py=$(shell_quote "$python_version")
+  # uv gives a Python of the wanted version whatever the image ships (jax needs 3.11+).
+  local script="set -euo pipefail; cd \"\$HOME\"; $fetch"
+  script+="; export PATH=\"\$HOME/.local/bin:\$PATH\""
+  script+="; command -v uv >/dev/null || python3 -m pip install --user -q uv || curl -LsSf https://astral.sh/uv/install.sh | sh"
+  script+="; [ -x $q_venv/bin/python3 ] || uv venv --seed --python $q_py $q_venv"
+  script+="; cd \"\$HOME\"; cd $q_dir; export VIRTUAL_ENV=$q_venv; export PATH=\"\$VIRTUAL_ENV/bin:\$PATH\""
+  script+="; bash launch/setup_env.sh"
+  script+="; jax_version=\$(python3 -c \"import jax; print(jax.__version__)\")"
+  script+="; python3 -m pip install -q --disable-pip-version-check \"jax[tpu]==\$jax_version\""
+  script+="; echo \"\$(hostname): set up, jax[tpu] \$jax_version\""
+  remote "${worker:-all}" "$script"
+  cmd_check
+}
+
+cmd_run() {
+  require "$config" --config CONFIG "config (e.g. configs/pretrain.py:vit_large)"
+  require "$workdir" --workdir WORKDIR "workdir (gs://bucket/path)"
+  [[ "$workdir" == gs://?* ]] \
+    || die "--workdir must be a gs:// path that every worker can reach, got: $workdir"
+  local exports="" pair
+  for pair in ${env_pairs[@]+"${env_pairs[@]}"}; do
+    [[ "$pair" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got: $pair"
+    exports+="; export ${pair%%=*}=$(shell_quote "${pair#*=}")"
+  done
+  local job
+  job=$(quote_cmd python3 -m mae_jax.main "--config=$config" "--workdir=$workdir" \
+    ${job_args[@]+"${job_args[@]}"})
+  local script="$enter_project$exports; $worker_id; $set_pat"
+  script+="; if pgrep -f \"\$pat\" >/dev/null; then echo \"worker \$w: a mae_jax.main job is already running here; stop it first (launch/tpu.sh stop)\" >&2; exit 1; fi"
+  script+="; mkdir -p $q_logs; log=$q_logs/worker-\$w.log; job=($job)"
+  script+="; { printf \"=== %s:\" \"\$(date -u +%Y-%m-%dT%H:%M:%SZ)\"; printf \" %q\" \"\${job[@]}\"; echo; } >>\"\$log\""
+  script+="; nohup setsid \"\${job[@]}\" >>\"\$log\" 2>&1 </dev/null & echo \"worker \$w: started pid \$! on \$(hostname), log \$log\""
+  remote "${worker:-all}" "$script"
+}
+
+cmd_logs() {
+  is_uint "$lines" || die "--lines must be a number, got: $lines"
+  local tail_cmd="tail -n $lines"
+  [[ "$follow" == 0 ]] || tail_cmd+=" -F"
+  remote "${worker:-0}" "set -eu; cd \"\$HOME\"; set -- $q_logs/worker-*.log; if [ ! -e \"\$1\" ]; then echo \"\$(hostname): no log in $remote_log_dir (not started with run yet?)\" >&2; exit 1; fi; exec $tail_cmd \"\$@\""
+}
+
+cmd_status() {
+  tpu_vm describe "$name"
+  run_cmd "${TPU_VM_CMD[@]}" '--format=table(state,health,acceleratorType,runtimeVersion,schedulingConfig)'
+  remote "${worker:-all}" "$set_pat; echo \"\$(hostname):\"; pgrep -af \"\$pat\" || echo \"  no mae_jax.main job running\""
+}
+
+cmd_stop() {
+  is_uint "$stop_timeout" || die "--timeout must be a number of seconds, got: $stop_timeout"
+  local script="$set_pat"
+  script+="; if ! pgrep -f \"\$pat\" >/dev/null; then echo \"\$(hostname): no mae_jax.main job running\"; exit 0; fi"
+  script+="; pkill -TERM -f \"\$pat\" || true; i=0"
+  script+="; while pgrep -f \"\$pat\" >/dev/null && [ \$i -lt $stop_timeout ]; do sleep 1; i=\$((i + 1)); done"
+  script+="; if pgrep -f \"\$pat\" >/dev/null; then pkill -KILL -f \"\$pat\" || true; echo \"\$(hostname): killed (still running after ${stop_timeout}s)\"; else echo \"\$(hostname): stopped\"; fi"
+  remote "${worker:-all}" "$script"
+}
+
+cmd_delete() {
+  tpu_vm delete "$name"
+  local cmd=("${TPU_VM_CMD[@]}")
+  [[ "$yes" == 0 ]] || cmd+=(--quiet)
+  run_cmd "${cmd[@]}"
+}
+
+"cmd_$command"

@@ -1,0 +1,590 @@
+"""The launch/ scripts, against a fake gcloud that records every call, and fake Pythons.
+
+Remote command strings are not only inspected: they are run here, with `sh -c` as sshd would
+run them, in a sandbox home with a fake venv, so the quoting is checked end to end.
+"""
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+TPU = LAUNCH / "tpu.sh"
+LOCAL = LAUNCH / "local.sh"
+
+# Settings the scripts read from the environment: never inherited from the caller's shell.
+SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "SPOT",
+            "PREEMPTIBLE", "REPO_URL", "REPO_REF", "REMOTE_DIR", "REMOTE_VENV", "PYTHON_VERSION",
+            "CONFIG", "WORKDIR", "REMOTE_LOG_DIR", "DRY_RUN", "GCLOUD", "GCLOUD_ARGS",
+            "NUM_PROCESSES", "DEVICES_PER_PROCESS", "PORT", "LOG_DIR", "GRACE_PERIOD",
+            "LAUNCH_PYTHON", "MAE_WORKER_ID")
+
+# An override that must reach mae_jax.main as one argument, whatever shells it crosses.
+NASTY = "--config.note=a b 'c' \"d\" $HOME `id` ; * \\ !x"
+
+FAKE_GCLOUD = """#!/usr/bin/env python3
+import json, os, shutil, sys
+log = os.environ["FAKE_GCLOUD_LOG"]
+with open(log, "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if sys.argv[1:5] == ["compute", "tpus", "tpu-vm", "scp"]:
+    os.makedirs(log + ".scp", exist_ok=True)
+    shutil.copy(sys.argv[5], log + ".scp")
+sys.exit(int(os.environ.get("FAKE_GCLOUD_RC", "0")))
+"""
+
+
+def _write_exe(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def _alive(pid):
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def env(tmp_path):
+    """An environment with the fake gcloud first on PATH and none of the settings set."""
+    fake_bin = tmp_path / "fakebin"
+    _write_exe(fake_bin / "gcloud", FAKE_GCLOUD)
+    e = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    e["PATH"] = f"{fake_bin}{os.pathsep}{e.get('PATH', '')}"
+    e["FAKE_GCLOUD_LOG"] = str(tmp_path / "gcloud_calls.jsonl")
+    return e
+
+
+def calls(env):
+    log = Path(env["FAKE_GCLOUD_LOG"])
+    if not log.exists():
+        return []
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def tpu(env, *args, check=True, **env_extra):
+    proc = subprocess.run(["bash", str(TPU), *args], env={**env, **env_extra},
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+BASE = ("--name=mae-v3", "--zone=europe-west4-a", "--project=my-proj")
+
+
+def remote_command(call):
+    """The --command of a recorded `gcloud ... ssh` call, and the bash script inside it."""
+    assert call[:4] == ["compute", "tpus", "tpu-vm", "ssh"], call
+    commands = [a for a in call if a.startswith("--command=")]
+    assert len(commands) == 1, call
+    command = commands[0][len("--command="):]
+    words = shlex.split(command)
+    assert words[:2] == ["bash", "-c"] and len(words) == 3, words
+    return command, words[2]
+
+
+# ---------------------------------------------------------------- help, settings, shellcheck
+
+@pytest.mark.parametrize("script", ["tpu.sh", "local.sh", "common.sh", "setup_env.sh"])
+def test_help_exits_zero(script, env):
+    proc = subprocess.run(["bash", str(LAUNCH / script), "--help"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+    assert calls(env) == []
+
+
+def test_help_lists_commands_and_settings(env):
+    out = tpu(env, "run", "--help").stdout
+    for word in ("create", "setup", "run", "logs", "stop", "delete", "TPU_NAME", "ZONE",
+                 "ACCELERATOR_TYPE", "RUNTIME_VERSION", "PROJECT", "WORKDIR", "--spot",
+                 "--dry-run"):
+        assert word in out
+    assert "--num_processes" in subprocess.run(
+        ["bash", str(LOCAL), "-h"], capture_output=True, text=True, timeout=30).stdout
+
+
+@pytest.mark.parametrize("args, flag, var", [
+    (("create", "--zone=z", "--accelerator-type=v3-8"), "--name", "TPU_NAME"),
+    (("create", "--name=n", "--accelerator-type=v3-8"), "--zone", "ZONE"),
+    (("create", "--name=n", "--zone=z"), "--accelerator-type", "ACCELERATOR_TYPE"),
+    (("run", "--name=n", "--zone=z", "--workdir=gs://b/w"), "--config", "CONFIG"),
+    (("run", "--name=n", "--zone=z", "--config=configs/pretrain.py:vit_base"), "--workdir",
+     "WORKDIR"),
+    (("setup", "--name=n", "--dry-run"), "--zone", "ZONE"),
+])
+def test_missing_setting_names_flag_and_variable(env, args, flag, var):
+    proc = tpu(env, *args, check=False)
+    assert proc.returncode != 0
+    assert "missing" in proc.stderr and flag in proc.stderr and var in proc.stderr, proc.stderr
+    assert calls(env) == []
+
+
+def test_bad_usage_fails_clearly(env):
+    for args, message in [
+        ((), "no command given"),
+        (("launch",), "unknown command"),
+        (("create", *BASE, "--bogus=1"), "unknown option: --bogus"),
+        (("create", *BASE, "--accelerator-type=v3-8", "--spot", "--preemptible"), "exclude"),
+        (("create", *BASE, "--accelerator-type=tpu9-8"), "RUNTIME_VERSION"),
+        (("run", *BASE, "--config=c.py:x", "--workdir=/local/dir"), "gs://"),
+        (("stop", *BASE, "--config.x=1"), "for 'run' only"),
+        (("run", *BASE, "--config=c.py:x", "--workdir=gs://b/w", "--env=1BAD=x"), "KEY=VALUE"),
+    ]:
+        proc = tpu(env, *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+    assert calls(env) == []
+
+
+def test_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install -y shellcheck)")
+    scripts = sorted(str(p.relative_to(ROOT)) for p in LAUNCH.glob("*.sh"))
+    proc = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scripts_are_strict_and_parse():
+    for script in LAUNCH.glob("*.sh"):
+        text = script.read_text()
+        if script.name != "common.sh":
+            assert "set -euo pipefail" in text, script
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+
+
+# ---------------------------------------------------------------- create / delete / status
+
+def test_create_pod_slice_spot(env):
+    tpu(env, "create", *BASE, "--accelerator-type=v3-128", "--spot")
+    assert calls(env) == [["compute", "tpus", "tpu-vm", "create", "mae-v3",
+                           "--accelerator-type=v3-128", "--version=tpu-ubuntu2204-base",
+                           "--zone=europe-west4-a", "--project=my-proj", "--spot"]]
+
+
+def test_create_from_environment_flags_win(env):
+    tpu(env, "create", "--zone=flag-zone", "--accelerator_type", "v4-64", "--preemptible",
+        "--", "--network=my net", TPU_NAME="env-name", ZONE="env-zone", PROJECT="env-proj",
+        ACCELERATOR_TYPE="v3-8", RUNTIME_VERSION="tpu-vm-v4-base")
+    assert calls(env) == [["compute", "tpus", "tpu-vm", "create", "env-name",
+                           "--accelerator-type=v4-64", "--version=tpu-vm-v4-base",
+                           "--zone=flag-zone", "--project=env-proj", "--preemptible",
+                           "--network=my net"]]
+
+
+def test_create_spot_from_environment_and_no_project(env):
+    tpu(env, "create", "--name=n", "--zone=z", "--accelerator-type=v5litepod-16", SPOT="1")
+    [call] = calls(env)
+    assert "--spot" in call and "--version=v2-alpha-tpuv5-lite" in call
+    assert not any(a.startswith("--project") for a in call)
+    tpu(env, "create", "--name=n", "--zone=z", "--accelerator-type=v3-8", "--spot=false",
+        SPOT="1")
+    assert "--spot" not in calls(env)[1]
+
+
+def test_delete_and_status(env):
+    tpu(env, "delete", *BASE)
+    tpu(env, "delete", *BASE, "--yes")
+    tpu(env, "status", *BASE)
+    c = calls(env)
+    assert c[0] == ["compute", "tpus", "tpu-vm", "delete", "mae-v3", "--zone=europe-west4-a",
+                    "--project=my-proj"]
+    assert c[1] == c[0] + ["--quiet"]
+    assert c[2][:5] == ["compute", "tpus", "tpu-vm", "describe", "mae-v3"]
+    assert "--worker=all" in c[3] and "pgrep" in remote_command(c[3])[1]
+
+
+def test_gcloud_failure_is_passed_on(env):
+    proc = tpu(env, "delete", *BASE, "--yes", check=False, FAKE_GCLOUD_RC="7")
+    assert proc.returncode == 7
+
+
+# ---------------------------------------------------------------- dry run
+
+DRY_RUN_CASES = [
+    ("create", *BASE, "--accelerator-type=v3-128", "--spot"),
+    ("check", *BASE),
+    ("run", *BASE, "--config=configs/pretrain.py:vit_large", "--workdir=gs://b/mae/vit_large",
+     NASTY, "--", "--config.batch_size=4096"),
+    ("logs", *BASE, "--worker=3", "-f"),
+    ("status", *BASE),
+    ("stop", *BASE),
+    ("delete", *BASE, "--yes"),
+    ("setup", *BASE, "--repo=https://example.com/mae jax.git", "--ref=v1"),
+]
+
+
+@pytest.mark.parametrize("args", DRY_RUN_CASES, ids=lambda a: a[0])
+def test_dry_run_prints_what_real_mode_runs(env, args):
+    dry = tpu(env, args[0], "--dry-run", *args[1:])
+    assert calls(env) == []
+    printed = [shlex.split(line) for line in dry.stdout.splitlines()]
+    real = tpu(env, *args)
+    assert printed == [["gcloud", *call] for call in calls(env)]
+    # Real mode echoes the same commands on stderr.
+    echoed = [shlex.split(line[2:]) for line in real.stderr.splitlines() if line.startswith("+ ")]
+    assert echoed == printed
+
+
+def test_dry_run_from_environment(env):
+    out = tpu(env, "stop", *BASE, DRY_RUN="1").stdout
+    assert calls(env) == [] and out.startswith("gcloud compute tpus tpu-vm ssh mae-v3")
+
+
+# ---------------------------------------------------------------- run, end to end
+
+def _sandbox_home(tmp_path, remote_dir="mae_jax", venv="mae_jax_venv", pgrep_rc=1):
+    """A worker's home: the project folder, and a venv whose python3 records its argv."""
+    home = tmp_path / "home"
+    (home / remote_dir).mkdir(parents=True)
+    record = tmp_path / "python3_record"
+    _write_exe(home / venv / "bin" / "python3", f"""#!/usr/bin/env bash
+{{ printf '%s\\0' "$@"; }} > {shlex.quote(str(record))}.tmp
+{{ printf 'PWD=%s\\0' "$PWD"; printf 'DATA=%s\\0' "${{TFDS_DATA_DIR-}}"; }} >> {shlex.quote(str(record))}.tmp
+mv {shlex.quote(str(record))}.tmp {shlex.quote(str(record))}
+""")
+    # Never look at this machine's real processes: pgrep says "nothing running" (or not).
+    _write_exe(home / venv / "bin" / "pgrep", f"#!/bin/sh\nexit {pgrep_rc}\n")
+    return home, record
+
+
+def _wait_for(path, timeout=15):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def test_run_passes_overrides_intact_to_every_worker(env, tmp_path):
+    args = ("run", *BASE, "--config=configs/pretrain.py:vit_large",
+            "--workdir=gs://bucket/mae/vit_large", NASTY, "--remote-dir=my project",
+            "--env=TFDS_DATA_DIR=gs://bucket/tf ds")
+    tail = ("--", "--config.blr=1.5e-4", "--config.empty=")
+    tpu(env, *args, *tail, REMOTE_VENV="/abs/venv")
+    [call] = calls(env)
+    assert call[:5] == ["compute", "tpus", "tpu-vm", "ssh", "mae-v3"]
+    assert "--worker=all" in call and "--zone=europe-west4-a" in call
+    assert "--project=my-proj" in call
+    _, script = remote_command(call)
+    assert "nohup setsid" in script and "</dev/null &" in script
+    assert 'VIRTUAL_ENV=/abs/venv;' in script
+
+    # Again with a venv the sandbox has, then run the --command as sshd would: $SHELL -c.
+    env2 = {**env, "FAKE_GCLOUD_LOG": str(tmp_path / "calls2.jsonl")}
+    tpu(env2, *args, "--venv=venv dir", *tail, REMOTE_VENV="/abs/venv")
+    command, _ = remote_command(calls(env2)[0])
+    home, record = _sandbox_home(tmp_path, "my project", "venv dir")
+    proc = subprocess.run(["sh", "-c", command], env={**env, "HOME": str(home),
+                          "MAE_WORKER_ID": "3"}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "worker 3: started pid" in proc.stdout
+    _wait_for(record)
+    words = record.read_bytes().decode().split("\0")[:-1]
+    assert words == ["-m", "mae_jax.main", "--config=configs/pretrain.py:vit_large",
+                     "--workdir=gs://bucket/mae/vit_large", NASTY, "--config.blr=1.5e-4",
+                     "--config.empty=", f"PWD={home / 'my project'}",
+                     "DATA=gs://bucket/tf ds"]
+    # The per-worker log: a header naming the command (bash-quoted, one word per argument).
+    header = (home / "mae_jax_logs" / "worker-3.log").read_text().splitlines()[0]
+    assert header.startswith("=== ")
+    assert shlex.split(header.split("Z: ", 1)[1])[-3:] == [NASTY, "--config.blr=1.5e-4",
+                                                            "--config.empty="]
+
+
+def test_run_refuses_when_a_job_is_running(env, tmp_path):
+    tpu(env, "run", *BASE, "--config=c.py:v", "--workdir=gs://b/w")
+    command, _ = remote_command(calls(env)[0])
+    home, record = _sandbox_home(tmp_path, pgrep_rc=0)
+    proc = subprocess.run(["sh", "-c", command], env={**env, "HOME": str(home),
+                          "MAE_WORKER_ID": "0"}, capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "already running" in proc.stderr
+    time.sleep(0.3)
+    assert not record.exists()
+
+
+def test_run_does_not_touch_the_workdir(env):
+    tpu(env, "run", *BASE, "--config=c.py:v", "--workdir=gs://b/w")
+    _, script = remote_command(calls(env)[0])
+    assert "gsutil" not in script and "gcloud storage" not in script and "rm " not in script
+
+
+def test_job_pattern_matches_only_the_job():
+    text = TPU.read_text()
+    pattern = re.search(r"^JOB_PATTERN='(.*)'$", text, re.M).group(1)
+    job = re.compile(pattern)
+    for cmdline in ("python3 -m mae_jax.main --config=c.py:v --workdir=gs://b/w",
+                    "/home/u/mae_jax_venv/bin/python3 -m mae_jax.main --config=x",
+                    "python -m mae_jax.main"):
+        assert job.search(cmdline), cmdline
+    for cmdline in ("bash -c set -e; nohup setsid python3 -m mae_jax.main --config=x",
+                    "python3 -m mae_jax.main_v2", f"pgrep -f {pattern}",
+                    "sh -c bash -c 'pkill -f \"...python3 -m mae_jax.main\"'"):
+        assert not job.search(cmdline), cmdline
+
+
+def test_stop_kills_on_all_workers(env, tmp_path):
+    tpu(env, "stop", *BASE, "--timeout=3")
+    [call] = calls(env)
+    assert "--worker=all" in call
+    command, script = remote_command(call)
+    assert "pkill -TERM" in script and "pkill -KILL" in script
+    # On a worker where the job goes away after SIGTERM.
+    fake = tmp_path / "fake"
+    state = tmp_path / "pgrep_calls"
+    _write_exe(fake / "pgrep", f"""#!/bin/sh
+echo "$@" >> {state}
+[ "$(wc -l < {state})" -le 1 ]
+""")
+    _write_exe(fake / "pkill", f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'pkill_calls'}\n")
+    e = {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}
+    proc = subprocess.run(["sh", "-c", command], env=e, capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0 and "stopped" in proc.stdout, proc.stderr
+    pattern = re.search(r"^JOB_PATTERN='(.*)'$", TPU.read_text(), re.M).group(1)
+    assert (tmp_path / "pkill_calls").read_text().splitlines() == [f"-TERM -f {pattern}"]
+    assert state.read_text().splitlines()[0] == f"-f {pattern}"
+
+
+def test_logs_tails_one_worker(env, tmp_path):
+    tpu(env, "logs", *BASE, "--worker=2", "-n", "2", "--log-dir=my logs")
+    tpu(env, "logs", *BASE, "--follow")
+    first, second = calls(env)
+    assert "--worker=2" in first and "--worker=0" in second
+    assert "tail -n 100 -F" in remote_command(second)[1]
+    home = tmp_path / "home"
+    (home / "my logs").mkdir(parents=True)
+    (home / "my logs" / "worker-2.log").write_text("one\ntwo\nthree\n")
+    proc = subprocess.run(["sh", "-c", remote_command(first)[0]], env={**env, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "two\nthree\n", proc.stderr
+    (home / "my logs" / "worker-2.log").unlink()
+    proc = subprocess.run(["sh", "-c", remote_command(first)[0]], env={**env, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "no log" in proc.stderr
+
+
+# ---------------------------------------------------------------- setup
+
+def test_setup_copies_checkout_then_installs_and_checks(env):
+    tpu(env, "setup", *BASE)
+    scp, install, check = calls(env)
+    assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"]
+    assert scp[5] == "mae-v3:mae_jax_bundle.tgz"
+    for c in (scp, install, check):
+        assert "--worker=all" in c and "--zone=europe-west4-a" in c and "--project=my-proj" in c
+    [bundle] = Path(env["FAKE_GCLOUD_LOG"] + ".scp").iterdir()
+    with tarfile.open(bundle) as tar:
+        names = {n.lstrip("./") for n in tar.getnames()}
+    assert {"launch/tpu.sh", "launch/setup_env.sh", "mae_jax/__init__.py", "setup.py"} <= names
+    assert not any(n == ".git" or n.startswith(".git/") or "__pycache__" in n for n in names)
+    _, script = remote_command(install)
+    assert "tar -xzf" in script
+    assert "bash launch/setup_env.sh" in script
+    assert '"jax[tpu]==$jax_version"' in script
+    assert "uv venv --seed --python 3.12" in script
+    subprocess.run(["bash", "-n", "-c", script], check=True, timeout=30)
+    assert "python3 launch/check_devices.py" in remote_command(check)[1]
+
+
+def test_setup_from_git(env):
+    tpu(env, "setup", *BASE, "--repo=https://github.com/me/mae_jax.git", "--ref=launch",
+        "--python-version=3.11")
+    install, check = calls(env)
+    _, script = remote_command(install)
+    assert "git clone --quiet https://github.com/me/mae_jax.git" in script
+    assert "fetch --quiet origin launch" in script and "uv venv --seed --python 3.11" in script
+    assert "launch/check_devices.py" in remote_command(check)[1]
+
+
+def test_check_devices_reports_and_checks_the_platform():
+    run = [sys.executable, str(LAUNCH / "check_devices.py"), "--no_distributed"]
+    ok = subprocess.run(run + ["--platform=cpu"], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert ok.returncode == 0, ok.stderr
+    assert "jax.device_count()=" in ok.stdout
+    bad = subprocess.run(run, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert bad.returncode == 1 and "expected tpu devices, found cpu" in bad.stderr
+
+
+# ---------------------------------------------------------------- local.sh
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Records its arguments and environment; process 1 fails when FAIL1 is set; all may sleep.
+id=unknown
+for a in "$@"; do case "$a" in --process_id=*) id=${a#*=} ;; esac; done
+rec="$REC_DIR/proc_$id"
+printf '%s\\0' "$@" > "$rec.args"
+printf '%s\\n%s\\n' "$XLA_FLAGS" "$JAX_PLATFORMS" > "$rec.env"
+echo "hello from process $id"
+if [ "$id" = 1 ] && [ -n "${FAIL1:-}" ]; then sleep 0.3; echo "boom: out of cheese" >&2; exit 3; fi
+sleep "${SLEEP:-0}" &
+echo "$$ $!" > "$rec.pids"
+wait
+"""
+
+
+@pytest.fixture
+def local_env(tmp_path):
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    fake = _write_exe(tmp_path / "fake_python", FAKE_PYTHON)
+    e = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    e.update(LAUNCH_PYTHON=str(fake), REC_DIR=str(rec))
+    return e, rec
+
+
+def local(env, *args, timeout=60):
+    return subprocess.run(["bash", str(LOCAL), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_local_starts_n_processes_of_one_job(local_env, tmp_path):
+    env, rec = local_env
+    workdir = tmp_path / "work dir"
+    proc = local({**env, "XLA_FLAGS": "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8"},
+                 "--num_processes=3", "--devices_per_process", "2", "--port=23456", "--",
+                 "--config=configs/pretrain.py:vit_tiny", f"--workdir={workdir}", NASTY)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(3):
+        args = (rec / f"proc_{i}.args").read_bytes().decode().split("\0")[:-1]
+        assert args == ["-m", "mae_jax.main", "--config=configs/pretrain.py:vit_tiny",
+                        f"--workdir={workdir}", NASTY, "--coordinator_address=127.0.0.1:23456",
+                        "--num_processes=3", f"--process_id={i}"]
+        xla, platforms = (rec / f"proc_{i}.env").read_text().splitlines()
+        assert xla.split() == ["--xla_cpu_foo=1", "--xla_force_host_platform_device_count=2"]
+        assert platforms == "cpu"
+        assert (workdir / "logs" / f"process_{i}.log").read_text() == f"hello from process {i}\n"
+
+
+def test_local_picks_a_free_port_and_log_dir(local_env, tmp_path):
+    env, rec = local_env
+    proc = local({**env, "NUM_PROCESSES": "2"}, "--log-dir", str(tmp_path / "logs"), "--",
+                 "--workdir=gs://bucket/w")
+    assert proc.returncode == 0, proc.stderr
+    ports = set()
+    for i in range(2):
+        args = (rec / f"proc_{i}.args").read_bytes().decode().split("\0")
+        [address] = [a for a in args if a.startswith("--coordinator_address=")]
+        host, port = address.split("=", 1)[1].split(":")
+        assert host == "127.0.0.1" and 1 <= int(port) <= 65535
+        ports.add(port)
+        assert (tmp_path / "logs" / f"process_{i}.log").exists()
+    assert len(ports) == 1
+
+
+def test_local_failure_stops_the_others(local_env, tmp_path):
+    env, rec = local_env
+    start = time.time()
+    proc = local({**env, "FAIL1": "1", "SLEEP": "60"}, "--num_processes=3",
+                 "--grace_period=2", f"--log_dir={tmp_path / 'logs'}", "--", "--config=c.py:v",
+                 timeout=30)
+    elapsed = time.time() - start
+    assert proc.returncode == 3, proc.stderr
+    assert elapsed < 15
+    assert "process 1 failed" in proc.stderr and "boom: out of cheese" in proc.stderr
+    assert str(tmp_path / "logs" / "process_1.log") in proc.stderr
+    pids = [int(p) for i in (0, 2) for p in (rec / f"proc_{i}.pids").read_text().split()]
+    assert len(pids) == 4
+    assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_local_signal_leaves_no_orphans(local_env, tmp_path, sig):
+    env, rec = local_env
+    proc = subprocess.Popen(["bash", str(LOCAL), "--num_processes=2", "--grace_period=1",
+                             f"--log_dir={tmp_path}", "--"], env={**env, "SLEEP": "60"},
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(2):
+            _wait_for(rec / f"proc_{i}.pids")
+        pids = [int(p) for i in range(2) for p in (rec / f"proc_{i}.pids").read_text().split()]
+        assert all(_alive(p) for p in pids)
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc != 0 and "stopping all 2 processes" in proc.stderr.read()
+    assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
+
+
+def test_local_usage_errors_and_dry_run(local_env):
+    env, rec = local_env
+    proc = local(env, "--", "--config=c.py:v")
+    assert proc.returncode != 0
+    assert "--num_processes" in proc.stderr and "NUM_PROCESSES" in proc.stderr
+    proc = local(env, "--num_processes=2", "--config=c.py:v")
+    assert proc.returncode != 0 and "after --" in proc.stderr
+    proc = local(env, "--num_processes=0")
+    assert proc.returncode != 0 and "positive" in proc.stderr
+    proc = local(env, "--num_processes=2", "--port=7", "--dry-run", "--", NASTY)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and not list(rec.iterdir())
+    words = shlex.split(lines[1])
+    assert words[:4] == ["env", "JAX_PLATFORMS=cpu",
+                         "XLA_FLAGS=--xla_force_host_platform_device_count=1",
+                         env["LAUNCH_PYTHON"]]
+    assert words[4:10] == ["-m", "mae_jax.main", NASTY, "--coordinator_address=127.0.0.1:7",
+                           "--num_processes=2", "--process_id=1"]
+    assert words[10].endswith("process_1.log") and words[11:] == ["2>&1", "&"]
+
+
+STAND_IN_MAIN = '''"""Stands in for mae_jax.main: joins the job as told, then sums across all processes."""
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+parser = argparse.ArgumentParser()
+for flag in ("--config", "--workdir", "--coordinator_address"):
+    parser.add_argument(flag)
+parser.add_argument("--num_processes", type=int)
+parser.add_argument("--process_id", type=int)
+args, overrides = parser.parse_known_args()
+jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+mesh = Mesh(np.array(jax.devices()), ("d",))
+local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.local_device_count()}/"
+      f"{jax.device_count()} sum {float(total)} overrides {overrides}", flush=True)
+'''
+
+
+def test_local_forms_one_real_jax_job(tmp_path):
+    """Two real JAX processes with two CPU devices each see four devices and sum across."""
+    pytest.importorskip("jax")
+    (tmp_path / "mae_jax").mkdir()
+    (tmp_path / "mae_jax" / "__init__.py").write_text("")
+    (tmp_path / "mae_jax" / "main.py").write_text(STAND_IN_MAIN)
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env.update(LAUNCH_PYTHON=sys.executable, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(["bash", str(LOCAL), "--num_processes=2", "--devices_per_process=2",
+                           "--", "--config=c.py:v", f"--workdir={tmp_path / 'wd'}", NASTY],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(2):
+        log = (tmp_path / "wd" / "logs" / f"process_{i}.log").read_text()
+        assert f"process {i}/2 devices 2/4 sum 6.0 overrides {[NASTY]!r}" in log, log

@@ -15,11 +15,15 @@ done
 cd "$(dirname "$0")/.."
 
 # Fashion-MNIST (the embedded default) ships as a Debian package: no internet download needed.
-if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+# The tests also lint the launch scripts with shellcheck.
+debs=()
+[ -d /usr/share/datasets/fashion-mnist ] || debs+=(dataset-fashion-mnist)
+[ "$with_test" -eq 1 ] && ! command -v shellcheck >/dev/null && debs+=(shellcheck)
+if [ "${#debs[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq || true
-  $sudo_cmd apt-get install -y -qq dataset-fashion-mnist \
-    || echo "warning: could not install dataset-fashion-mnist; TFDS will download Fashion-MNIST instead" >&2
+  $sudo_cmd apt-get install -y -qq "${debs[@]}" \
+    || echo "warning: could not install ${debs[*]}; Fashion-MNIST then comes from TFDS's download" >&2
 fi
 
 pip_install() { python3 -m pip install -q --disable-pip-version-check "$@"; }

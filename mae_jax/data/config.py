@@ -1,0 +1,68 @@
+"""The input pipeline's configuration: one ConfigDict, embedded in experiment configs as `config.data`."""
+import ml_collections
+
+# ImageNet statistics on the [0, 1] scale, as torchvision's Normalize in the official release.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
+
+# Per-dataset defaults: (train split, eval split, image size).
+_DATASET_DEFAULTS = {
+    "fashion_mnist": ("train", "test", 32),
+    "imagenet2012": ("train", "validation", 224),
+    "image_folder": ("train", "val", 224),
+}
+
+
+def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
+  """The data config for `name` with the official MAE augmentation settings.
+
+  Unset paths are empty strings (so `--config.data.data_dir=/x` overrides work with
+  `lock_config`). `fashion_mnist` is the embedded default: it needs no download.
+  """
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+  train_split, eval_split, image_size = _DATASET_DEFAULTS[name]
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.data_dir = ""      # TFDS data dir; "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+  c.manual_dir = ""    # imagenet2012: folder with the ILSVRC2012 tars; "" = <data_dir>/downloads/manual
+  c.folder = ""        # image_folder: root of root/<split>/<class>/*.jpg
+  # fashion_mnist: the raw idx files of Debian's package `dataset-fashion-mnist`.
+  c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"
+  c.download = True    # fashion_mnist: fall back to TFDS's own download when the raw files are missing
+  c.cache_dir = ""     # in-memory datasets: cache the decoded arrays here as .npy ("" = no cache)
+  c.train_split = train_split
+  c.eval_split = eval_split
+
+  c.image_size = image_size
+  c.mean = IMAGENET_MEAN
+  c.std = IMAGENET_STD
+  # Pre-training: RandomResizedCrop(scale, ratio, bicubic) + horizontal flip, nothing else.
+  c.crop_scale = (0.2, 1.0)
+  c.crop_ratio = (3 / 4, 4 / 3)
+  # Evaluation: resize the shorter side to image_size / eval_crop_pct, centre crop image_size.
+  c.eval_crop_pct = 224 / 256
+
+  # Fine-tuning (timm create_transform as FINETUNE.md runs it). Mixup/cutmix runs on device
+  # (`data.mixup_cutmix`); its settings live here so one config describes the whole recipe.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.crop_scale = (0.08, 1.0)
+  c.finetune.randaugment_layers = 2      # rand-m9-mstd0.5-inc1
+  c.finetune.randaugment_magnitude = 9.0
+  c.finetune.randaugment_magnitude_std = 0.5
+  c.finetune.randaugment_prob = 0.5
+  c.finetune.reprob = 0.25               # random erasing, mode 'pixel', one box
+  c.finetune.mixup = 0.8
+  c.finetune.cutmix = 1.0
+  c.finetune.mixup_switch_prob = 0.5
+  c.finetune.mixup_prob = 1.0
+  c.finetune.label_smoothing = 0.1
+
+  c.num_threads = 0    # tf.data private thread pool; 0 = auto (cores - 2, at least 1, at most 48)
+  c.prefetch = 2       # global batches staged on the devices ahead of the step
+  c.host_prefetch = 2  # host batches buffered by tf.data
+  c.strict = False     # True: an undecodable image stops the run instead of being skipped
+  c.max_retries = 3    # non-strict: replacements tried for an undecodable image before a blank one
+  return c

@@ -1,0 +1,362 @@
+"""The input pipeline: a global index sampler, per-example augmentation in tf.data, device batches.
+
+What goes into step k's global batch depends only on (seed, k, global_batch_size):
+  * Order: epoch e is a permutation of [0, N) drawn from (seed, e). The global batch of step k
+    is positions [j*B, (j+1)*B) of epoch e = k // S, j = k % S, with S = N // B steps per epoch;
+    the last N - S*B examples of each permutation are left out (drop_last), a different few
+    each epoch.
+  * Rows: row r of the global batch at step k is that position's example, augmented with stateless
+    TF random ops keyed by (seed, k, r). A process loads only the rows its devices hold (given by
+    the sharding), so process and device counts change who loads a row, never what it holds.
+  * Resume: starting at step k computes epoch k // S's permutation and skips rows of indices
+    only; no image before step k is read or decoded.
+Eval is one ordered pass, padded to a whole number of global batches, with a validity `mask`.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+import tensorflow as tf
+
+from mae_jax.data import randaugment as randaugment_lib
+from mae_jax.data import sources
+from mae_jax.data import transforms as T
+
+MODES = ("pretrain", "finetune", "eval")
+
+# Tags that separate the random streams drawn from one seed.
+_ORDER, _AUGMENT, _RETRY = 1, 2, 3
+
+
+def _base_key(seed: int) -> tf.Tensor:
+  return tf.constant([0, int(seed) % (2**63)], tf.int64)
+
+
+def epoch_permutation(seed: int, epoch, num_examples: int) -> tf.Tensor:
+  """The order of [0, num_examples) in an epoch: a function of (seed, epoch) only."""
+  key = T.fold_in(T.fold_in(_base_key(seed), _ORDER), epoch)
+  return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int64), key)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  if num_examples < global_batch_size:
+    raise ValueError(f"the split has {num_examples} examples, fewer than one global batch "
+                     f"({global_batch_size})")
+  return num_examples // global_batch_size
+
+
+def num_threads(cfg) -> int:
+  """Host threads for tf.data: bounded, so decoding leaves cores to XLA and the training loop."""
+  if cfg.num_threads > 0:
+    return int(cfg.num_threads)
+  return max(1, min(48, (os.cpu_count() or 2) - 2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Which rows of the global batch this process loads
+# ------------------------------------------------------------------------------------------------
+def _batch_shard_count(sharding: NamedSharding) -> tuple[int, tuple[str, ...]]:
+  spec = sharding.spec
+  axes = spec[0] if len(spec) else None
+  if axes is None:
+    return 1, ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(sharding.mesh.shape[a] for a in axes), axes
+
+
+def check_global_batch(global_batch_size: int, process_count: int,
+                       sharding: NamedSharding | None = None) -> None:
+  """Errors that name the numbers when the global batch cannot be split evenly."""
+  if global_batch_size <= 0:
+    raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global batch size {global_batch_size} is not divisible by the number of processes "
+        f"({process_count}); each process loads global_batch_size / process_count examples.")
+  if sharding is not None:
+    shards, axes = _batch_shard_count(sharding)
+    if global_batch_size % shards:
+      raise ValueError(
+          f"global batch size {global_batch_size} is not divisible by the {shards} devices the "
+          f"batch dimension is split over (mesh axes {axes} of {dict(sharding.mesh.shape)}).")
+
+
+def rows_for_sharding(sharding, global_shape: Sequence[int]) -> np.ndarray:
+  """Rows of the global batch held by this process's devices, ascending (the order
+  jax.make_array_from_process_local_data expects the process-local data in)."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    start, stop, step = index[0].indices(global_shape[0])
+    rows.update(range(start, stop, step))
+  return np.array(sorted(rows), np.int64)
+
+
+def rows_for_process(global_batch_size: int, process_index: int, process_count: int) -> np.ndarray:
+  check_global_batch(global_batch_size, process_count)
+  local = global_batch_size // process_count
+  return np.arange(process_index * local, (process_index + 1) * local, dtype=np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# Index streams: one element per step, (step, example indices of this process's rows[, valid])
+# ------------------------------------------------------------------------------------------------
+def _train_indices(num_examples: int, global_batch_size: int, rows: np.ndarray, seed: int,
+                   start_step: int) -> tf.data.Dataset:
+  spe = steps_per_epoch(num_examples, global_batch_size)
+  rows_t = tf.constant(rows, tf.int64)
+
+  def epoch_steps(epoch):
+    order = epoch_permutation(seed, epoch, num_examples)[:spe * global_batch_size]
+    table = tf.gather(tf.reshape(order, [spe, global_batch_size]), rows_t, axis=1)
+    steps = epoch * spe + tf.range(spe, dtype=tf.int64)
+    valid = tf.ones_like(table, tf.bool)
+    return tf.data.Dataset.from_tensor_slices((steps, table, valid))
+
+  first_epoch = start_step // spe
+  return (tf.data.Dataset.range(first_epoch, 2**62)
+          .flat_map(epoch_steps)
+          .skip(start_step - first_epoch * spe))
+
+
+def num_eval_steps(num_examples: int, global_batch_size: int) -> int:
+  return -(-num_examples // global_batch_size)
+
+
+def _eval_indices(num_examples: int, global_batch_size: int, rows: np.ndarray,
+                  start_step: int) -> tf.data.Dataset:
+  rows_t = tf.constant(rows, tf.int64)
+
+  def step_indices(step):
+    position = step * global_batch_size + rows_t
+    valid = position < num_examples
+    # Padding rows repeat example 0 (any valid index would do); `mask` marks them.
+    return step, tf.where(valid, position, 0), valid
+
+  return tf.data.Dataset.range(start_step, num_eval_steps(num_examples, global_batch_size)).map(
+      step_indices)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-example processing
+# ------------------------------------------------------------------------------------------------
+def _example_key(seed: int, step, row) -> tf.Tensor:
+  return T.fold_in(T.fold_in(T.fold_in(_base_key(seed), _AUGMENT), step), row)
+
+
+def make_preprocess(cfg, mode: str, encoded: bool):
+  """(image or encoded bytes, key) -> float32 [S, S, 3], normalised."""
+  size = int(cfg.image_size)
+  ft = cfg.finetune
+  fill = randaugment_lib.fill_color(cfg.mean)
+
+  def preprocess(image, key):
+    k_crop, k_flip, k_augment, k_erase = T.split_key(key, 4)
+    if mode == "eval":
+      window_fn = lambda h, w: T.center_crop_window(h, w, size, cfg.eval_crop_pct)
+    else:
+      scale = cfg.crop_scale if mode == "pretrain" else ft.crop_scale
+      window_fn = lambda h, w: T.random_resized_crop_window(k_crop, h, w, scale, cfg.crop_ratio)
+    cropped = T.decode_and_crop(image, window_fn) if encoded else T.crop(image, window_fn)
+    out = T.to_rgb(T.resize_bicubic(cropped, size))
+    if mode != "eval":
+      out = T.random_flip(out, k_flip)
+    if mode == "finetune":
+      out = randaugment_lib.randaugment(
+          out, k_augment, num_layers=ft.randaugment_layers, magnitude=ft.randaugment_magnitude,
+          magnitude_std=ft.randaugment_magnitude_std, prob=ft.randaugment_prob, fill=fill)
+    out = T.normalize(out, cfg.mean, cfg.std)
+    if mode == "finetune" and ft.reprob > 0:
+      out = T.random_erasing(out, k_erase, prob=ft.reprob)
+    return tf.ensure_shape(out, [size, size, 3])
+
+  return preprocess
+
+
+def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
+                   start_step: int = 0, mode: str = "pretrain", process_index: int | None = None,
+                   process_count: int | None = None, rows: Sequence[int] | None = None,
+                   source: sources.Source | None = None) -> tf.data.Dataset:
+  """This process's share of each global batch, as a tf.data.Dataset of dicts.
+
+  Elements: image float32 [b, S, S, 3] (normalised NHWC), label int32 [b], index int32 [b]
+  (example indices in the split), mask bool [b] (False on eval padding; all True in training),
+  _skipped int32 [b] (undecodable images replaced in that row). b = len(rows), by default
+  global_batch_size / process_count rows [p*b, (p+1)*b). Training streams never end; eval
+  ends after one pass.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  split = split or (cfg.eval_split if mode == "eval" else cfg.train_split)
+  if rows is None:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    rows = rows_for_process(global_batch_size, process_index, process_count)
+  rows = np.asarray(rows, np.int64)
+  source = source or sources.open_source(cfg, split)
+  threads = num_threads(cfg)
+
+  if mode == "eval":
+    indices = _eval_indices(source.num_examples, global_batch_size, rows, start_step)
+  else:
+    indices = _train_indices(source.num_examples, global_batch_size, rows, seed, start_step)
+  rows_t = tf.constant(rows, tf.int64)
+
+  def fetch_step(step, index, valid):
+    return {"step": tf.fill(tf.shape(index), step), "row": rows_t, "index": index,
+            "valid": valid, "payload": source.fetch(index)}
+
+  ds = indices.map(fetch_step, num_parallel_calls=min(2, threads), deterministic=True).unbatch()
+  preprocess = make_preprocess(cfg, mode, source.encoded)
+
+  def output(ex, image, label, skipped):
+    return {"image": image, "label": tf.cast(label, tf.int32),
+            "index": tf.cast(ex["index"], tf.int32), "mask": ex["valid"],
+            "_skipped": tf.cast(skipped, tf.int32)}
+
+  def process(ex):
+    image, label = source.open(ex["payload"])
+    key = _example_key(seed, ex["step"], ex["row"])
+    return output(ex, preprocess(image, key), label, 0)
+
+  if cfg.strict or not source.encoded:
+    ds = ds.map(process, num_parallel_calls=threads, deterministic=True)
+  else:
+    ds = ds.interleave(_skipping_undecodable(cfg, source, seed, preprocess, output),
+                       cycle_length=threads, block_length=1, num_parallel_calls=threads,
+                       deterministic=True)
+  ds = ds.batch(len(rows), drop_remainder=True).prefetch(cfg.host_prefetch)
+
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = threads
+  options.threading.max_intra_op_parallelism = 1
+  options.autotune.cpu_budget = threads
+  return ds.with_options(options)
+
+
+def _skipping_undecodable(cfg, source, seed, preprocess, output):
+  """Per example, a tiny dataset yielding exactly one result: the example itself, else (after a
+  decode error) a seeded random other example, up to cfg.max_retries times, else a blank
+  (mean-colour) image. Exactly one element per row keeps every later row and step in place;
+  `_skipped` counts the failures."""
+  retries = int(cfg.max_retries)
+  size = int(cfg.image_size)
+
+  def candidates(ex):
+    key = _example_key(seed, ex["step"], ex["row"])
+
+    def attempt(a):
+      alt_key = T.fold_in(T.fold_in(key, _RETRY), a)
+      alt_index = tf.random.stateless_uniform([], alt_key, 0, source.num_examples, tf.int64)
+      payload = tf.cond(
+          a == 0, lambda: ex["payload"],
+          lambda: tf.nest.map_structure(lambda t: t[0], source.fetch(alt_index[None])))
+      image, label = source.open(payload)
+      return output(ex, preprocess(image, key), label, a)
+
+    blank = output(ex, tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32),
+                   retries + 1)
+    return (tf.data.Dataset.range(retries + 1).map(attempt)
+            .ignore_errors(log_warning=True)
+            .concatenate(tf.data.Dataset.from_tensors(blank))
+            .take(1))
+
+  return candidates
+
+
+# ------------------------------------------------------------------------------------------------
+# Device iterator
+# ------------------------------------------------------------------------------------------------
+def default_sharding() -> NamedSharding:
+  """Batch split over every device (one 'data' mesh axis)."""
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  return NamedSharding(mesh, PartitionSpec("data"))
+
+
+class DataIterator:
+  """Global batches as jax.Arrays, `prefetch` of them already placed on the devices.
+
+  `step` is the step of the next batch `next()` returns: checkpoint it and pass it back as
+  `start_step` to resume exactly (seed and global batch size must stay the same).
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, *, sharding: NamedSharding,
+               global_batch_size: int, start_step: int, num_steps: int | None, prefetch: int,
+               describe=str):
+    self._host = dataset.as_numpy_iterator()
+    self._image_sharding = sharding
+    self._vector_sharding = NamedSharding(sharding.mesh, PartitionSpec(
+        sharding.spec[0] if len(sharding.spec) else None))
+    self._global_batch_size = global_batch_size
+    self._prefetch = max(1, int(prefetch))
+    self._queue: collections.deque = collections.deque()
+    self._describe = describe
+    self._exhausted = False
+    self.step = start_step
+    self.num_steps = num_steps       # eval: batches in the pass; train: None (endless)
+    self.num_skipped = 0             # undecodable images replaced so far, this process
+
+  def __iter__(self):
+    return self
+
+  def __len__(self):
+    if self.num_steps is None:
+      raise TypeError("a training iterator is endless")
+    return self.num_steps
+
+  def __next__(self) -> dict[str, jax.Array]:
+    while len(self._queue) < self._prefetch and not self._exhausted:
+      self._stage_one()
+    if not self._queue:
+      raise StopIteration
+    self.step += 1
+    return self._queue.popleft()
+
+  def _stage_one(self) -> None:
+    try:
+      host = next(self._host)
+    except StopIteration:
+      self._exhausted = True
+      return
+    skipped = host.pop("_skipped")
+    if skipped.any():
+      self.num_skipped += int(skipped.sum())
+      bad = [self._describe(i) for i in host["index"][skipped > 0]]
+      logging.warning("Skipped %d undecodable image(s) (replaced by other examples): %s; "
+                      "%d so far in this process.", int(skipped.sum()), bad, self.num_skipped)
+    batch = {}
+    for name, value in host.items():
+      sharding = self._image_sharding if value.ndim == 4 else self._vector_sharding
+      global_shape = (self._global_batch_size,) + value.shape[1:]
+      batch[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    self._queue.append(batch)
+
+
+def create_iterator(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
+                    start_step: int = 0, sharding: NamedSharding | None = None,
+                    mode: str = "pretrain") -> DataIterator:
+  """Global batches for the training loop, sharded like `sharding` (for [B, H, W, C] images).
+
+  Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'index': int32 [B],
+  'mask': bool [B]}, all global jax.Arrays; label/index/mask are split like the image's batch
+  dimension. Training iterators are endless; eval iterators make one padded pass.
+  """
+  sharding = sharding or default_sharding()
+  check_global_batch(global_batch_size, jax.process_count(), sharding)
+  split = split or (cfg.eval_split if mode == "eval" else cfg.train_split)
+  source = sources.open_source(cfg, split)
+  size = int(cfg.image_size)
+  rows = rows_for_sharding(sharding, (global_batch_size, size, size, 3))
+  ds = create_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed,
+                      start_step=start_step, mode=mode, rows=rows, source=source)
+  num_steps = num_eval_steps(source.num_examples, global_batch_size) if mode == "eval" else None
+  return DataIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
+                      start_step=start_step, num_steps=num_steps, prefetch=cfg.prefetch,
+                      describe=source.describe)

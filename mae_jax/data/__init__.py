@@ -9,7 +9,8 @@
 
 The content of step k's global batch depends only on (seed, k, global_batch_size).
 """
-from mae_jax.data.config import DATASETS, IMAGENET_MEAN, IMAGENET_STD, default_config
+from mae_jax.data.config import (DATASETS, DEFAULT_EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD,
+                                 default_config, resolve_split)
 from mae_jax.data.mixup import mixup_cutmix, smooth_labels
 from mae_jax.data.pipeline import (MODES, DataIterator, check_global_batch, create_dataset,
                                    create_iterator, default_sharding, epoch_permutation,
@@ -19,25 +20,26 @@ from mae_jax.data.sources import (Source, hide_accelerators_from_tf, open_source
                                   prepare_fashion_mnist, prepare_imagenet2012, split_info)
 
 
-def num_examples(cfg, split: str) -> int:
-  """Examples in a split (prepares the dataset once if needed)."""
-  return split_info(cfg, split)[0]
+def num_examples(cfg, split: str | None = None) -> int:
+  """Examples in a split (None: the train split; "": the eval split). Prepares the dataset once
+  if needed."""
+  return split_info(cfg, resolve_split(cfg, split))[0]
 
 
-def num_classes(cfg, split: str | None = None) -> int:
-  return split_info(cfg, split or cfg.train_split)[1]
+def num_classes(cfg) -> int:
+  return split_info(cfg, cfg.train_split)[1]
 
 
-def steps_per_epoch(cfg, split: str, global_batch_size: int) -> int:
+def steps_per_epoch(cfg, split: str | None, global_batch_size: int) -> int:
   """Training steps per epoch: N // B (the remainder of each epoch's permutation is dropped)."""
   return _steps_per_epoch(num_examples(cfg, split), global_batch_size)
 
 
 __all__ = [
-    "DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "DataIterator", "Source",
-    "check_global_batch", "create_dataset", "create_iterator", "default_config",
+    "DATASETS", "DEFAULT_EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "DataIterator",
+    "Source", "check_global_batch", "create_dataset", "create_iterator", "default_config",
     "default_sharding", "epoch_permutation", "hide_accelerators_from_tf", "mixup_cutmix",
     "num_classes", "num_eval_steps", "num_examples", "open_source", "prepare_fashion_mnist",
-    "prepare_imagenet2012", "rows_for_process", "rows_for_sharding", "smooth_labels",
-    "split_info", "steps_per_epoch",
+    "prepare_imagenet2012", "resolve_split", "rows_for_process", "rows_for_sharding",
+    "smooth_labels", "split_info", "steps_per_epoch",
 ]

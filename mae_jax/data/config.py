@@ -1,4 +1,6 @@
 """The input pipeline's configuration: one ConfigDict, embedded in experiment configs as `config.data`."""
+from __future__ import annotations
+
 import ml_collections
 
 # ImageNet statistics on the [0, 1] scale, as torchvision's Normalize in the official release.
@@ -7,12 +9,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
 
-# Per-dataset defaults: (train split, eval split, image size).
-_DATASET_DEFAULTS = {
-    "fashion_mnist": ("train", "test", 32),
-    "imagenet2012": ("train", "validation", 224),
-    "image_folder": ("train", "val", 224),
-}
+# Each dataset's held-out split, used where eval_split is "".
+DEFAULT_EVAL_SPLITS = {"fashion_mnist": "test", "imagenet2012": "validation",
+                       "image_folder": "val"}
+_DEFAULT_IMAGE_SIZES = {"fashion_mnist": 32, "imagenet2012": 224, "image_folder": 224}
 
 
 def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
@@ -23,7 +23,6 @@ def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-  train_split, eval_split, image_size = _DATASET_DEFAULTS[name]
   c = ml_collections.ConfigDict()
   c.name = name
   c.data_dir = ""      # TFDS data dir; "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
@@ -33,10 +32,12 @@ def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"
   c.download = True    # fashion_mnist: fall back to TFDS's own download when the raw files are missing
   c.cache_dir = ""     # in-memory datasets: cache the decoded arrays here as .npy ("" = no cache)
-  c.train_split = train_split
-  c.eval_split = eval_split
+  c.train_split = "train"
+  # "" = the dataset's held-out split (test / validation / val), so that changing `name` alone
+  # keeps a valid eval split.
+  c.eval_split = ""
 
-  c.image_size = image_size
+  c.image_size = _DEFAULT_IMAGE_SIZES[name]
   c.mean = IMAGENET_MEAN
   c.std = IMAGENET_STD
   # Pre-training: RandomResizedCrop(scale, ratio, bicubic) + horizontal flip, nothing else.
@@ -66,3 +67,12 @@ def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.strict = False     # True: an undecodable image stops the run instead of being skipped
   c.max_retries = 3    # non-strict: replacements tried for an undecodable image before a blank one
   return c
+
+
+def resolve_split(cfg, split: str | None = None, mode: str = "pretrain") -> str:
+  """The split to read: `split` if given, else the train split, or the eval split for eval."""
+  if split:
+    return split
+  if mode != "eval" and split is None:
+    return cfg.train_split
+  return cfg.eval_split or DEFAULT_EVAL_SPLITS[cfg.name]

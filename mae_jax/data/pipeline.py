@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from mae_jax.data import randaugment as randaugment_lib
+from mae_jax.data.config import resolve_split
 from mae_jax.data import sources
 from mae_jax.data import transforms as T
 
@@ -193,7 +194,7 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  split = split or (cfg.eval_split if mode == "eval" else cfg.train_split)
+  split = resolve_split(cfg, split, mode)
   if rows is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -253,20 +254,22 @@ def _skipping_undecodable(cfg, source, seed, preprocess, output):
     key = _example_key(seed, ex["step"], ex["row"])
 
     def attempt(a):
-      alt_key = T.fold_in(T.fold_in(key, _RETRY), a)
-      alt_index = tf.random.stateless_uniform([], alt_key, 0, source.num_examples, tf.int64)
-      payload = tf.cond(
-          a == 0, lambda: ex["payload"],
-          lambda: tf.nest.map_structure(lambda t: t[0], source.fetch(alt_index[None])))
-      image, label = source.open(payload)
-      return output(ex, preprocess(image, key), label, a)
+      def load():
+        alt_key = T.fold_in(T.fold_in(key, _RETRY), a)
+        alt_index = tf.random.stateless_uniform([], alt_key, 0, source.num_examples, tf.int64)
+        payload = tf.cond(
+            a == 0, lambda: ex["payload"],
+            lambda: tf.nest.map_structure(lambda t: t[0], source.fetch(alt_index[None])))
+        image, label = source.open(payload)
+        return preprocess(image, key), label
 
-    blank = output(ex, tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32),
-                   retries + 1)
-    return (tf.data.Dataset.range(retries + 1).map(attempt)
-            .ignore_errors(log_warning=True)
-            .concatenate(tf.data.Dataset.from_tensors(blank))
-            .take(1))
+      def blank():
+        return tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32)
+
+      image, label = tf.cond(a <= retries, load, blank)
+      return output(ex, image, label, a)
+
+    return tf.data.Dataset.range(retries + 2).map(attempt).ignore_errors(log_warning=True).take(1)
 
   return candidates
 
@@ -350,7 +353,7 @@ def create_iterator(cfg, split: str | None = None, *, global_batch_size: int, se
   """
   sharding = sharding or default_sharding()
   check_global_batch(global_batch_size, jax.process_count(), sharding)
-  split = split or (cfg.eval_split if mode == "eval" else cfg.train_split)
+  split = resolve_split(cfg, split, mode)
   source = sources.open_source(cfg, split)
   size = int(cfg.image_size)
   rows = rows_for_sharding(sharding, (global_batch_size, size, size, 3))

@@ -237,7 +237,8 @@ def _array_record_source(name: str, builder, split: str) -> Source:
   def describe(index: int) -> str:
     ex = features.deserialize_example_np(records.__getitems__([int(index)])[0],
                                          decoders={"image": tfds.decode.SkipDecoding()})
-    return str(ex.get("file_name", index))
+    name = ex.get("file_name", index)
+    return name.decode() if isinstance(name, bytes) else str(name)
 
   return Source(name=name, num_examples=len(records),
                 num_classes=features["label"].num_classes, encoded=True,

@@ -1,4 +1,5 @@
-"""The input pipeline's configuration: one ConfigDict, embedded in experiment configs as `config.data`."""
+"""The input pipeline's configuration: one ConfigDict, embedded in experiment configs as
+`config.data`."""
 from __future__ import annotations
 
 import ml_collections
@@ -26,11 +27,11 @@ def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = name
   c.data_dir = ""      # TFDS data dir; "" = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-  c.manual_dir = ""    # imagenet2012: folder with the ILSVRC2012 tars; "" = <data_dir>/downloads/manual
+  c.manual_dir = ""    # imagenet2012: the ILSVRC2012 tars; "" = <data_dir>/downloads/manual
   c.folder = ""        # image_folder: root of root/<split>/<class>/*.jpg
   # fashion_mnist: the raw idx files of Debian's package `dataset-fashion-mnist`.
   c.fashion_mnist_dir = "/usr/share/datasets/fashion-mnist"
-  c.download = True    # fashion_mnist: fall back to TFDS's own download when the raw files are missing
+  c.download = True    # fashion_mnist: without the raw files, try TFDS's own download
   c.cache_dir = ""     # in-memory datasets: cache the decoded arrays here as .npy ("" = no cache)
   c.train_split = "train"
   # "" = the dataset's held-out split (test / validation / val), so that changing `name` alone

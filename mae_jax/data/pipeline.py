@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 from absl import logging
 import jax

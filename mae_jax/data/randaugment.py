@@ -176,8 +176,10 @@ RAND_INCREASING_OPS = (
     ("SharpnessIncreasing", lambda im, lv, s, fill: sharpness(im, _enhance_increasing(lv, s))),
     ("ShearX", lambda im, lv, s, fill: shear_x(im, s * lv / _LEVEL_DENOM * 0.3, fill)),
     ("ShearY", lambda im, lv, s, fill: shear_y(im, s * lv / _LEVEL_DENOM * 0.3, fill)),
-    ("TranslateXRel", lambda im, lv, s, fill: translate_x_rel(im, s * lv / _LEVEL_DENOM * 0.45, fill)),
-    ("TranslateYRel", lambda im, lv, s, fill: translate_y_rel(im, s * lv / _LEVEL_DENOM * 0.45, fill)),
+    ("TranslateXRel",
+     lambda im, lv, s, fill: translate_x_rel(im, s * lv / _LEVEL_DENOM * 0.45, fill)),
+    ("TranslateYRel",
+     lambda im, lv, s, fill: translate_y_rel(im, s * lv / _LEVEL_DENOM * 0.45, fill)),
 )
 
 

@@ -28,8 +28,10 @@ try:
 except ImportError:
   sys.modules["importlib_resources"] = importlib.resources
 
-import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-from tensorflow_datasets.image_classification import mnist as tfds_mnist  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import tensorflow_datasets as tfds
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 FASHION_MNIST_FILES = {
@@ -63,7 +65,10 @@ def hide_accelerators_from_tf() -> None:
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TF's devices are already initialised; visibility is then fixed
-    pass
+    if tf.config.get_visible_devices("GPU"):
+      logging.warning("TensorFlow initialised its GPUs before the input pipeline could hide "
+                      "them and may hold GPU memory; call data.hide_accelerators_from_tf() "
+                      "before any other TensorFlow use.")
 
 
 def _data_dir(cfg) -> str | None:
@@ -100,8 +105,8 @@ def _fashion_mnist_missing_message(data_dir: str, raw_dir: str) -> str:
   return (f"Fashion-MNIST is not prepared in {data_dir} and its raw files "
           f"({', '.join(FASHION_MNIST_FILES.values())}) are not in {raw_dir}. Install them with "
           "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; they land in "
-          "/usr/share/datasets/fashion-mnist), or point --config.data.fashion_mnist_dir at a folder "
-          "holding them.")
+          "/usr/share/datasets/fashion-mnist), or point --config.data.fashion_mnist_dir at a "
+          "folder holding them.")
 
 
 def prepare_fashion_mnist(cfg) -> tfds.core.DatasetBuilder:

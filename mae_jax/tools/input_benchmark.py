@@ -138,7 +138,8 @@ def main(argv):
   print(f"{cfg.name} {cfg.image_size}x{cfg.image_size} mode={_MODE.value} batch={batch_size} "
         f"threads={pipeline.num_threads(cfg)} ({os.cpu_count()} cores), {where}: "
         f"{result['images_per_sec']:.0f} images/sec over {result['steps']} batches "
-        f"({result['seconds']:.2f} s; first {_WARMUP.value} batches {result['warmup_seconds']:.2f} s)")
+        f"({result['seconds']:.2f} s; setup and first {_WARMUP.value} batches "
+        f"{result['warmup_seconds']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,15 @@ def _jpeg(array, mode=None, fmt="JPEG"):
 # ------------------------------------------------------------------------------------------------
 # Crop windows
 # ------------------------------------------------------------------------------------------------
+def _uniforms(n=None, seed=0):
+  shape = [T.CROP_FLIP_UNIFORMS] if n is None else [n, T.CROP_FLIP_UNIFORMS]
+  return tf.random.stateless_uniform(shape, _key(seed))
+
+
 def test_random_resized_crop_window_follows_scale_and_ratio():
   h, w = 300, 400
-  windows = np.stack([T.random_resized_crop_window(_key(i), h, w, (0.2, 1.0)).numpy()
-                      for i in range(300)])
+  u = _uniforms(300)
+  windows = T.random_resized_crop_window(u, h, w, (0.2, 1.0)).numpy()   # 300 examples at once
   top, left, ch, cw = windows.T
   assert (top >= 0).all() and (left >= 0).all()
   assert (top + ch <= h).all() and (left + cw <= w).all()
@@ -50,15 +55,15 @@ def test_random_resized_crop_window_follows_scale_and_ratio():
   aspect = cw / ch
   assert aspect.min() > 0.74 and aspect.max() < 1.35
   assert len({tuple(x) for x in windows}) > 290  # random, not a fixed crop
-  # Same key, same window: the crop is a function of the key only.
-  np.testing.assert_array_equal(T.random_resized_crop_window(_key(3), h, w, (0.2, 1.0)),
+  # One example alone gets the same window as in the batch: a function of its uniforms only.
+  np.testing.assert_array_equal(T.random_resized_crop_window(u[3], h, w, (0.2, 1.0)),
                                 windows[3])
 
 
 def test_random_resized_crop_window_falls_back_to_a_centre_crop():
   # A 1000x10 strip: no try can fit a box of aspect 3/4..4/3 with area >= 20% of the image, so
   # torchvision's fallback takes the whole height and the widest allowed width, centred.
-  window = T.random_resized_crop_window(_key(0), 10, 1000, (0.2, 1.0)).numpy()
+  window = T.random_resized_crop_window(_uniforms(), 10, 1000, (0.2, 1.0)).numpy()
   np.testing.assert_array_equal(window, [0, (1000 - 13) // 2, 10, 13])
 
 
@@ -106,16 +111,33 @@ def test_resize_bicubic_is_close_to_pil():
   assert ours.min() >= 0 and ours.max() <= 255 and (ours == np.round(ours)).all()
 
 
+def test_crop_resize_batch_matches_pil_crop_then_resize():
+  images = np.stack([_image(28, 28, seed=i) for i in range(6)])
+  windows = T.random_resized_crop_window(_uniforms(6), 28, 28, (0.2, 1.0))
+  flip = tf.constant([False, True, False, True, False, True])
+  out = T.crop_resize_batch(images, windows, 32, flip).numpy()
+  for image, (top, left, h, w), flipped, ours in zip(images, windows.numpy(), flip.numpy(), out):
+    pil = Image.fromarray(image).crop((left, top, left + w, top + h)).resize((32, 32),
+                                                                           Image.BICUBIC)
+    if flipped:
+      pil = ImageOps.mirror(pil)
+    assert np.abs(ours - np.asarray(pil, np.float32)).max() <= 1     # PIL's fixed-point weights
+  # Shrinking too (antialiased like PIL).
+  big = _image(90, 120)[None]
+  out = T.crop_resize_batch(big, tf.constant([[10, 20, 60, 80]]), 32).numpy()[0]
+  pil = Image.fromarray(big[0]).crop((20, 10, 100, 70)).resize((32, 32), Image.BICUBIC)
+  assert np.abs(out - np.asarray(pil, np.float32)).max() <= 1
+
+
 def test_normalize_and_flip():
   image = tf.constant(_image(8, 8), tf.float32)
   out = T.normalize(image, data.IMAGENET_MEAN, data.IMAGENET_STD).numpy()
   expected = (image.numpy() / 255 - np.array(data.IMAGENET_MEAN)) / np.array(data.IMAGENET_STD)
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
-  flips = [bool((T.random_flip(image, _key(i)).numpy() != image.numpy()).any())
-           for i in range(200)]
-  assert 70 < sum(flips) < 130
-  flipped = T.random_flip(image, _key(flips.index(True))).numpy()
-  np.testing.assert_array_equal(flipped, image.numpy()[:, ::-1])
+  np.testing.assert_array_equal(T.flip(image, tf.constant(True)), image.numpy()[:, ::-1])
+  np.testing.assert_array_equal(T.flip(image, tf.constant(False)), image)
+  flips = T.flip_from_uniforms(_uniforms(400)).numpy()
+  assert 150 < flips.sum() < 250
 
 
 def test_random_erasing_replaces_one_box_with_noise():

@@ -6,11 +6,15 @@ What goes into step k's global batch depends only on (seed, k, global_batch_size
     the last N - S*B examples of each permutation are left out (drop_last), a different few
     each epoch.
   * Rows: row r of the global batch at step k is that position's example, augmented with stateless
-    TF random ops keyed by (seed, k, r). A process loads only the rows its devices hold (given by
-    the sharding), so process and device counts change who loads a row, never what it holds.
+    TF random ops: its crop and flip from row r of a uniform draw keyed by (seed, k), the rest
+    from a key (seed, k, r). A process loads only the rows its devices hold (given by the
+    sharding), so process and device counts change who loads a row, never what it holds.
   * Resume: starting at step k computes epoch k // S's permutation and skips rows of indices
     only; no image before step k is read or decoded.
 Eval is one ordered pass, padded to a whole number of global batches, with a validity `mask`.
+
+Decoded in-memory datasets (Fashion-MNIST) are cropped and resized a whole step at a time (two
+small matmuls); encoded images (JPEG, PNG) are decoded inside their crop window one by one.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ from mae_jax.data import transforms as T
 MODES = ("pretrain", "finetune", "eval")
 
 # Tags that separate the random streams drawn from one seed.
-_ORDER, _AUGMENT, _RETRY = 1, 2, 3
+_ORDER, _AUGMENT, _RETRY, _CROP = 1, 2, 3, 4
 
 
 def _base_key(seed: int) -> tf.Tensor:
@@ -148,36 +152,71 @@ def _eval_indices(num_examples: int, global_batch_size: int, rows: np.ndarray,
 # Per-example processing
 # ------------------------------------------------------------------------------------------------
 def _example_key(seed: int, step, row) -> tf.Tensor:
+  """Key of the example at (step, row): RandAugment, random erasing and replacement draws."""
   return T.fold_in(T.fold_in(T.fold_in(_base_key(seed), _AUGMENT), step), row)
 
 
-def make_preprocess(cfg, mode: str, encoded: bool):
-  """(image or encoded bytes, key) -> float32 [S, S, 3], normalised."""
+def _crop_flip_uniforms(seed: int, step, global_batch_size: int, rows: tf.Tensor) -> tf.Tensor:
+  """[len(rows), CROP_FLIP_UNIFORMS]: row r of one [global_batch_size, n] draw keyed by
+  (seed, step), so a row's crop and flip do not depend on which process loads it."""
+  key = T.fold_in(T.fold_in(_base_key(seed), _CROP), step)
+  table = tf.random.stateless_uniform([global_batch_size, T.CROP_FLIP_UNIFORMS], key)
+  return tf.gather(table, rows)
+
+
+def _window_fn(cfg, mode: str, u):
+  """(height, width) -> crop window: RandomResizedCrop from uniforms `u`, or the eval crop."""
+  if mode == "eval":
+    return lambda h, w: T.center_crop_window(h, w, int(cfg.image_size), cfg.eval_crop_pct)
+  scale = cfg.crop_scale if mode == "pretrain" else cfg.finetune.crop_scale
+  return lambda h, w: T.random_resized_crop_window(u, h, w, scale, cfg.crop_ratio)
+
+
+def _decode_crop_resize(cfg, mode: str, image, u) -> tf.Tensor:
+  """One encoded (or decoded) image -> float32 [S, S, 3] in [0, 255], cropped and flipped."""
   size = int(cfg.image_size)
+  window_fn = _window_fn(cfg, mode, u)
+  if image.dtype == tf.string:
+    cropped = T.decode_and_crop(image, window_fn)
+  else:
+    cropped = T.crop(image, window_fn)
+  out = T.to_rgb(T.resize_bicubic(cropped, size))
+  if mode != "eval":
+    out = T.flip(out, T.flip_from_uniforms(u))
+  return tf.ensure_shape(out, [size, size, 3])
+
+
+def _crop_resize_batch(cfg, mode: str, images, u) -> tf.Tensor:
+  """The same for a batch of same-size decoded images [b, H, W, C], vectorised."""
+  shape = tf.shape(images)
+  windows = _window_fn(cfg, mode, u)(shape[1], shape[2])
+  windows = tf.broadcast_to(windows, [shape[0], 4])
+  do_flip = None if mode == "eval" else T.flip_from_uniforms(u)
+  out = T.crop_resize_batch(images, windows, int(cfg.image_size), do_flip)
+  if images.shape[-1] == 1:
+    out = tf.tile(out, [1, 1, 1, 3])
+  return out
+
+
+def _finish(cfg, mode: str, image, key) -> tf.Tensor:
+  """[S, S, 3] in [0, 255] -> normalised; fine-tuning adds RandAugment and random erasing."""
   ft = cfg.finetune
-  fill = randaugment_lib.fill_color(cfg.mean)
+  k_augment, k_erase = T.split_key(key, 2)
+  if mode == "finetune":
+    image = randaugment_lib.randaugment(
+        image, k_augment, num_layers=ft.randaugment_layers, magnitude=ft.randaugment_magnitude,
+        magnitude_std=ft.randaugment_magnitude_std, prob=ft.randaugment_prob,
+        fill=randaugment_lib.fill_color(cfg.mean))
+  image = T.normalize(image, cfg.mean, cfg.std)
+  if mode == "finetune" and ft.reprob > 0:
+    image = T.random_erasing(image, k_erase, prob=ft.reprob)
+  return image
 
-  def preprocess(image, key):
-    k_crop, k_flip, k_augment, k_erase = T.split_key(key, 4)
-    if mode == "eval":
-      window_fn = lambda h, w: T.center_crop_window(h, w, size, cfg.eval_crop_pct)
-    else:
-      scale = cfg.crop_scale if mode == "pretrain" else ft.crop_scale
-      window_fn = lambda h, w: T.random_resized_crop_window(k_crop, h, w, scale, cfg.crop_ratio)
-    cropped = T.decode_and_crop(image, window_fn) if encoded else T.crop(image, window_fn)
-    out = T.to_rgb(T.resize_bicubic(cropped, size))
-    if mode != "eval":
-      out = T.random_flip(out, k_flip)
-    if mode == "finetune":
-      out = randaugment_lib.randaugment(
-          out, k_augment, num_layers=ft.randaugment_layers, magnitude=ft.randaugment_magnitude,
-          magnitude_std=ft.randaugment_magnitude_std, prob=ft.randaugment_prob, fill=fill)
-    out = T.normalize(out, cfg.mean, cfg.std)
-    if mode == "finetune" and ft.reprob > 0:
-      out = T.random_erasing(out, k_erase, prob=ft.reprob)
-    return tf.ensure_shape(out, [size, size, 3])
 
-  return preprocess
+def _output(ex, image, label, skipped):
+  return {"image": image, "label": tf.cast(label, tf.int32),
+          "index": tf.cast(ex["index"], tf.int32), "mask": ex["valid"],
+          "_skipped": tf.zeros_like(ex["index"], tf.int32) + tf.cast(skipped, tf.int32)}
 
 
 def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
@@ -211,28 +250,44 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
 
   def fetch_step(step, index, valid):
     return {"step": tf.fill(tf.shape(index), step), "row": rows_t, "index": index,
-            "valid": valid, "payload": source.fetch(index)}
+            "valid": valid, "payload": source.fetch(index),
+            "u": _crop_flip_uniforms(seed, step, global_batch_size, rows_t)}
 
-  ds = indices.map(fetch_step, num_parallel_calls=min(2, threads), deterministic=True).unbatch()
-  preprocess = make_preprocess(cfg, mode, source.encoded)
+  ds = indices.map(fetch_step, num_parallel_calls=min(2, threads), deterministic=True)
 
-  def output(ex, image, label, skipped):
-    return {"image": image, "label": tf.cast(label, tf.int32),
-            "index": tf.cast(ex["index"], tf.int32), "mask": ex["valid"],
-            "_skipped": tf.cast(skipped, tf.int32)}
+  if not source.encoded:
+    # Decoded, same-size images (held in memory): crop and resize whole steps at once.
+    def crop_resize_step(ex):
+      images, labels = source.open(ex["payload"])
+      ex = dict(ex, image=_crop_resize_batch(cfg, mode, images, ex["u"]), label=labels)
+      del ex["payload"]
+      return ex
 
-  def process(ex):
-    image, label = source.open(ex["payload"])
-    key = _example_key(seed, ex["step"], ex["row"])
-    return output(ex, preprocess(image, key), label, 0)
-
-  if cfg.strict or not source.encoded:
-    ds = ds.map(process, num_parallel_calls=threads, deterministic=True)
+    ds = ds.map(crop_resize_step, num_parallel_calls=threads, deterministic=True)
+    if mode == "finetune":   # RandAugment and erasing are per image
+      ds = ds.unbatch().map(
+          lambda ex: _output(ex, _finish(cfg, mode, ex["image"], _example_key(
+              seed, ex["step"], ex["row"])), ex["label"], 0),
+          num_parallel_calls=threads, deterministic=True).batch(len(rows), drop_remainder=True)
+    else:
+      ds = ds.map(lambda ex: _output(ex, _finish(cfg, mode, ex["image"], _base_key(seed)),
+                                     ex["label"], 0),
+                  num_parallel_calls=threads, deterministic=True)
   else:
-    ds = ds.interleave(_skipping_undecodable(cfg, source, seed, preprocess, output),
-                       cycle_length=threads, block_length=1, num_parallel_calls=threads,
-                       deterministic=True)
-  ds = ds.batch(len(rows), drop_remainder=True).prefetch(cfg.host_prefetch)
+    def process(ex):
+      image, label = source.open(ex["payload"])
+      key = _example_key(seed, ex["step"], ex["row"])
+      return _output(ex, _finish(cfg, mode, _decode_crop_resize(cfg, mode, image, ex["u"]), key),
+                     label, 0)
+
+    ds = ds.unbatch()
+    if cfg.strict:
+      ds = ds.map(process, num_parallel_calls=threads, deterministic=True)
+    else:
+      ds = ds.interleave(_skipping_undecodable(cfg, mode, source, seed), cycle_length=threads,
+                         block_length=1, num_parallel_calls=threads, deterministic=True)
+    ds = ds.batch(len(rows), drop_remainder=True)
+  ds = ds.prefetch(cfg.host_prefetch)
 
   options = tf.data.Options()
   options.deterministic = True
@@ -242,7 +297,7 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
   return ds.with_options(options)
 
 
-def _skipping_undecodable(cfg, source, seed, preprocess, output):
+def _skipping_undecodable(cfg, mode, source, seed):
   """Per example, a tiny dataset yielding exactly one result: the example itself, else (after a
   decode error) a seeded random other example, up to cfg.max_retries times, else a blank
   (mean-colour) image. Exactly one element per row keeps every later row and step in place;
@@ -261,13 +316,14 @@ def _skipping_undecodable(cfg, source, seed, preprocess, output):
             a == 0, lambda: ex["payload"],
             lambda: tf.nest.map_structure(lambda t: t[0], source.fetch(alt_index[None])))
         image, label = source.open(payload)
-        return preprocess(image, key), label
+        image = _finish(cfg, mode, _decode_crop_resize(cfg, mode, image, ex["u"]), key)
+        return image, tf.cast(label, tf.int32)
 
       def blank():
         return tf.zeros([size, size, 3], tf.float32), tf.constant(0, tf.int32)
 
       image, label = tf.cond(a <= retries, load, blank)
-      return output(ex, image, label, a)
+      return _output(ex, image, label, a)
 
     return tf.data.Dataset.range(retries + 2).map(attempt).ignore_errors(log_warning=True).take(1)
 

@@ -274,3 +274,4 @@ def test_mixup_cutmix_on_a_sharded_batch_matches_unsharded():
   np.testing.assert_allclose(np.asarray(sharded[0]), plain[0], atol=1e-6)
   np.testing.assert_allclose(np.asarray(sharded[1]), plain[1], atol=1e-6)
   assert math.isclose(float(sharded[1].sum()), 8.0, rel_tol=1e-5)
+

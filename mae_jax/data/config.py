@@ -77,3 +77,31 @@ def resolve_split(cfg, split: str | None = None, mode: str = "pretrain") -> str:
   if mode != "eval" and split is None:
     return cfg.train_split
   return cfg.eval_split or DEFAULT_EVAL_SPLITS[cfg.name]
+
+
+def check_config(cfg) -> None:
+  """Raises ValueError naming the field and the fix for a data config that cannot work; touches
+  no data (the missing-data errors come when a dataset is opened)."""
+  if cfg.name not in DATASETS:
+    raise ValueError(f"config.data.name={cfg.name!r}; choose one of {', '.join(DATASETS)}.")
+  if cfg.name == "image_folder" and not cfg.folder:
+    raise ValueError("config.data.name='image_folder' needs --config.data.folder=ROOT, a folder "
+                     "laid out as ROOT/<split>/<class>/<image>.jpg.")
+  if cfg.image_size <= 0:
+    raise ValueError(f"config.data.image_size must be positive, got {cfg.image_size}.")
+  for field in ("mean", "std"):
+    if len(cfg[field]) != 3:
+      raise ValueError(f"config.data.{field} needs 3 values (R, G, B), got {cfg[field]}.")
+  if min(cfg.std) <= 0:
+    raise ValueError(f"config.data.std must be positive, got {cfg.std}.")
+  for field, value in (("crop_scale", cfg.crop_scale), ("finetune.crop_scale",
+                                                        cfg.finetune.crop_scale)):
+    if not 0 < value[0] <= value[1] <= 1:
+      raise ValueError(f"config.data.{field} must satisfy 0 < min <= max <= 1, got {value}.")
+  if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
+    raise ValueError(f"config.data.crop_ratio must satisfy 0 < min <= max, got {cfg.crop_ratio}.")
+  if not 0 < cfg.eval_crop_pct <= 1:
+    raise ValueError(f"config.data.eval_crop_pct must be in (0, 1], got {cfg.eval_crop_pct}.")
+  for field in ("num_threads", "prefetch", "host_prefetch", "max_retries"):
+    if cfg[field] < 0:
+      raise ValueError(f"config.data.{field} must be >= 0, got {cfg[field]}.")

@@ -25,7 +25,7 @@ WORKER = textwrap.dedent("""
     mesh = jax.make_mesh((8,), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     it = data.create_iterator(cfg, "train", global_batch_size=16, seed=7, start_step=2,
-                              sharding=sharding)
+                              sharding=sharding, with_index=True)
     batch = next(it)
     rows, images, index = [], [], []
     for shard_i, shard_x in zip(batch["index"].addressable_shards,

@@ -168,7 +168,7 @@ def test_iterator_gives_global_arrays_sharded_over_the_mesh(cfg):
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
   sharding = NamedSharding(mesh, P(("data", "fsdp")))
   it = data.create_iterator(cfg, "test[:2000]", global_batch_size=64, seed=0, start_step=3,
-                            sharding=sharding)
+                            sharding=sharding, with_index=True)
   assert it.step == 3
   batch = next(it)
   assert it.step == 4
@@ -179,6 +179,10 @@ def test_iterator_gives_global_arrays_sharded_over_the_mesh(cfg):
   host = _host_batches(cfg, 1, global_batch_size=64, seed=0, start_step=3)[0]
   for key in ("image", "label", "index"):
     np.testing.assert_array_equal(np.asarray(batch[key]), host[key])
+  # What the train step gets by default: images and labels only.
+  plain = next(data.create_iterator(cfg, "test[:2000]", global_batch_size=64, start_step=3))
+  assert set(plain) == {"image", "label"}
+  np.testing.assert_array_equal(np.asarray(plain["image"]), host["image"])
 
 
 def test_batch_divisibility_errors_name_the_numbers(cfg):
@@ -190,9 +194,11 @@ def test_batch_divisibility_errors_name_the_numbers(cfg):
 
 
 def test_eval_iterator_makes_one_padded_pass_with_a_mask(cfg):
-  it = data.create_iterator(_small(cfg, "test[:1000]"), global_batch_size=192, mode="eval")
+  it = data.create_iterator(_small(cfg, "test[:1000]"), global_batch_size=192, mode="eval",
+                            with_index=True)
   batches = list(it)
   assert len(batches) == len(it) == 6 and it.step == 6        # ceil(1000 / 192)
+  assert set(batches[0]) == {"image", "label", "mask", "index"}
   mask = np.concatenate([np.asarray(b["mask"]) for b in batches])
   index = np.concatenate([np.asarray(b["index"]) for b in batches])
   assert mask.sum() == 1000 and mask[:1000].all()

@@ -84,7 +84,7 @@ def test_image_folder_reads_every_format_and_skips_the_corrupt_file(folder):
 
 def test_a_corrupt_jpeg_is_replaced_counted_and_logged(folder, caplog):
   cfg = _folder_cfg(folder)
-  it = data.create_iterator(cfg, "train", global_batch_size=8, seed=0)
+  it = data.create_iterator(cfg, "train", global_batch_size=8, seed=0, with_index=True)
   corrupt = _paths(cfg).index("corrupt.jpg")
   with caplog.at_level(logging.WARNING):
     batches = [next(it) for _ in range(6)]     # 6 epochs of 1 step (15 // 8)

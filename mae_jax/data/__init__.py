@@ -4,7 +4,7 @@
     cfg = data.default_config()                    # fashion_mnist, 32x32
     it = data.create_iterator(cfg, global_batch_size=256, seed=0, start_step=step,
                               sharding=batch_sharding, mode="pretrain")
-    batch = next(it)   # image f32 [B,S,S,3], label i32 [B], index i32 [B], mask bool [B]
+    batch = next(it)   # image f32 [B,S,S,3], label i32 [B] (eval: + mask bool [B])
     it.step            # next step: checkpoint it, resume with start_step=it.step
 
 The content of step k's global batch depends only on (seed, k, global_batch_size).

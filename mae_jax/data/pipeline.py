@@ -348,7 +348,7 @@ class DataIterator:
 
   def __init__(self, dataset: tf.data.Dataset, *, sharding: NamedSharding,
                global_batch_size: int, start_step: int, num_steps: int | None, prefetch: int,
-               describe=str):
+               keys: Sequence[str] = ("image", "label"), describe=str):
     self._host = dataset.as_numpy_iterator()
     self._image_sharding = sharding
     self._vector_sharding = NamedSharding(sharding.mesh, PartitionSpec(
@@ -357,6 +357,7 @@ class DataIterator:
     self._prefetch = max(1, int(prefetch))
     self._queue: collections.deque = collections.deque()
     self._describe = describe
+    self._keys = tuple(keys)
     self._exhausted = False
     self.step = start_step
     self.num_steps = num_steps       # eval: batches in the pass; train: None (endless)
@@ -391,7 +392,8 @@ class DataIterator:
       logging.warning("Skipped %d undecodable image(s) (replaced by other examples): %s; "
                       "%d so far in this process.", int(skipped.sum()), bad, self.num_skipped)
     batch = {}
-    for name, value in host.items():
+    for name in self._keys:
+      value = host[name]
       sharding = self._image_sharding if value.ndim == 4 else self._vector_sharding
       global_shape = (self._global_batch_size,) + value.shape[1:]
       batch[name] = jax.make_array_from_process_local_data(sharding, value, global_shape)
@@ -400,12 +402,13 @@ class DataIterator:
 
 def create_iterator(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
                     start_step: int = 0, sharding: NamedSharding | None = None,
-                    mode: str = "pretrain") -> DataIterator:
+                    mode: str = "pretrain", with_index: bool = False) -> DataIterator:
   """Global batches for the training loop, sharded like `sharding` (for [B, H, W, C] images).
 
-  Yields {'image': float32 [B, S, S, 3], 'label': int32 [B], 'index': int32 [B],
-  'mask': bool [B]}, all global jax.Arrays; label/index/mask are split like the image's batch
-  dimension. Training iterators are endless; eval iterators make one padded pass.
+  Yields {'image': float32 [B, S, S, 3], 'label': int32 [B]}, plus 'mask': bool [B] (False on
+  padding) in eval mode and 'index': int32 [B] (example indices in the split) with
+  `with_index`; all global jax.Arrays, the vectors split like the image's batch dimension.
+  Training iterators are endless; eval iterators make one padded pass.
   """
   sharding = sharding or default_sharding()
   check_global_batch(global_batch_size, jax.process_count(), sharding)
@@ -416,6 +419,8 @@ def create_iterator(cfg, split: str | None = None, *, global_batch_size: int, se
   ds = create_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed,
                       start_step=start_step, mode=mode, rows=rows, source=source)
   num_steps = num_eval_steps(source.num_examples, global_batch_size) if mode == "eval" else None
+  keys = ("image", "label") + (("mask",) if mode == "eval" else ()) + (
+      ("index",) if with_index else ())
   return DataIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
                       start_step=start_step, num_steps=num_steps, prefetch=cfg.prefetch,
-                      describe=source.describe)
+                      keys=keys, describe=source.describe)

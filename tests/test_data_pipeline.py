@@ -230,3 +230,10 @@ def test_input_benchmark_reports_images_per_second(cfg, capsys):
   finally:
     flags.FLAGS.unparse_flags()
   assert "images/sec" in capsys.readouterr().out
+
+
+def test_prepare_data_tool_prints_the_splits(cfg, capsys):
+  from mae_jax.tools import prepare_data
+  prepare_data.main(["--dataset=fashion_mnist", f"--data_dir={cfg.data_dir}"])
+  out = capsys.readouterr().out
+  assert "fashion_mnist train: 60000 examples" in out and "test: 10000 examples" in out

@@ -59,6 +59,7 @@ def test_fashion_mnist_is_prepared_from_the_debian_files(cfg):
   assert builder.info.splits["test"].num_examples == 10_000
   assert data.num_examples(cfg, "train") == 60_000 and data.num_examples(cfg, "") == 10_000
   assert data.num_classes(cfg) == 10
+  assert data.steps_per_epoch(cfg, "train", 256) == 234        # drop_last
   # The same features as TFDS's own fashion_mnist builder.
   reference = tfds.builder_cls("fashion_mnist")(data_dir=cfg.data_dir)
   assert builder.info.features.to_json() == reference.info.features.to_json()

@@ -1,0 +1,182 @@
+"""JPEG sources on small made-up data: an image folder and imagenet2012 from tars in the official
+layout; undecodable images skipped and counted; odd formats; the missing-data errors."""
+import io
+import logging
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from mae_jax import data
+
+SYNSETS = ("n01440764", "n01443537")     # classes 0 and 1 of TFDS's imagenet2012 label list
+CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 truncated: no image data follows"
+
+
+def _jpeg(seed, h=48, w=64, mode=None, fmt="JPEG"):
+  rng = np.random.default_rng(seed)
+  image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  if mode:
+    image = image.convert(mode)
+  buf = io.BytesIO()
+  image.save(buf, fmt)
+  return buf.getvalue()
+
+
+def _write(path, content):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(content)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """root/{train,val}/{cat,dog}/*.jpg with a grayscale, a CMYK, a PNG named .jpg, a 2x3 image
+  and one corrupt file in train."""
+  root = tmp_path_factory.mktemp("images")
+  for split, n in (("train", 5), ("val", 3)):
+    for c, cls in enumerate(("cat", "dog")):
+      for i in range(n):
+        _write(f"{root}/{split}/{cls}/{i}.jpg", _jpeg(100 * c + i, 40 + 3 * i, 50))
+  _write(f"{root}/train/cat/gray.jpg", _jpeg(1, mode="L"))
+  _write(f"{root}/train/cat/cmyk.jpg", _jpeg(2, mode="CMYK"))
+  _write(f"{root}/train/dog/png.jpg", _jpeg(3, fmt="PNG"))
+  _write(f"{root}/train/dog/tiny.jpg", _jpeg(4, h=2, w=3))
+  _write(f"{root}/train/dog/corrupt.jpg", CORRUPT)
+  return str(root)
+
+
+def _folder_cfg(root, **overrides):
+  c = data.default_config("image_folder")
+  c.folder = root
+  c.image_size = 32
+  c.num_threads = 2
+  c.update(overrides)
+  return c
+
+
+def _paths(cfg, split="train"):
+  source = data.open_source(cfg, split)
+  return [os.path.basename(source.describe(i)) for i in range(source.num_examples)]
+
+
+def test_image_folder_reads_every_format_and_skips_the_corrupt_file(folder):
+  cfg = _folder_cfg(folder)
+  assert data.num_examples(cfg, "train") == 15 and data.num_examples(cfg, "") == 6
+  assert data.num_classes(cfg) == 2
+  names = _paths(cfg)
+  corrupt = names.index("corrupt.jpg")
+  # Eval: one ordered pass, so every file is decoded once.
+  batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=16, mode="eval",
+                                        process_index=0, process_count=1).as_numpy_iterator()))
+  assert batch["image"].shape == (16, 32, 32, 3) and np.isfinite(batch["image"]).all()
+  skipped = batch["_skipped"][:15]
+  assert skipped[corrupt] > 0 and skipped.sum() == skipped[corrupt]
+  pixels = batch["image"] * np.array(cfg.std) + np.array(cfg.mean)
+  gray = pixels[names.index("gray.jpg")]
+  np.testing.assert_allclose(gray[..., 0], gray[..., 2], atol=1e-5)
+  assert pixels[names.index("tiny.jpg")].std() > 0.05      # upsampled, not blank
+  labels = {name: int(label) for name, label in zip(names, batch["label"])}
+  assert labels["cmyk.jpg"] == 0 and labels["png.jpg"] == 1
+
+
+def test_a_corrupt_jpeg_is_replaced_counted_and_logged(folder, caplog):
+  cfg = _folder_cfg(folder)
+  it = data.create_iterator(cfg, "train", global_batch_size=8, seed=0, with_index=True)
+  corrupt = _paths(cfg).index("corrupt.jpg")
+  with caplog.at_level(logging.WARNING):
+    batches = [next(it) for _ in range(6)]     # 6 epochs of 1 step (15 // 8)
+  index = np.concatenate([np.asarray(b["index"]) for b in batches])
+  assert (index == corrupt).sum() >= 1
+  assert it.num_skipped >= (index == corrupt).sum()
+  assert "corrupt.jpg" in caplog.text and "undecodable" in caplog.text
+  # The run is still deterministic: the same seed gives the same replacements.
+  again = data.create_iterator(cfg, "train", global_batch_size=8, seed=0)
+  np.testing.assert_array_equal(np.asarray(next(again)["image"]), np.asarray(batches[0]["image"]))
+
+
+def test_strict_mode_stops_at_a_corrupt_jpeg(folder):
+  cfg = _folder_cfg(folder, strict=True)
+  ds = data.create_dataset(cfg, "train", global_batch_size=15, mode="eval", process_index=0,
+                           process_count=1)
+  with pytest.raises(Exception, match="(?i)jpeg|image"):
+    next(iter(ds))
+
+
+def test_image_folder_errors(folder, tmp_path):
+  with pytest.raises(FileNotFoundError, match="root/<split>/<class>"):
+    data.num_examples(_folder_cfg(str(tmp_path / "absent")), "train")
+  with pytest.raises(ValueError, match=r"no split 'validation'.*\['train', 'val'\]"):
+    data.num_examples(_folder_cfg(folder), "validation")
+
+
+# ------------------------------------------------------------------------------------------------
+def _add(tar, name, content):
+  info = tarfile.TarInfo(name)
+  info.size = len(content)
+  tar.addfile(info, io.BytesIO(content))
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+  """ILSVRC2012_img_train.tar (a tar of per-synset tars) and ILSVRC2012_img_val.tar (flat JPEGs,
+  labelled by TFDS's validation list) with 7 + 4 small images, one of them corrupt."""
+  root = tmp_path_factory.mktemp("imagenet")
+  manual = root / "manual"
+  manual.mkdir()
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
+    for c, synset in enumerate(SYNSETS):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as t:
+        for i in range(3):
+          _add(t, f"{synset}_{i}.JPEG", _jpeg(10 * c + i, 40 + 5 * i, 60))
+        if c == 1:
+          _add(t, f"{synset}_9.JPEG", CORRUPT)
+      _add(train, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+    for i in range(1, 5):
+      _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(50 + i, 50, 40))
+  cfg = data.default_config("imagenet2012")
+  cfg.data_dir = str(root / "tfds")
+  cfg.manual_dir = str(manual)
+  cfg.image_size = 32
+  cfg.num_threads = 2
+  return cfg
+
+
+def test_imagenet2012_is_prepared_as_array_record_and_read(imagenet):
+  assert data.num_examples(imagenet, "train") == 7
+  assert data.num_examples(imagenet, "") == 4            # the validation split
+  files = os.listdir(os.path.join(imagenet.data_dir, "imagenet2012", "5.1.0"))
+  assert any(".array_record" in f for f in files)
+  batch = next(iter(data.create_dataset(imagenet, "train", global_batch_size=8, mode="eval",
+                                        process_index=0, process_count=1).as_numpy_iterator()))
+  source = data.open_source(imagenet, "train")
+  names = [source.describe(i) for i in range(7)]
+  valid = batch["mask"]
+  assert valid.sum() == 7
+  for name, label, skipped in zip(names, batch["label"][valid], batch["_skipped"][valid]):
+    assert label == SYNSETS.index(name.split("_")[0]) or skipped
+    assert bool(skipped) == name.endswith("_9.JPEG")
+  # Pre-training batches: crops of the same examples, every one a real image.
+  train = next(iter(data.create_dataset(imagenet, "train", global_batch_size=6, seed=0,
+                                        process_index=0, process_count=1).as_numpy_iterator()))
+  assert train["image"].shape == (6, 32, 32, 3) and np.isfinite(train["image"]).all()
+  assert sorted(set(train["index"])) == sorted(train["index"])          # no repeats in a step
+
+
+def test_imagenet2012_missing_tars_say_where_to_put_which_file(tmp_path):
+  cfg = data.default_config("imagenet2012")
+  cfg.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError) as error:
+    data.num_examples(cfg, "train")
+  message = str(error.value)
+  default_manual = os.path.join(cfg.data_dir, "downloads", "manual")
+  assert f"{default_manual}/ILSVRC2012_img_train.tar" in message
+  assert f"{default_manual}/ILSVRC2012_img_val.tar" in message
+  assert "image-net.org" in message and "manual_dir" in message
+  cfg.manual_dir = str(tmp_path / "mine")
+  with pytest.raises(FileNotFoundError, match="mine/ILSVRC2012_img_val.tar"):
+    data.create_iterator(cfg, global_batch_size=8, mode="eval")

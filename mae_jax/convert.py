@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -134,7 +135,9 @@ _FC_NORM = _layer_norm("fc_norm", "fc_norm")
 _HEAD = _dense("head", "head")
 
 
+@functools.lru_cache(maxsize=16)
 def _abstract_params(model: MaskedAutoencoder):
+  """Param shapes without computing them (modules are frozen dataclasses, so hashable)."""
   return jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
 
 
@@ -272,8 +275,37 @@ def _hint(state_dict, model) -> str:
           f"{_model_name(model)}; build the matching model: models.create_model({call}).")
 
 
-def _listing(title: str, items: list[str], limit: int = 12) -> str:
-  lines = [f"  {title} ({len(items)}):"] + [f"    {item}" for item in items[:limit]]
+_BLOCK_KEY = re.compile(r"^((?:decoder_)?blocks)\.(\d+)\.")
+
+
+def _compact(keys: list[str]) -> list[str]:
+  """Keys, with every run of blocks whose keys are all listed shown once: `blocks.12-23.*`."""
+  members: dict[tuple[str, int], int] = {}
+  for key in keys:
+    if match := _BLOCK_KEY.match(key):
+      block = (match.group(1), int(match.group(2)))
+      members[block] = members.get(block, 0) + 1
+  full = {block for block, count in members.items() if count == len(_BLOCK)}
+  out, done = [], set()
+  for key in keys:
+    match = _BLOCK_KEY.match(key)
+    block = (match.group(1), int(match.group(2))) if match else None
+    if block not in full:
+      out.append(key)
+    elif block not in done:
+      name, last = block[0], block[1]
+      while (name, last + 1) in full:
+        last += 1
+      done.update((name, i) for i in range(block[1], last + 1))
+      span = f"{block[1]}" if last == block[1] else f"{block[1]}-{last}"
+      out.append(f"{name}.{span}.* (all {len(_BLOCK)} keys of each block)")
+  return out
+
+
+def _listing(title: str, items: list[str], compact: bool = False, limit: int = 16) -> str:
+  lines = [f"  {title} ({len(items)}):"]
+  items = _compact(items) if compact else items
+  lines += [f"    {item}" for item in items[:limit]]
   if len(items) > limit:
     lines.append(f"    ... and {len(items) - limit} more")
   return "\n".join(lines)
@@ -295,9 +327,9 @@ def _validate(state_dict, model, kind, abstract) -> None:
   if missing or unexpected or wrong:
     lines = [f"The {kind} checkpoint does not fit {_model_name(model)}:"]
     if missing:
-      lines.append(_listing("missing keys", missing))
+      lines.append(_listing("missing keys", missing, compact=True))
     if unexpected:
-      lines.append(_listing("unexpected keys", unexpected))
+      lines.append(_listing("unexpected keys", unexpected, compact=True))
     if wrong:
       lines.append(_listing("shape mismatches", wrong))
     hint = _hint(state_dict, model)

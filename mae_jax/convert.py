@@ -12,7 +12,8 @@ Parameter names here mirror the official state_dict keys, so the converter is a 
 - "full": encoder and decoder (`mae_visualize_vit_*.pth`, `mae_pretrain_vit_*_full.pth`, checkpoints
   written by main_pretrain.py). Gives the complete MAE params.
 - "encoder": the released `mae_pretrain_vit_*.pth` files, encoder only. Gives the encoder params
-  only; to train on, take the decoder from a fresh init: `merge_into(models.init_params(...), params)`.
+  only; to train on, take the decoder from a fresh init:
+  `merge_into(models.init_params(model, rng), params)`.
 - "classifier": fine-tuned ViTs from main_finetune.py (`fc_norm.*`, `head.*`, usually no `norm.*`).
   Gives the encoder plus `fc_norm/{scale,bias}`, `head/{kernel,bias}` and the trained `pos_embed`
   (1, 1 + L, D) as a param, for the downstream classifier.
@@ -24,8 +25,9 @@ export writes them, so the files load with `strict=True` into models_mae.py / ti
 Every key and shape is checked before anything is converted; a mismatch raises one ValueError that
 lists the missing keys, unexpected keys and wrong shapes, with a guess at the checkpoint's size.
 
-The dict-level functions (`from_official`, `to_official`, `from_hf_state_dict`) are pure functions on
-numpy arrays. PyTorch is needed only to read or write `.pth` files and is imported lazily.
+The dict-level functions (`from_official`, `to_official`, `from_hf_state_dict`) are pure
+functions on numpy arrays. PyTorch is needed only to read or write `.pth` files and is imported
+lazily.
 """
 from __future__ import annotations
 
@@ -53,8 +55,8 @@ _CONVERTED_CONFIG = "config.json"
 
 
 # -------------------------------------------------------------------------------------------------
-# Layout changes between a PyTorch tensor and a Flax param. Each is exact (transpose / reshape only),
-# so official -> mae_jax -> official is bitwise.
+# Layout changes between a PyTorch tensor and a Flax param. Each is exact (transpose / reshape
+# only), so official -> mae_jax -> official is bitwise.
 # -------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class _Layout:
@@ -230,7 +232,8 @@ def _checkpoint_geometry(state_dict: Mapping[str, Any]) -> dict:
       grid = int(round((np.shape(pos)[1] - 1) ** 0.5))
       geo["img_size"] = grid * geo["patch_size"]
   for name, prefix in (("depth", "blocks."), ("decoder_depth", "decoder_blocks.")):
-    ids = [int(m.group(1)) for k in state_dict if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))]
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    ids = [int(m.group(1)) for k in state_dict if (m := pattern.match(k))]
     if ids:
       geo[name] = max(ids) + 1
   token = state_dict.get("mask_token")
@@ -384,22 +387,22 @@ def from_official(state_dict: Mapping[str, Any], model: MaskedAutoencoder,
   params: dict = {}
   if kind == "classifier":
     # Fine-tuning trains pos_embed (models_vit.py), so it is a param of the classifier.
-    _set(params, ("pos_embed",), _as_float32(state_dict["pos_embed"]))
+    _set(params, ("pos_embed",), np.array(_as_float32(state_dict["pos_embed"])))
     fixed = ()
   else:
     fixed = ("pos_embed", "decoder_pos_embed") if kind == "full" else ("pos_embed",)
   for name in fixed:
     _check_fixed_table(name, _as_numpy(state_dict[name]), tables[name])
 
-  entries = [e for part in (("encoder", "norm", "decoder") if kind == "full" else ("encoder", "norm"))
-             for e in _entries(model, part)]
+  parts = ("encoder", "norm", "decoder") if kind == "full" else ("encoder", "norm")
+  entries = [entry for part in parts for entry in _entries(model, part)]
   if kind == "classifier":
     entries = [e for e in entries if e[0] in state_dict] + [
         (k, path, layout) for k, path, layout in _FC_NORM + _HEAD if k in state_dict]
   for key, path, layout in entries:
     value = _as_float32(state_dict[key])
     shape = tuple(_get(abstract, path).shape) if path[0] not in ("head", "fc_norm") else None
-    _set(params, path, np.ascontiguousarray(layout.to_flax(value, shape)))
+    _set(params, path, np.array(layout.to_flax(value, shape), order="C"))  # owned, not a view
   return params
 
 
@@ -431,11 +434,10 @@ def to_official(params: Mapping[str, Any], model: MaskedAutoencoder,
     if expected_shape is not None and tuple(value.shape) != tuple(expected_shape):
       raise ValueError(f"to_official: {'/'.join(path)} has shape {tuple(value.shape)}, "
                        f"{_model_name(model)} expects {tuple(expected_shape)}.")
-    out[key] = np.ascontiguousarray(layout.to_official(value.astype(np.float32, copy=False)))
+    out[key] = np.array(layout.to_official(value), dtype=np.float32, order="C")  # owned, writable
     used.add(path)
 
-  emit("cls_token", ("cls_token",), _COPY, _get(abstract, ("cls_token",)).shape)
-  if ("pos_embed",) in flat:
+  if ("pos_embed",) in flat:  # a classifier's trained table
     emit("pos_embed", ("pos_embed",), _COPY, tables["pos_embed"].shape)
   else:
     out["pos_embed"] = tables["pos_embed"].copy()
@@ -465,7 +467,6 @@ def merge_into(init_params: Mapping[str, Any], loaded: Mapping[str, Any]) -> dic
   Use it to continue training from an encoder-only checkpoint: the decoder keeps its fresh init.
   Every loaded leaf must exist in `init_params` with the same shape.
   """
-  out = {}
   problems = []
 
   def merge(init, new, prefix):
@@ -486,10 +487,11 @@ def merge_into(init_params: Mapping[str, Any], loaded: Mapping[str, Any]) -> dic
         result[name] = value
     return result
 
-  out = merge(dict(init_params), loaded, ())
+  merged = merge(dict(init_params), loaded, ())
   if problems:
-    raise ValueError("merge_into: loaded params do not fit init_params:\n  " + "\n  ".join(problems))
-  return out
+    raise ValueError("merge_into: loaded params do not fit init_params:\n  "
+                     + "\n  ".join(problems))
+  return merged
 
 
 # -------------------------------------------------------------------------------------------------
@@ -591,7 +593,8 @@ def _torch_load(path: str):
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError:
     warnings.warn(f"{path} holds Python objects besides tensors; loading it with "
-                  f"weights_only=False, which runs arbitrary code: only do this for files you trust.")
+                  f"weights_only=False, which runs arbitrary code: only do this for files you "
+                  f"trust.")
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -5,6 +5,7 @@ MAE written independently of this project) and, through official key names and o
 our model; both get the same images and masking noise. Two geometries: a small one, and
 mae_vit_base_patch16 at full depth (12 + 8 blocks, 224 px) with mask ratio 0.6.
 """
+import functools
 import json
 import os
 import sys
@@ -125,8 +126,14 @@ def test_full_checkpoint_round_trip_is_exact():
                                 state["patch_embed.proj.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(params["decoder_blocks_0"]["mlp"]["fc1"]["kernel"],
                                 state["decoder_blocks.0.mlp.fc1.weight"].T)
-  assert_same_state(convert.to_official(params, model), state)
+  exported = convert.to_official(params, model)
+  assert_same_state(exported, state)
   assert_same_state(convert.to_official(params, model, encoder_only=False), state)
+  # Owned, writable, C-ordered arrays (torch.from_numpy and safetensors need them); no aliasing.
+  for key, value in exported.items():
+    assert value.flags.writeable and value.flags.c_contiguous, key
+  assert not np.shares_memory(params["cls_token"], state["cls_token"])
+  assert not np.shares_memory(exported["norm.bias"], params["norm"]["bias"])
   encoder_keys = convert.official_shapes(model, "encoder")
   assert_same_state(convert.to_official(params, model, encoder_only=True),
                     {k: v for k, v in state.items() if k in encoder_keys})
@@ -173,7 +180,8 @@ def test_classifier_checkpoint_round_trip(head):
   model = tiny()
   state = random_official(model, "classifier")
   if head == "cls_token":  # norm -> cls -> head; no fc_norm
-    state["norm.weight"], state["norm.bias"] = state.pop("fc_norm.weight"), state.pop("fc_norm.bias")
+    state["norm.weight"] = state.pop("fc_norm.weight")
+    state["norm.bias"] = state.pop("fc_norm.bias")
   params = convert.from_official(state, model)
   expected_top = {"cls_token", "pos_embed", "patch_embed", "blocks_0", "blocks_1", "head",
                   "fc_norm" if head == "global_pool" else "norm"}
@@ -253,7 +261,8 @@ def test_wrong_size_hint_names_the_checkpoint_model():
     convert.from_official(state, models.create_model("mae_vit_base_patch16"))
   message = str(error.value)
   assert "blocks.0.attn.qkv.weight: expected (2304, 768), found (3072, 1024)" in message
-  assert "unexpected keys (144)" in message and "blocks.12-23.* (all 12 keys of each block)" in message
+  assert "unexpected keys (144)" in message
+  assert "blocks.12-23.* (all 12 keys of each block)" in message
   assert "looks like a mae_vit_large_patch16 checkpoint" in message
   assert "you built mae_vit_base_patch16" in message
 
@@ -339,12 +348,12 @@ def _randomize(hf_model, torch, seed):
         param.copy_(0.05 * noise)
 
 
-@pytest.fixture(scope="module", params=list(GEOMETRIES))
-def hf_setup(request):
-  """(geometry, HF model with random weights, its state_dict under official names)."""
+@functools.lru_cache(maxsize=None)
+def _hf_model(label):
+  """(geometry, HF model with random weights, its state_dict under official names), built once."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  geometry = GEOMETRIES[request.param]
+  geometry = GEOMETRIES[label]
   torch.manual_seed(0)
   config = transformers.ViTMAEConfig(layer_norm_eps=1e-6, hidden_act="gelu",
                                      attn_implementation="eager", **geometry["hf"])
@@ -357,7 +366,17 @@ def hf_setup(request):
   hf.decoder.initialize_weights(hf.vit.embeddings.patch_embeddings.num_patches)
   _randomize(hf, torch, seed=1)
   official = convert.from_hf_state_dict(hf.state_dict())
-  return request.param, geometry, hf, official
+  return geometry, hf, official
+
+
+@pytest.fixture(params=list(GEOMETRIES))
+def hf_setup(request):
+  return (request.param,) + _hf_model(request.param)
+
+
+@pytest.fixture
+def hf_small():
+  return _hf_model("small")
 
 
 def _ours(geometry, **overrides):
@@ -404,11 +423,9 @@ def test_parity_with_hf_vitmae(hf_setup, norm_pix_loss):
   assert max(errors.values()) < MAX_REL_ERROR, errors
 
 
-def test_encoder_features_match_hf_unmasked(hf_setup):
+def test_encoder_features_match_hf_unmasked(hf_small):
   import torch  # pylint: disable=import-outside-toplevel
-  label, geometry, hf, official = hf_setup
-  if label != "small":
-    pytest.skip("the small geometry is enough for the unmasked encoder")
+  geometry, hf, official = hf_small
   model = _ours(geometry)
   params = convert.from_official(official, model)
   images, _ = _inputs(model)
@@ -423,7 +440,7 @@ def test_encoder_features_match_hf_unmasked(hf_setup):
   assert out.mask.sum() == 0
   features = model.apply({"params": params}, images, method=model.encode)
   error = _rel_error(features, out.last_hidden_state)
-  print(f"\n[{label}] encode() max relative error vs HF: {error:.3g}")
+  print(f"\n[small] encode() max relative error vs HF: {error:.3g}")
   assert error < MAX_REL_ERROR
 
 
@@ -435,12 +452,9 @@ _LEGACY_HF_NAMES = (  # transformers < 5 module names, still in hub checkpoints
     ("mlp.fc2", "output.dense"))
 
 
-def test_hf_legacy_names_convert_the_same(hf_setup, tmp_path):
-  torch = pytest.importorskip("torch")
+def test_hf_legacy_names_convert_the_same(hf_small, tmp_path):
   transformers = pytest.importorskip("transformers")
-  label, _, hf, official = hf_setup
-  if label != "small":
-    pytest.skip("names do not depend on the size")
+  _, hf, official = hf_small
   legacy = {}
   for key, value in hf.state_dict().items():
     for new, old in _LEGACY_HF_NAMES:

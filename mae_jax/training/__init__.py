@@ -1,0 +1,1 @@
+"""Training: optimisation, sharding, checkpoints and the train loops."""

@@ -1,7 +1,7 @@
 """LARS as the official linear probe uses it (util/lars.py, the MoCo v3 implementation).
 
-Not optax.lars: that one applies the learning rate before the momentum (different under a
-schedule) and puts an epsilon in the trust ratio. Here, per step:
+Not optax.lars: that one applies the learning rate before the momentum, which differs from torch
+as soon as the learning rate changes (warm-up, cosine). Here, per step:
 
   matrices (ndim > 1 in torch):  g = g + wd * p;  g = g * trust * ||p|| / ||g||  (ratio 1 where a
                                  norm is 0)

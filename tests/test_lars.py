@@ -1,4 +1,4 @@
-"""LARS of the official linear probe (MoCo v3): hand-computed steps and a torch re-implementation."""
+"""LARS of the official linear probe (MoCo v3): steps by hand and a torch re-implementation."""
 import jax
 import jax.numpy as jnp
 import numpy as np

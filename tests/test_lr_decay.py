@@ -1,4 +1,4 @@
-"""Layer-wise lr decay and the fine-tuning weight-decay mask, against the official rule and torch."""
+"""Layer-wise lr decay and the fine-tuning weight-decay mask: official rule and torch."""
 import re
 
 import flax

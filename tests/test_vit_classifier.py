@@ -1,4 +1,4 @@
-"""The fine-tune / probe ViT: transfer from the MAE encoder, heads, drop path, pos-table resizing."""
+"""The fine-tune / probe ViT: MAE encoder transfer, heads, drop path, pos-table resizing."""
 import re
 
 import flax.linen as nn

@@ -1,9 +1,9 @@
 """The fine-tuning / linear-probe ViT of the official release (models_vit.py on timm 0.3.2).
 
-The encoder parameters keep the MAE's names (`patch_embed`, `cls_token`, `blocks_i`, `norm`), so a
-pre-trained encoder transfers by key (`encoder_params_from_mae`). Unlike in pre-training the position
-table is a trainable parameter: official fine-tuning loads the sin-cos table from the checkpoint and
-then trains it.
+The encoder parameters keep the MAE's names (`patch_embed`, `cls_token`, `blocks_i`, `norm`), so
+a pre-trained encoder transfers by key (`encoder_params_from_mae`). Unlike in pre-training the
+position table is a trainable parameter: official fine-tuning loads the sin-cos table from the
+checkpoint and then trains it.
 """
 import dataclasses
 from typing import Any, NamedTuple, Sequence
@@ -144,8 +144,8 @@ class LinearProbeHead(nn.Module):
   def __call__(self, features, train: bool):
     x = nn.BatchNorm(use_running_average=not train, use_scale=False, use_bias=False,
                      epsilon=1e-6, momentum=self.momentum, name="bn")(features.astype(jnp.float32))
-    return nn.Dense(self.num_classes, name="head",
-                    kernel_init=logical(torch_trunc_normal(self.head_init_std), ("embed", "classes")),
+    kernel_init = logical(torch_trunc_normal(self.head_init_std), ("embed", "classes"))
+    return nn.Dense(self.num_classes, name="head", kernel_init=kernel_init,
                     bias_init=logical(zeros, ("classes",)))(x)
 
 
@@ -177,7 +177,8 @@ def interpolate_pos_embed(pos_embed: jax.Array, new_grid: int | Sequence[int],
                           num_extra_tokens: int = 1) -> jax.Array:
   """Resizes a (1, extra + g*g, D) table to `new_grid` (int or (rows, cols)) like the official
   `interpolate_pos_embed`: the cls row is kept, the patch rows are resized bicubically
-  (torch.nn.functional.interpolate, align_corners=False). Used to fine-tune at a larger input size."""
+  (torch.nn.functional.interpolate, align_corners=False). Used to fine-tune at a larger input
+  size."""
   pos_embed = jnp.asarray(pos_embed)
   if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
     raise ValueError(f"pos_embed must be (1, tokens, dim), got {tuple(pos_embed.shape)}.")
@@ -211,7 +212,7 @@ def _flat(params) -> dict[str, Any]:
   return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(params).items()}
 
 
-# Encoder keys that must come from pre-training (pos_embed may be regenerated: it is the fixed table).
+# Encoder keys that must come from pre-training (pos_embed may be regenerated: a fixed table).
 _PRETRAINED_ONLY = ("patch_embed", "cls_token")
 
 

@@ -1,4 +1,4 @@
-"""Layer-wise learning-rate decay and the weight-decay mask of official fine-tuning (util/lr_decay.py).
+"""Layer-wise lr decay and the weight-decay mask of official fine-tuning (util/lr_decay.py).
 
 The official code builds torch param groups whose lr is `lr * lr_scale`; AdamW multiplies both the
 Adam step and the decoupled weight-decay term by the group lr. Here that is one optax chain:

@@ -1,0 +1,1 @@
+"""Evaluation: monitors of representation quality (k-NN)."""

@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       preempted = watcher.reached(step)
 
       if step % config.log_every_steps == 0 or step == total_steps or preempted:
-        last = _summarise(pending, state, config)
+        last = _summarise(pending, state)
         elapsed = time.perf_counter() - tick
         done = step - tick_step
         if done:
@@ -250,6 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           with metrics_log.open("a") as f:
             f.write(json.dumps({"step": step, **last}) + "\n")
         pending, tick, tick_step = [], time.perf_counter(), step
+        _check_nonfinite(state, config)
 
       if eval_fn is not None:
         eval_fn.maybe_run(step, state["params"], writer, total_steps)
@@ -279,12 +280,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"step": step, **last}
 
 
-def _summarise(pending, state, config) -> dict:
+def _summarise(pending, state) -> dict:
   host = jax.device_get(pending)
   out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
   out["lr"] = float(host[-1]["lr"])
   out["skipped_steps"] = int(jax.device_get(state["skipped"]))
-  _check_nonfinite(state, config)
   return out
 
 

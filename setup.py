@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "absl-py>=2",
         "etils[epath]>=1.7",
+        "importlib_resources",  # imported by tensorflow-datasets, declared there only for old Pythons
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],

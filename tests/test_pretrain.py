@@ -117,8 +117,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
 
 def test_command_line_overrides_and_unknown_keys(tmp_path):
+  # A relative workdir, as in the README's command.
   base = [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
-          f"--workdir={tmp_path / 'cli'}"]
+          f"--workdir={os.path.relpath(tmp_path / 'cli', REPO)}"]
   bad = subprocess.run(base + ["--config.bacth_size=8"], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert bad.returncode != 0 and "bacth_size" in bad.stderr
@@ -172,3 +173,32 @@ def test_fsdp_shards_params_along_embed():
   assert tuple(spec) == ("fsdp", None)
   odd = sharding.logical_to_mesh(jax.sharding.PartitionSpec("embed",), (12,), mesh)
   assert tuple(odd) == (None,)  # 12 does not split over 8 devices: replicated
+
+
+def test_sigterm_saves_exits_zero_and_the_relaunch_continues(tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / "preempt"
+  cmd = [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
+         f"--workdir={workdir}", "--config.model.name=mae_vit_test_patch4",
+         "--config.batch_size=16", "--config.total_steps=400", "--config.log_every_steps=1",
+         "--config.checkpoint_every_steps=1000", "--config.figure_every_steps=0",
+         "--config.eval_every_steps=0", "--config.mesh.data=8"]
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or
+                                    len(metrics.read_text().splitlines()) < 5):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = sorted(int(p) for p in os.listdir(workdir / "checkpoints") if p.isdigit())
+  assert len(saved) == 1 and 5 <= saved[0] < 400
+  assert "Preempted: checkpoint saved at step" in stderr
+  logged = max(losses(str(workdir)))
+  assert logged == saved[0]   # the step that was logged last is the one saved
+  os.remove(metrics)
+  subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, timeout=600)
+  assert min(losses(str(workdir))) == saved[0] + 1

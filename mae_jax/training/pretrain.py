@@ -7,6 +7,7 @@ eval, checkpoints, preemption) -> final checkpoint.
 import functools
 import json
 import logging
+import os
 import signal
 import time
 
@@ -166,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check_pretrain(config, jax.process_count(), jax.device_count())
   model = build_model(config.model)
-  workdir = epath.Path(workdir)
+  # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)

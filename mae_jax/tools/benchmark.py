@@ -50,8 +50,7 @@ def benchmark(config, steps: int, warmup: int, peak_flops: float, real_data: boo
   total = warmup + steps + 1
   schedule = optimizer.warmup_cosine(config.base_lr * config.batch_size / 256, 1, total)
   tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
-  with jax.set_mesh(mesh):
-    state, shardings = pretrain.create_train_state(model, tx, mesh, config.seed)
+  state, shardings = pretrain.create_train_state(model, tx, mesh, config.seed)
   step_fn = pretrain.make_train_step(model, tx, schedule, config, shardings, mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   if real_data:

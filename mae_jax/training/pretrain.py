@@ -62,11 +62,7 @@ def create_train_state(model, tx, mesh, seed: int):
     zero = jnp.zeros((), jnp.int32)
     return {"params": params, "opt": tx.init(params), "step": zero, "nonfinite": zero,
             "skipped": zero}
-  abstract = jax.eval_shape(init)
-  param_shardings = sharding.param_shardings(models.logical_axes(model), abstract["params"], mesh)
-  shardings = sharding.state_shardings(abstract, param_shardings, mesh)
-  state = jax.jit(init, out_shardings=shardings)()
-  return state, shardings
+  return sharding.init_sharded(init, {"params": models.logical_axes(model)}, mesh)
 
 
 def make_train_step(model, tx, schedule, config, state_shardings, mesh):
@@ -187,8 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Model, optimizer, sharded state.
   tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
-  with jax.set_mesh(mesh):
-    state, state_shardings = create_train_state(model, tx, mesh, config.seed)
+  state, state_shardings = create_train_state(model, tx, mesh, config.seed)
   train_step = make_train_step(model, tx, schedule, config, state_shardings, mesh)
 
   # --- Checkpoint restore (automatic resume).

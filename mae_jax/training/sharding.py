@@ -78,19 +78,37 @@ def param_shardings(logical_specs, abstract_params, mesh):
   return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=is_spec)
 
 
-def state_shardings(abstract_state, params_shardings, mesh):
-  """Optimizer state follows its parameter (Adam moments have the params' tree); scalars replicate."""
-  flat_params = {leaf_key(path): s for path, s in
-                 jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+def state_shardings(abstract_state, param_trees: dict, mesh):
+  """Shardings for a whole train state. `param_trees` maps state keys ("params", a frozen
+  "encoder", ...) to their parameter shardings; optimizer leaves follow the parameter whose path
+  they end with (Adam's mu/.../blocks_0/attn/qkv/kernel); everything else is replicated."""
+  flat_params = {}
+  for key, tree in param_trees.items():
+    for path, s in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      flat_params[leaf_key(path)] = s
 
   def choose(path, leaf):
-    # Optimizer leaves end with the parameter's own path (mu/.../blocks_0/attn/qkv/kernel).
-    for n in range(len(path), 0, -1):
+    top = leaf_key(path[:1])
+    if top in param_trees:
+      return flat_params[leaf_key(path[1:])]
+    for n in range(len(path) - 1, 0, -1):
       key = leaf_key(path[-n:])
       if key in flat_params and np.ndim(leaf) == len(flat_params[key].spec):
         return flat_params[key]
     return replicated(mesh)
   return jax.tree_util.tree_map_with_path(choose, abstract_state)
+
+
+def init_sharded(init_fn, logical_specs: dict, mesh):
+  """Runs `init_fn() -> state dict` already sharded: the parameter subtrees named in
+  `logical_specs` (state key -> logical PartitionSpecs) are placed by the rules, optimizer state
+  follows them, and nothing is materialised whole on one device. Returns (state, shardings)."""
+  abstract = jax.eval_shape(init_fn)
+  trees = {k: param_shardings(specs, abstract[k], mesh) for k, specs in logical_specs.items()}
+  shardings = state_shardings(abstract, trees, mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(init_fn, out_shardings=shardings)()
+  return state, shardings
 
 
 def leaf_key(path) -> str:

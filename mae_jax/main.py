@@ -58,6 +58,9 @@ def main(argv):
   if config.task == "pretrain":
     from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
     pretrain.train_and_evaluate(config, FLAGS.workdir)
+  elif config.task in ("finetune", "linprobe"):
+    from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
+    classify.train_and_evaluate(config, FLAGS.workdir)
   else:
     raise app.UsageError(f"Unknown task {config.task!r} in the config.")
 

@@ -1,0 +1,61 @@
+r"""Fine-tuning a pre-trained MAE encoder (official FINETUNE.md recipes).
+
+  python -m mae_jax.main --config=configs/finetune.py:fashion_mnist --workdir=/tmp/ft \
+      --config.init=/tmp/mae_fmnist            # a pre-training workdir, an exported encoder,
+                                                # or an official .pth (+ --config.init_model=NAME)
+
+Variants: fashion_mnist (default), vit_base, vit_large, vit_huge. An empty `init` trains from a
+random initialisation (the from-scratch baseline).
+"""
+import ml_collections
+
+from mae_jax import data
+
+VARIANTS = ("fashion_mnist", "vit_base", "vit_large", "vit_huge")
+# variant: (classifier, epochs, blr, layer decay, drop path)
+_RECIPES = {"vit_base": ("vit_base_patch16", 100, 5e-4, 0.65, 0.1),
+            "vit_large": ("vit_large_patch16", 50, 1e-3, 0.75, 0.2),
+            "vit_huge": ("vit_huge_patch14", 50, 1e-3, 0.75, 0.3),
+            "fashion_mnist": ("vit_small_patch4", 1, 1e-3, 0.75, 0.1)}
+
+
+def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
+  variant = variant or "fashion_mnist"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown finetune variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+  name, epochs, blr, layer_decay, drop_path = _RECIPES[variant]
+  c = ml_collections.ConfigDict()
+  c.task = "finetune"
+  c.variant = variant
+  c.seed = 0
+  c.init = ""                   # pre-trained encoder; "" = random init
+  c.init_model = ""             # MAE size of an official .pth given as init
+  c.batch_size = 1024
+  c.num_epochs = epochs
+  c.total_steps = 0
+  c.warmup_epochs = 5.0
+  c.warmup_steps = 0
+  c.base_lr = blr               # lr = base_lr * batch_size / 256
+  c.min_lr = 1e-6
+  c.layer_decay = layer_decay
+  c.weight_decay = 0.05
+  c.b1, c.b2 = 0.9, 0.999
+  c.model = ml_collections.ConfigDict()
+  c.model.name = name
+  c.model.global_pool = True
+  c.model.drop_path = drop_path
+  c.model.dtype = "bfloat16"
+  c.data = data.default_config("imagenet2012")
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.log_every_steps = 100
+  c.eval_every_steps = 0        # 0 = every epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  if variant == "fashion_mnist":
+    c.data = data.default_config("fashion_mnist")
+    c.model.dtype = "float32"
+    c.batch_size = 128
+    c.warmup_epochs = 0.2
+    c.log_every_steps = 25
+    c.checkpoint_every_steps = 200
+  return c

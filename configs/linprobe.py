@@ -1,0 +1,57 @@
+r"""Linear probing of a frozen pre-trained MAE encoder (official main_linprobe.py, paper Table 10).
+
+  python -m mae_jax.main --config=configs/linprobe.py:fashion_mnist --workdir=/tmp/lin \
+      --config.init=/tmp/mae_fmnist
+
+Variants: fashion_mnist (default), vit_base, vit_large, vit_huge. Frozen encoder, cls token after
+the final norm, BatchNorm (no affine) + linear head, LARS, blr 0.1, 90 epochs, 10 warm-up.
+"""
+import ml_collections
+
+from mae_jax import data
+
+VARIANTS = ("fashion_mnist", "vit_base", "vit_large", "vit_huge")
+_MODELS = {"vit_base": "vit_base_patch16", "vit_large": "vit_large_patch16",
+           "vit_huge": "vit_huge_patch14", "fashion_mnist": "vit_small_patch4"}
+
+
+def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
+  variant = variant or "fashion_mnist"
+  if variant not in VARIANTS:
+    raise ValueError(f"Unknown linprobe variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+  c = ml_collections.ConfigDict()
+  c.task = "linprobe"
+  c.variant = variant
+  c.seed = 0
+  c.init = ""
+  c.init_model = ""
+  c.batch_size = 16384
+  c.num_epochs = 90
+  c.total_steps = 0
+  c.warmup_epochs = 10.0
+  c.warmup_steps = 0
+  c.base_lr = 0.1               # lr = base_lr * batch_size / 256
+  c.min_lr = 0.0
+  c.weight_decay = 0.0
+  c.momentum = 0.9
+  c.model = ml_collections.ConfigDict()
+  c.model.name = _MODELS[variant]
+  c.model.global_pool = False   # the probe reads the cls token after `norm`
+  c.model.dtype = "bfloat16"
+  c.data = data.default_config("imagenet2012")
+  c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop(0.08-1) + flip, no other augmentation
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
+  c.log_every_steps = 100
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 2
+  if variant == "fashion_mnist":
+    c.data = data.default_config("fashion_mnist")
+    c.data.crop_scale = (0.08, 1.0)
+    c.model.dtype = "float32"
+    c.batch_size = 256
+    c.num_epochs = 2
+    c.warmup_epochs = 0.2
+    c.log_every_steps = 25
+    c.checkpoint_every_steps = 200
+  return c

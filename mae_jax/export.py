@@ -1,0 +1,115 @@
+"""Encoder export and loading: what fine-tuning, probing and other people's code start from.
+
+An exported encoder is a directory with
+  encoder.msgpack      the encoder params (mae_jax names; no decoder, no optimizer state)
+  encoder.safetensors  the same under the official/timm key names, for PyTorch users
+  config.json          {"model": MAE name, "overrides": {...}, "source": ...}
+and loads without the training code: `mae_jax.load_encoder(path)`.
+"""
+import json
+import os
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from mae_jax import convert, models
+from mae_jax.models import pos_embed, vit_classifier
+
+ENCODER_KEYS = ("patch_embed", "cls_token", "norm")
+PARAMS_FILE, SAFETENSORS_FILE, CONFIG_FILE = "encoder.msgpack", "encoder.safetensors", "config.json"
+
+
+def encoder_only(params) -> dict:
+  return {k: v for k, v in params.items() if k in ENCODER_KEYS or k.startswith("blocks_")}
+
+
+def model_from_pretrain_config(config: ml_collections.ConfigDict):
+  """(model name, overrides) of a pre-training config's MAE, as `models.create_model` takes them."""
+  overrides = {k: v for k, v in config.model.items() if k not in ("name", "dtype") and v is not None}
+  return config.model.name, overrides
+
+
+def restore_pretrain_params(workdir: str, step: int | None = None):
+  """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
+  on this host's default device whatever mesh wrote it."""
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    raise FileNotFoundError(f"{workdir} has no config.json: not a mae_jax pre-training workdir.")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  name, overrides = model_from_pretrain_config(config)
+  model = models.create_model(name, **overrides)
+  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+        item={"params": abstract},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
+        partial_restore=True))
+  return config, step, restored["params"]
+
+
+def export_encoder(workdir: str, output: str, step: int | None = None) -> str:
+  """Writes the encoder of a pre-training workdir's newest checkpoint to `output` (a directory)."""
+  config, step, params = restore_pretrain_params(workdir, step)
+  name, overrides = model_from_pretrain_config(config)
+  save_encoder(output, encoder_only(params), name, overrides, source=f"{workdir} step {step}")
+  return output
+
+
+def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
+  model = models.create_model(model_name, **overrides)
+  params = jax.tree_util.tree_map(np.asarray, encoder_only(params))
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, PARAMS_FILE), "wb") as f:
+    f.write(flax.serialization.msgpack_serialize(params))
+  convert.save_official(params, model, os.path.join(output, SAFETENSORS_FILE), encoder_only=True)
+  with open(os.path.join(output, CONFIG_FILE), "w") as f:
+    json.dump({"model": model_name, "overrides": overrides, **info}, f, indent=2, sort_keys=True)
+
+
+def load_encoder_params(path: str, model_name: str | None = None):
+  """(MAE model, encoder params) from an exported encoder directory, a pre-training workdir, or an
+  official `.pth`/`.safetensors` file (then `model_name` names its size)."""
+  path = os.fspath(path)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, PARAMS_FILE)):
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      info = json.load(f)
+    model = models.create_model(info["model"], **info.get("overrides", {}))
+    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
+      params = flax.serialization.msgpack_restore(f.read())
+    return model, params
+  if os.path.isdir(path) or "://" in path:
+    config, _, params = restore_pretrain_params(path)
+    name, overrides = model_from_pretrain_config(config)
+    return models.create_model(name, **overrides), encoder_only(params)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No encoder at {path}: give an exported encoder directory, a "
+                            "pre-training workdir or an official .pth/.safetensors file.")
+  if model_name is None:
+    raise ValueError(f"{path} is an official checkpoint file: name its size too (e.g. "
+                     "mae_vit_base_patch16).")
+  model = models.create_model(model_name)
+  return model, encoder_only(convert.load_official(path, model))
+
+
+def load_encoder(path: str, model_name: str | None = None):
+  """(module, params) ready to apply: `module.apply({"params": params}, images,
+  method=module.encode)` gives (B, 1 + L, D) features after the final norm; `method=module.features`
+  the cls token. `module` is the cls-token `VisionTransformer` without its head."""
+  mae, params = load_encoder_params(path, model_name)
+  module = vit_classifier.VisionTransformer(
+      num_classes=1, global_pool=False, img_size=mae.img_size, patch_size=mae.patch_size,
+      in_chans=mae.in_chans, embed_dim=mae.embed_dim, depth=mae.depth, num_heads=mae.num_heads,
+      mlp_ratio=mae.mlp_ratio)
+  params = dict(params, pos_embed=pos_embed.sincos_2d(mae.embed_dim, mae.grid_size)[None])
+  return module, jax.tree_util.tree_map(jax.numpy.asarray, params)

@@ -1,0 +1,288 @@
+"""Fine-tuning and linear probing of a pre-trained encoder (official main_finetune.py and
+main_linprobe.py), one loop for both: the config's `task` picks the model, optimizer and loss.
+
+- finetune: global-pool ViT (fc_norm), drop path, trainable position table, layer-wise lr decay,
+  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host.
+- linprobe: frozen encoder (no gradients are computed through it), cls token after the final norm,
+  BatchNorm without affine + linear head, LARS; plain cross-entropy.
+Both evaluate top-1/top-5/loss on the eval split and keep the last and the best checkpoints.
+"""
+import json
+import logging
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from mae_jax import data, export
+from mae_jax.models import pos_embed as sincos
+from mae_jax.models import vit_classifier
+from mae_jax.training import checkpointing, lars, lr_decay, optimizer, sharding
+from mae_jax.training.pretrain import PreemptionWatcher
+
+TASKS = ("finetune", "linprobe")
+
+
+# ----------------------------------------------------------------------------------------------
+def build_classifier(config, num_classes: int):
+  m = config.model
+  options = dict(global_pool=m.global_pool, dtype=jnp.dtype(m.dtype))
+  if config.task == "finetune":
+    options.update(drop_path=m.drop_path, head_init_std=2e-5)
+  return vit_classifier.create_classifier(m.name, num_classes, img_size=config.data.image_size,
+                                          **options)
+
+
+def load_init(config, classifier, rng):
+  """Classifier params: the pre-trained encoder from `config.init` (export dir, pre-training
+  workdir or official .pth), or a random init when `config.init` is empty. A pre-trained encoder of
+  another architecture is refused with the mismatching key named."""
+  params = nn.unbox(classifier.init(rng, jnp.zeros((1, classifier.img_size, classifier.img_size,
+                                                    classifier.in_chans))))["params"]
+  if not config.init:
+    return params, None
+  mae, encoder = export.load_encoder_params(config.init, config.init_model or None)
+  if (mae.patch_size, mae.embed_dim, mae.depth) != (classifier.patch_size, classifier.embed_dim,
+                                                   classifier.depth):
+    raise ValueError(
+        f"config.init={config.init} holds a {mae.depth}-block, {mae.embed_dim}-wide, patch-"
+        f"{mae.patch_size} encoder but config.model.name={config.model.name} is "
+        f"{classifier.depth}-block, {classifier.embed_dim}-wide, patch-{classifier.patch_size}; "
+        "choose the classifier of the pre-trained size.")
+  table = sincos.sincos_2d(mae.embed_dim, mae.grid_size)[None]
+  params, report = vit_classifier.encoder_params_from_mae(encoder, params, mae_pos_embed=table)
+  logging.info("Loaded %d pre-trained tensors from %s; fresh: %s", len(report.copied),
+               config.init, ", ".join(report.fresh))
+  return params, report
+
+
+def schedule_from_config(config, steps_per_epoch):
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  warmup = config.warmup_steps if config.warmup_steps > 0 else int(
+      config.warmup_epochs * steps_per_epoch)
+  peak = config.base_lr * config.batch_size / 256
+  return optimizer.warmup_cosine(peak, warmup, total, config.min_lr), total
+
+
+def check_config(config, num_processes: int, num_devices: int):
+  if config.task not in TASKS:
+    raise ValueError(f"task={config.task!r}; configs/finetune.py and configs/linprobe.py set "
+                     f"one of {TASKS}.")
+  if config.batch_size % num_devices or config.batch_size % num_processes:
+    raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                     f"{num_devices} devices and {num_processes} processes.")
+  if config.task == "finetune" and config.batch_size % 2:
+    raise ValueError("config.batch_size must be even for mixup/cutmix.")
+  if config.init and not (os.path.exists(config.init) or "://" in config.init):
+    raise FileNotFoundError(f"config.init={config.init} does not exist; give an exported "
+                            "encoder, a pre-training workdir or an official .pth file.")
+  sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  data.check_config(config.data)
+
+
+# ----------------------------------------------------------------------------------------------
+def make_steps(config, classifier, tx, schedule, shardings, mesh, num_classes):
+  batch_spec = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+  ft = config.data.finetune
+  probe_head = vit_classifier.LinearProbeHead(num_classes)
+
+  def logits_fn(state, params, images, train, rng):
+    if config.task == "finetune":
+      rngs = {"dropout": rng} if train else {}
+      return classifier.apply({"params": params}, images, deterministic=not train,
+                              rngs=rngs), {}
+    features = jax.lax.stop_gradient(classifier.apply(
+        {"params": state["encoder"]}, images, method=classifier.features))
+    out = probe_head.apply({"params": params, "batch_stats": state["batch_stats"]}, features,
+                           train, mutable=["batch_stats"] if train else False)
+    return out if train else (out, {})
+
+  def train_step(state, batch):
+    step = state["step"]
+    key = jax.random.fold_in(jax.random.key(config.seed), step)
+    images = batch["image"]
+    targets = jax.nn.one_hot(batch["label"], num_classes)
+    if config.task == "finetune":
+      images, targets = data.mixup_cutmix(
+          jax.random.fold_in(key, 0), images, targets, mixup_alpha=ft.mixup,
+          cutmix_alpha=ft.cutmix, switch_prob=ft.mixup_switch_prob, mix_prob=ft.mixup_prob,
+          label_smoothing=ft.label_smoothing)
+
+    def loss_fn(params):
+      logits, updates = logits_fn(state, params, images, True, jax.random.fold_in(key, 1))
+      return optax.softmax_cross_entropy(logits, targets).mean(), updates
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    new_updates, opt = tx.update(grads, state["opt"], state["params"])
+    new_state = dict(state, params=optax.apply_updates(state["params"], new_updates), opt=opt,
+                     step=step + 1)
+    if updates:
+      new_state["batch_stats"] = updates["batch_stats"]
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step)}
+
+  def eval_step(state, batch):
+    logits, _ = logits_fn(state, state["params"], batch["image"], False, None)
+    labels, valid = batch["label"], batch["mask"].astype(jnp.float32)
+    top5 = jax.lax.top_k(logits, 5)[1]
+    return {"correct1": jnp.sum((top5[:, 0] == labels) * valid),
+            "correct5": jnp.sum(jnp.any(top5 == labels[:, None], axis=1) * valid),
+            "loss_sum": jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+                                * valid),
+            "count": jnp.sum(valid)}
+
+  batch_shardings = {"image": batch_spec, "label": batch_spec}
+  train = jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                  out_shardings=(shardings, replicated), donate_argnums=(0,))
+  evaluate = jax.jit(eval_step, in_shardings=(shardings, dict(batch_shardings, mask=batch_spec)),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+def make_optimizer(config, classifier, schedule):
+  if config.task == "finetune":
+    return lr_decay.adamw_layer_decay(schedule, classifier.depth, config.layer_decay,
+                                      weight_decay=config.weight_decay, b1=config.b1,
+                                      b2=config.b2)
+  return lars.lars(schedule, weight_decay=config.weight_decay, momentum=config.momentum)
+
+
+def evaluate(eval_fn, state, config, mesh) -> dict:
+  it = data.create_iterator(config.data, split=config.data.eval_split or "",
+                            global_batch_size=config.batch_size, seed=config.seed,
+                            sharding=sharding.batch_sharding(mesh), mode="eval")
+  totals = None
+  with jax.set_mesh(mesh):
+    for _, batch in zip(range(len(it)), it):
+      out = jax.device_get(eval_fn(state, batch))
+      totals = out if totals is None else {k: totals[k] + out[k] for k in out}
+  count = max(float(totals["count"]), 1.0)
+  return {"eval_top1": float(totals["correct1"]) / count,
+          "eval_top5": float(totals["correct5"]) / count,
+          "eval_loss": float(totals["loss_sum"]) / count}
+
+
+# ----------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) fine-tuning or linear probing; returns the final eval metrics."""
+  check_config(config, jax.process_count(), jax.device_count())
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+  is_chief = jax.process_index() == 0
+  num_classes = data.num_classes(config.data)
+  classifier = build_classifier(config, num_classes)
+  if is_chief:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  steps_per_epoch = data.steps_per_epoch(config.data, config.data.train_split, config.batch_size)
+  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
+  tx = make_optimizer(config, classifier, schedule)
+  # Loaded on the host before the jitted init: the pre-trained tensors become constants of it.
+  params, _ = load_init(config, classifier, jax.random.key(config.seed))
+  logical = nn.get_partition_spec(jax.eval_shape(
+      lambda: classifier.init(jax.random.key(0), jnp.zeros(
+          (1, classifier.img_size, classifier.img_size, classifier.in_chans)))))["params"]
+
+  if config.task == "finetune":
+    def init():
+      return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    specs = {"params": logical}
+  else:
+    head = vit_classifier.LinearProbeHead(num_classes)
+    head_vars = nn.unbox(head.init(jax.random.key(config.seed + 1),
+                                   jnp.zeros((2, classifier.embed_dim)), False))
+    encoder = {k: v for k, v in params.items() if k != "head"}
+
+    def init():
+      return {"params": head_vars["params"], "batch_stats": head_vars["batch_stats"],
+              "encoder": encoder, "opt": tx.init(head_vars["params"]),
+              "step": jnp.zeros((), jnp.int32)}
+    specs = {"encoder": {k: v for k, v in logical.items() if k != "head"},
+             "params": jax.tree_util.tree_map(lambda x: jax.sharding.PartitionSpec(
+                 *([None] * x.ndim)), head_vars["params"])}
+  state, shardings = sharding.init_sharded(init, specs, mesh)
+  train_step, eval_step = make_steps(config, classifier, tx, schedule, shardings, mesh,
+                                     num_classes)
+
+  manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
+                                         config.keep_checkpoints)
+  best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, enable_async_checkpointing=False))
+  _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  state = restored if restored is not None else state
+  start_step = int(jax.device_get(state["step"]))
+  best_top1 = _read_best(workdir)
+
+  train_iter = data.create_iterator(
+      config.data, split=config.data.train_split, global_batch_size=config.batch_size,
+      seed=config.seed, start_step=start_step, sharding=sharding.batch_sharding(mesh),
+      mode="finetune" if config.task == "finetune" else "pretrain")
+  writer = metric_writers.create_default_writer(str(workdir / "tensorboard"),
+                                                just_logging=not is_chief)
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  metrics_log = workdir / "metrics.jsonl"
+  watcher = PreemptionWatcher()
+  pending, last, tick = [], {}, time.perf_counter()
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.set_mesh(mesh):
+        state, metrics = train_step(state, next(train_iter))
+      pending.append(metrics)
+      progress(step)
+      preempted = watcher.reached(step)
+      record = {}
+      if step % config.log_every_steps == 0 or step == total_steps:
+        host = jax.device_get(pending)
+        record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        record["images_per_sec"] = len(pending) * config.batch_size / (time.perf_counter() - tick)
+        pending, tick = [], time.perf_counter()
+      if step % eval_every == 0 or step == total_steps:
+        record.update(evaluate(eval_step, state, config, mesh))
+        if record["eval_top1"] > best_top1:
+          best_top1 = record["eval_top1"]
+          best.save(step, args=ocp.args.StandardSave(state))
+          best.wait_until_finished()
+        record["best_top1"] = best_top1
+      if record:
+        writer.write_scalars(step, record)
+        last = {"step": step, **record}
+        if is_chief:
+          with metrics_log.open("a") as f:
+            f.write(json.dumps(last) + "\n")
+      if preempted:
+        checkpointing.save(manager, step, state, force=True)
+        break
+      if step % config.checkpoint_every_steps == 0:
+        checkpointing.save(manager, step, state)
+    else:
+      if manager.latest_step() != step:
+        checkpointing.save(manager, step, state, force=True)
+  finally:
+    watcher.close()
+    manager.wait_until_finished()
+    writer.flush()
+  manager.close()
+  best.close()
+  logging.info("Done at step %d: %s. Checkpoints: %s (last), %s (best top-1 %.4f).", step, last,
+               workdir / "checkpoints", workdir / "best", best_top1)
+  return last
+
+
+def _read_best(workdir) -> float:
+  """The best eval top-1 logged so far (for a resumed run)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return -1.0
+  values = [r.get("best_top1", -1.0) for r in map(json.loads, path.read_text().splitlines())]
+  return max(values, default=-1.0)

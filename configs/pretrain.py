@@ -67,6 +67,15 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.figure_every_steps = 5000     # reconstruction figure to TensorBoard; 0 = off
   c.eval_every_steps = 0          # masked loss on the eval split; 0 = off
   c.eval_batches = 10
+  # k-NN top-1 of the frozen encoder's features (k=20, cosine, exp(sim/T) votes); off for
+  # ImageNet, where embedding enough images would cost more than a few percent of the steps.
+  c.knn = ml_collections.ConfigDict()
+  c.knn.every_steps = 0           # 0 = off
+  c.knn.num_train = 10000         # labelled train images (the first ones, eval transform)
+  c.knn.num_eval = 5000           # scored eval images
+  c.knn.k = 20
+  c.knn.temperature = 0.07
+  c.knn.feature = "cls"           # "cls" (as the linear probe) or "mean" of the patch tokens
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
 
   if variant == "vit_huge":
@@ -92,6 +101,8 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.base_lr = 1e-3
     c.log_every_steps = 25
     c.checkpoint_every_steps = c.eval_every_steps = c.figure_every_steps = 250
+    c.knn.every_steps = 250
+    c.knn.num_train, c.knn.num_eval = 5000, 2000
   if variant == "tiny":
     c.model.name = "mae_vit_tiny_patch4"
   return c

@@ -1,6 +1,11 @@
 """Weighted k-NN monitor: exactness on separable data, the exp(sim / T) weighting, chunking."""
+import json
+
+import jax
 import numpy as np
 import pytest
+
+from mae_jax import data, models
 
 from mae_jax.evaluation.knn import knn_accuracy, knn_predict, knn_scores
 
@@ -65,3 +70,40 @@ def test_k_larger_than_train_set_uses_all():
   train, labels = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1])
   scores = np.asarray(knn_scores(train, labels, np.array([[1.0, 1.0]]), num_classes=2, k=20))
   np.testing.assert_allclose(scores[0], np.exp(np.sqrt(0.5) / 0.07) * np.ones(2), rtol=1e-4)
+
+
+def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
+  from mae_jax.evaluation import knn_monitor
+  from mae_jax.training import pretrain, sharding
+  from tests.test_pretrain import tiny_config
+  config = tiny_config(**{"total_steps": 4, "knn.every_steps": 2, "knn.num_train": 50,
+                          "knn.num_eval": 40})
+  workdir = tmp_path / "run"
+  pretrain.train_and_evaluate(config, str(workdir))
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  knn_steps = [r["step"] for r in records if "knn_top1" in r]
+  assert knn_steps == [2, 4]
+  assert all(0.0 <= r["knn_top1"] <= 1.0 for r in records if "knn_top1" in r)
+
+  # 50 train / 40 eval examples from batches of 32: partial batches are cut to the count, and the
+  # labels are those of the first examples of each split, in order.
+  model = pretrain.build_model(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  params = models.init_params(model, jax.random.key(0))
+  monitor = knn_monitor.KnnMonitor(model, config, mesh)
+  features, labels = monitor._embed(params, "train", 50)  # pylint: disable=protected-access
+  assert features.shape == (50, model.embed_dim) and np.all(np.isfinite(features))
+  it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
+  first = np.asarray(jax.device_get(next(it)["label"]))[:50]
+  np.testing.assert_array_equal(labels, first)
+  assert monitor._embed(params, None, 40)[0].shape == (40, model.embed_dim)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])
+def test_monitor_config_errors_name_the_field(field, value):
+  from configs import pretrain as pretrain_config
+  from mae_jax.evaluation import knn_monitor
+  cfg = pretrain_config.get_config("fashion_mnist").knn
+  cfg[field] = value
+  with pytest.raises(ValueError, match=f"config.knn.{field}"):
+    knn_monitor.check_config(cfg)

@@ -4,6 +4,7 @@ import uuid
 from etils import epath
 
 from mae_jax import data, models
+from mae_jax.evaluation import knn_monitor
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,6 +50,7 @@ def check_pretrain(config, num_processes: int, num_devices: int):
         f"config.batch_size={batch} / grad_accum_steps={config.grad_accum_steps} must give a "
         f"micro-batch divisible by the {num_devices} devices.")
   data.check_config(config.data)
+  knn_monitor.check_config(config.knn)
 
 
 def check_writable(workdir: epath.Path):

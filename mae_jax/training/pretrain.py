@@ -21,6 +21,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mae_jax import data, models
+from mae_jax.evaluation import knn_monitor
 from mae_jax.training import checkpointing, config_checks, figures, flops, optimizer, sharding
 
 
@@ -157,6 +158,20 @@ class PreemptionWatcher:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+class StepThrottle:
+  """Keeps at most `max_in_flight` dispatched steps unfinished. Without it the host runs ahead of
+  the device by as many steps as the input pipeline can feed, and a preemption notice would only
+  be acted on (and saved) after all of them."""
+
+  def __init__(self, max_in_flight: int = 2):
+    self.max_in_flight, self._in_flight = max_in_flight, []
+
+  def __call__(self, step_output):
+    self._in_flight.append(step_output)
+    if len(self._in_flight) > self.max_in_flight:
+      jax.block_until_ready(self._in_flight.pop(0))
+
+
 # ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) pre-training in `workdir`; returns the last logged metrics."""
@@ -211,10 +226,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_flops = None
   eval_fn = Evaluator(model, config, mesh) if (
       config.eval_every_steps or config.figure_every_steps) else None
+  knn_fn = knn_monitor.KnnMonitor(model, config, mesh) if config.knn.every_steps else None
 
   # --- Loop.
   watcher = PreemptionWatcher()
-  pending, last = [], {}
+  pending, last, throttle = [], {}, StepThrottle()
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -227,6 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           logging.info("Train step: %.3g FLOPs per device per step.", step_flops)
         state, metrics = train_step(state, batch)
       pending.append(metrics)
+      throttle(metrics)
       progress(step)
       if step == start_step + 1:  # time from here on: the first step includes compilation
         jax.block_until_ready(state)
@@ -244,13 +261,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           last["mfu"] = step_flops * done / elapsed / peak_flops
         writer.write_scalars(step, last)
         if is_chief:
-          with metrics_log.open("a") as f:
-            f.write(json.dumps({"step": step, **last}) + "\n")
+          _append_jsonl(metrics_log, {"step": step, **last})
         pending, tick, tick_step = [], time.perf_counter(), step
         _check_nonfinite(state, config)
 
-      if eval_fn is not None:
-        eval_fn.maybe_run(step, state["params"], writer, total_steps)
+      evaluated = {}
+      for monitor in (eval_fn, knn_fn):
+        if monitor is not None:
+          evaluated.update(monitor.maybe_run(step, state["params"], writer, total_steps))
+      if evaluated and is_chief:
+        _append_jsonl(metrics_log, {"step": step, **evaluated})
 
       if preempted:
         checkpointing.save(manager, step, state, force=True)
@@ -275,6 +295,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   return {"step": step, **last}
+
+
+def _append_jsonl(path, record: dict):
+  with path.open("a") as f:
+    f.write(json.dumps(record) + "\n")
 
 
 def _summarise(pending, state) -> dict:
@@ -330,13 +355,15 @@ class Evaluator:
   def maybe_run(self, step, params, writer, total_steps):
     every_eval, every_fig = self.config.eval_every_steps, self.config.figure_every_steps
     last = step == total_steps
+    metrics = {}
     if every_eval and (step % every_eval == 0 or last):
       losses = []
       with jax.set_mesh(self.mesh):
         for i, batch in enumerate(self._eval_batches()):
           loss = self.loss_step(params, batch["image"], self._noise(i))
           losses.append(float(loss))
-      writer.write_scalars(step, {"eval_loss": float(np.mean(losses))})
+      metrics["eval_loss"] = float(np.mean(losses))
+      writer.write_scalars(step, metrics)
     if every_fig and (step % every_fig == 0 or last):
       batch = self._eval_batches()[0]
       with jax.set_mesh(self.mesh):
@@ -347,3 +374,4 @@ class Evaluator:
           self.model.patch_size, self.model.norm_pix_loss, self.config.data.mean,
           self.config.data.std)
       writer.write_images(step, {"reconstruction": grid[None]})
+    return metrics

@@ -1,0 +1,73 @@
+"""The k-NN monitor of pre-training: is the representation getting better, without a separate run?
+
+Every `config.knn.every_steps` steps the frozen encoder (no masking) embeds a fixed labelled subset
+of the train split and a fixed subset of the eval split, both with the eval transform, and the
+weighted k-NN vote of `knn.py` scores the eval subset. The images are read once and kept on device.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mae_jax import data
+from mae_jax.evaluation import knn
+from mae_jax.training import sharding
+
+FEATURES = ("cls", "mean")  # cls token after the final norm (as the linear probe), or patch mean
+
+
+def check_config(cfg: ml_collections.ConfigDict):
+  if cfg.every_steps < 0:
+    raise ValueError(f"config.knn.every_steps={cfg.every_steps}; use 0 (off) or a step interval.")
+  for key in ("num_train", "num_eval", "k"):
+    if cfg.every_steps and cfg[key] < 1:
+      raise ValueError(f"config.knn.{key}={cfg[key]} must be >= 1 when the k-NN monitor is on "
+                       "(or set config.knn.every_steps=0).")
+  if cfg.feature not in FEATURES:
+    raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {FEATURES}.")
+
+
+def make_feature_step(model, mesh, feature: str):
+  """(features, labels, valid) of an eval batch, replicated so that every host can read them."""
+  def features(params, batch):
+    tokens = model.apply({"params": params}, batch["image"], method=model.encode)
+    pooled = tokens[:, 0] if feature == "cls" else jnp.mean(tokens[:, 1:], axis=1)
+    return pooled.astype(jnp.float32), batch["label"], batch["mask"]
+  return jax.jit(features, out_shardings=sharding.replicated(mesh))
+
+
+class KnnMonitor:
+  """k-NN top-1 of the encoder's features on `config.knn.num_eval` eval images."""
+
+  def __init__(self, model, config, mesh):
+    self.cfg, self.mesh = config.knn, mesh
+    self.features = make_feature_step(model, mesh, self.cfg.feature)
+    self.num_classes = data.num_classes(config.data)
+    self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
+    self._batches = {}
+
+  def _embed(self, params, split: str | None, count: int):
+    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
+    if split not in self._batches:  # read once, kept on device
+      it = data.create_iterator(self._data_cfg, split=split, global_batch_size=self._batch_size,
+                                seed=self._seed, sharding=sharding.batch_sharding(self.mesh),
+                                mode="eval")
+      self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
+    with jax.set_mesh(self.mesh):
+      outs = jax.device_get([self.features(params, b) for b in self._batches[split]])
+    features, labels, valid = (np.concatenate(x) for x in zip(*outs))
+    return features[valid][:count], labels[valid][:count]
+
+  def accuracy(self, params) -> float:
+    train = self._embed(params, self._data_cfg.train_split, self.cfg.num_train)
+    queries = self._embed(params, None, self.cfg.num_eval)
+    return knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
+                            temperature=self.cfg.temperature)
+
+  def maybe_run(self, step, params, writer, total_steps) -> dict:
+    every = self.cfg.every_steps
+    if not every or (step % every and step != total_steps):
+      return {}
+    metrics = {"knn_top1": self.accuracy(params)}
+    writer.write_scalars(step, metrics)
+    return metrics

@@ -57,5 +57,6 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.batch_size = 128
     c.warmup_epochs = 0.2
     c.log_every_steps = 25
+    c.eval_every_steps = 100      # a few points on the curve of a short run
     c.checkpoint_every_steps = 200
   return c

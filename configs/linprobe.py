@@ -53,5 +53,6 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.num_epochs = 2
     c.warmup_epochs = 0.2
     c.log_every_steps = 25
+    c.eval_every_steps = 100      # a few points on the curve of a short run
     c.checkpoint_every_steps = 200
   return c

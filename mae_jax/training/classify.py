@@ -26,7 +26,7 @@ from mae_jax import data, export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
 from mae_jax.training import checkpointing, lars, lr_decay, optimizer, sharding
-from mae_jax.training.pretrain import PreemptionWatcher
+from mae_jax.training.pretrain import PreemptionWatcher, StepThrottle
 
 TASKS = ("finetune", "linprobe")
 
@@ -232,13 +232,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   metrics_log = workdir / "metrics.jsonl"
   watcher = PreemptionWatcher()
-  pending, last, tick = [], {}, time.perf_counter()
+  pending, last, tick, throttle = [], {}, time.perf_counter(), StepThrottle()
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
       with jax.set_mesh(mesh):
         state, metrics = train_step(state, next(train_iter))
       pending.append(metrics)
+      throttle(metrics)
       progress(step)
       preempted = watcher.reached(step)
       record = {}

@@ -1,0 +1,49 @@
+"""What every entry point does: prepare the process (logging, TensorFlow, multi-host) and run the
+task a config names."""
+import logging as std_logging
+
+from absl import logging
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+  import jax  # pylint: disable=import-outside-toplevel
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return
+  try:
+    jax.distributed.initialize()  # Cloud TPU / GKE / Slurm: JAX detects its peers itself
+  except ValueError:
+    logging.info("No cluster detected: running as a single process.")
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax narrates every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def prepare_process(coordinator_address=None, num_processes=None, process_id=None):
+  """Quiet orbax, keep TensorFlow off the accelerators, join the other hosts if there are any."""
+  for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
+    handler.addFilter(_QuietOrbax())
+  # Hide accelerators from TensorFlow: tf.data only runs on the host.
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+  initialize_distributed(coordinator_address, num_processes, process_id)
+  import jax  # pylint: disable=import-outside-toplevel
+  logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.devices()[0].device_kind)
+
+
+def run_task(config, workdir: str) -> dict:
+  """Runs (or resumes) the config's task in `workdir`; returns its last metrics."""
+  if config.task == "pretrain":
+    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
+    return pretrain.train_and_evaluate(config, workdir)
+  if config.task in ("finetune", "linprobe"):
+    from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
+    return classify.train_and_evaluate(config, workdir)
+  raise ValueError(f"Unknown task {config.task!r} in the config.")

@@ -37,16 +37,27 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
   on this host's default device whatever mesh wrote it."""
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+  if not workdir.is_dir():
+    raise FileNotFoundError(f"No pre-training workdir at {workdir}: give the directory that "
+                            "was mae_jax.main's --workdir.")
+  if (workdir / PARAMS_FILE).exists():
+    raise ValueError(f"{workdir} is an exported encoder, not a pre-training workdir: it holds "
+                     "no decoder or training state. Give the workdir it was exported from.")
   config_path = workdir / "config.json"
-  if not config_path.exists():
-    raise FileNotFoundError(f"{workdir} has no config.json: not a mae_jax pre-training workdir.")
+  if not config_path.exists() or not (workdir / "checkpoints").exists():
+    raise FileNotFoundError(f"{workdir} is not a mae_jax pre-training workdir (it needs "
+                            "config.json and checkpoints/), or its run has not saved yet.")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   name, overrides = model_from_pretrain_config(config)
   model = models.create_model(name, **overrides)
   with ocp.CheckpointManager(workdir / "checkpoints") as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    saved = sorted(manager.all_steps())
+    if not saved:
       raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
+    step = saved[-1] if step is None else step
+    if step not in saved:
+      raise FileNotFoundError(f"{workdir / 'checkpoints'} has no step {step}; saved steps: "
+                              f"{', '.join(map(str, saved))}.")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
     abstract = jax.tree_util.tree_map(
@@ -59,10 +70,21 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
 
 
 def export_encoder(workdir: str, output: str, step: int | None = None) -> str:
-  """Writes the encoder of a pre-training workdir's newest checkpoint to `output` (a directory)."""
+  """Writes the encoder of a pre-training workdir's newest (or `step`'s) checkpoint to `output`
+  (a directory)."""
   config, step, params = restore_pretrain_params(workdir, step)
   name, overrides = model_from_pretrain_config(config)
   save_encoder(output, encoder_only(params), name, overrides, source=f"{workdir} step {step}")
+  return output
+
+
+def export_official(path: str, model_name: str | None, output: str) -> str:
+  """Writes the encoder of an official MAE checkpoint file (.pth/.safetensors) to `output`."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"No checkpoint file at {path}: give an official .pth/.safetensors "
+                            "file (a pre-training workdir goes through export_encoder).")
+  _, params = load_encoder_params(path, model_name)
+  save_encoder(output, params, model_name, {}, source=os.path.abspath(path))
   return output
 
 

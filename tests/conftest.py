@@ -5,3 +5,15 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF must never grab an accelerator
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+  """A tiny pre-training workdir (6 steps, one checkpoint), shared by the downstream tests."""
+  from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
+  from tests.test_pretrain import tiny_config  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  pretrain.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=6), workdir)
+  return workdir

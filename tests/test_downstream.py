@@ -9,15 +9,9 @@ import pytest
 from configs import finetune as finetune_config
 from configs import linprobe as linprobe_config
 from mae_jax import export, models
-from mae_jax.training import classify, pretrain
-from tests.test_pretrain import tiny_config
+from mae_jax.training import classify
 
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  pretrain.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=6), workdir)
-  return workdir
+# `pretrained`, the tiny pre-training workdir, is a session fixture in conftest.py.
 
 
 def _downstream(variant_module, task_overrides, init):

@@ -28,3 +28,21 @@ def test_norm_pix_predictions_are_shown_with_each_patch_statistics():
   normalised = (target - target.mean(-1, keepdims=True)) / np.sqrt(
       target.var(-1, ddof=1, keepdims=True) + 1e-6)
   np.testing.assert_allclose(figures.unnormalize_patches(normalised, images, 4), target, atol=1e-5)
+
+
+def test_visible_stats_only_takes_removed_patch_statistics_from_visible_neighbours():
+  images = np.asarray(jax.random.uniform(jax.random.key(2), (1, 16, 16, 3)))  # 4x4 patches
+  target = np.asarray(patchify(images, 4))
+  mean, std = figures.patch_statistics(images, 4)
+  normalised = (target - mean) / std
+  mask = np.ones((1, 16))
+  mask[0, [0, 2, 15]] = 0  # visible: (0, 0), (0, 2), (3, 3)
+  shown = figures.unnormalize_patches(normalised, images, 4, mask)
+  np.testing.assert_allclose(shown[:, [0, 2, 15]], target[:, [0, 2, 15]], atol=1e-5)
+  # A removed patch: its own structure, with the mean and spread its visible 3x3 neighbours
+  # average, or the whole image's visible patches where it has none.
+  for patch, sources in ((1, [0, 2]), (3, [2]), (14, [15]), (8, [0, 2, 15])):
+    np.testing.assert_allclose(
+        shown[0, patch], normalised[0, patch] * std[0, sources].mean() + mean[0, sources].mean(),
+        atol=1e-5, err_msg=f"patch {patch}")
+    assert not np.allclose(shown[0, patch], target[0, patch], atol=1e-3)

@@ -5,21 +5,50 @@ import numpy as np
 from mae_jax.models.mae import patchify, unpatchify
 
 
-def unnormalize_patches(pred: np.ndarray, images: np.ndarray, patch_size: int) -> np.ndarray:
-  """Undoes norm-pix targets with each patch's own statistics from the original image: the
-  reconstruction then shows structure, not the patch means the model was never asked for."""
+def patch_statistics(images: np.ndarray, patch_size: int):
+  """Each patch's mean and spread, (B, L, 1) each, as norm-pix targets use them."""
   target = np.asarray(patchify(images, patch_size))
-  mean = target.mean(-1, keepdims=True)
-  std = np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+  return target.mean(-1, keepdims=True), np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+
+
+def visible_neighbour_average(values: np.ndarray, visible: np.ndarray) -> np.ndarray:
+  """(B, L, 1) values of visible patches -> for every patch, the average over the visible patches
+  of its 3x3 neighbourhood (the image's visible average where none is visible)."""
+  b, num_patches, _ = values.shape
+  g = int(round(num_patches ** 0.5))
+  weight = visible.reshape(b, g, g).astype(np.float32)
+  value = values.reshape(b, g, g) * weight
+  window = lambda x: sum(np.pad(x, ((0, 0), (1, 1), (1, 1)))[:, i:i + g, j:j + g]
+                         for i in range(3) for j in range(3))
+  total, count = window(value), window(weight)
+  image = value.sum((1, 2), keepdims=True) / weight.sum((1, 2), keepdims=True)
+  return np.where(count > 0, total / np.maximum(count, 1), image).reshape(b, num_patches, 1)
+
+
+def unnormalize_patches(pred: np.ndarray, images: np.ndarray, patch_size: int,
+                        mask: np.ndarray | None = None) -> np.ndarray:
+  """Undoes norm-pix targets so that the reconstruction shows structure, not the patch means the
+  model was never asked for.
+
+  Without `mask`, every patch takes its own statistics from the original image (the pre-training
+  monitor). With `mask` (1 = removed) only what the encoder saw is used: a visible patch takes its
+  own statistics, a removed one (its own are hidden) the average of its visible neighbours'.
+  """
+  mean, std = patch_statistics(images, patch_size)
+  if mask is not None:
+    visible = np.asarray(mask)[..., None] == 0
+    mean = np.where(visible, mean, visible_neighbour_average(mean, visible))
+    std = np.where(visible, std, visible_neighbour_average(std, visible))
   return pred * std + mean
 
 
 def reconstruction_grid(images, pred, mask, patch_size: int, norm_pix_loss: bool, mean, std,
-                        gap: int = 2) -> np.ndarray:
-  """(rows * H, 4 * W, 3) float image in [0, 1]; one row per example."""
+                        gap: int = 2, visible_stats_only: bool = False) -> np.ndarray:
+  """(rows * H, 4 * W, 3) float image in [0, 1]; one row per example. `visible_stats_only`: see
+  `unnormalize_patches`."""
   images, pred, mask = (np.asarray(x, np.float32) for x in (images, pred, mask))
   if norm_pix_loss:
-    pred = unnormalize_patches(pred, images, patch_size)
+    pred = unnormalize_patches(pred, images, patch_size, mask if visible_stats_only else None)
   patches = np.asarray(patchify(images, patch_size))
   channels = images.shape[-1]
   visible = mask[..., None] == 0

@@ -50,6 +50,9 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.08, 1.0)
     c.model.dtype = "float32"
     c.batch_size = 256
+    # The official probe's absolute lr (0.1 * 16384 / 256): LARS steps are relative to the weight
+    # norm, so scaling it down linearly to batch 256 would leave the head almost where it started.
+    c.base_lr = 6.4
     c.num_epochs = 2
     c.warmup_epochs = 0.2
     c.log_every_steps = 25

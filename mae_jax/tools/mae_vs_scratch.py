@@ -125,13 +125,17 @@ def main(argv):
   tasks.prepare_process()
   workdir = epath.Path(os.path.abspath(FLAGS.workdir))
   workdir.mkdir(parents=True, exist_ok=True)
-  tasks.run_task(FLAGS.pretrain, str(workdir / "pretrain"))
+  stages = [("pretrain", FLAGS.pretrain)]
   for task in DOWNSTREAM:
     for init in INITS:
       config = FLAGS[task].value
       with config.unlocked():
         config.init = str(workdir / "pretrain") if init == "mae" else ""
-      tasks.run_task(config, str(workdir / f"{task}_{init}"))
+      stages.append((f"{task}_{init}", config))
+  for name, config in stages:
+    if tasks.run_task(config, str(workdir / name)).get("preempted"):
+      logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", name)
+      return
 
   summary = summarise(workdir)
   if FLAGS.pretrain.knn.every_steps:

@@ -277,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   best.close()
   logging.info("Done at step %d: %s. Checkpoints: %s (last), %s (best top-1 %.4f).", step, last,
                workdir / "checkpoints", workdir / "best", best_top1)
-  return last
+  return {**last, "preempted": watcher.preempted}
 
 
 def _read_best(workdir) -> float:

@@ -140,6 +140,7 @@ class PreemptionWatcher:
   def __init__(self):
     self.multihost = jax.process_count() > 1
     self._signalled = False
+    self.preempted = False  # set once `reached` has said stop
     if not self.multihost:
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
@@ -150,8 +151,10 @@ class PreemptionWatcher:
 
   def reached(self, step: int) -> bool:
     if self.multihost:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self._signalled
+      self.preempted = multihost_utils.reached_preemption_sync_point(step)
+    else:
+      self.preempted = self._signalled
+    return self.preempted
 
   def close(self):
     if not self.multihost:
@@ -294,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
-  return {"step": step, **last}
+  return {"step": step, **last, "preempted": watcher.preempted}
 
 
 def _append_jsonl(path, record: dict):

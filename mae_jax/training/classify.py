@@ -220,7 +220,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
   state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))
-  best_top1 = _read_best(workdir)
+  best_top1 = _read_best(workdir)  # before the truncation: best/ may hold a later step
+  if is_chief:  # lines after the restored step are about to be written again
+    checkpointing.truncate_metrics_log(workdir / "metrics.jsonl", start_step)
 
   train_iter = data.create_iterator(
       config.data, split=config.data.train_split, global_batch_size=config.batch_size,
@@ -270,9 +272,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointing.save(manager, step, state, force=True)
   finally:
     watcher.close()
-    manager.wait_until_finished()
     writer.flush()
-  manager.close()
+    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
   best.close()
   logging.info("Done at step %d: %s. Checkpoints: %s (last), %s (best top-1 %.4f).", step, last,
                workdir / "checkpoints", workdir / "best", best_top1)

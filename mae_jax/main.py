@@ -18,6 +18,10 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go (lo
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100,
+    "Multi-process runs: a process silent this long counts as dead and the job stops with an "
+    "error (instead of the others waiting on it forever).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -25,10 +29,12 @@ FLAGS = flags.FLAGS
 def initialize_distributed():
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.coordinator_address:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
     return
   try:
-    jax.distributed.initialize()  # Cloud TPU / GKE / Slurm: JAX detects its peers itself
+    # Cloud TPU / GKE / Slurm: JAX detects its peers itself.
+    jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
   except ValueError:
     logging.info("No cluster detected: running as a single process.")
 

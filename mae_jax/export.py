@@ -33,10 +33,17 @@ def model_from_pretrain_config(config: ml_collections.ConfigDict):
   return config.model.name, overrides
 
 
-def restore_pretrain_params(workdir: str, step: int | None = None):
-  """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
-  on this host's default device whatever mesh wrote it."""
-  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+def _mae_of(config: ml_collections.ConfigDict):
+  name, overrides = model_from_pretrain_config(config)
+  return models.create_model(name, **overrides)
+
+
+def _workdir(path) -> epath.Path:
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
+def _pretrain_config(workdir: epath.Path) -> ml_collections.ConfigDict:
+  """The config.json of a pre-training workdir, with errors that say what the path is instead."""
   if not workdir.is_dir():
     raise FileNotFoundError(f"No pre-training workdir at {workdir}: give the directory that "
                             "was mae_jax.main's --workdir.")
@@ -47,9 +54,15 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   if not config_path.exists() or not (workdir / "checkpoints").exists():
     raise FileNotFoundError(f"{workdir} is not a mae_jax pre-training workdir (it needs "
                             "config.json and checkpoints/), or its run has not saved yet.")
-  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
-  name, overrides = model_from_pretrain_config(config)
-  model = models.create_model(name, **overrides)
+  return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+
+
+def restore_pretrain_params(workdir: str, step: int | None = None):
+  """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
+  on this host's default device whatever mesh wrote it."""
+  workdir = _workdir(workdir)
+  config = _pretrain_config(workdir)
+  model = _mae_of(config)
   with ocp.CheckpointManager(workdir / "checkpoints") as manager:
     saved = sorted(manager.all_steps())
     if not saved:
@@ -99,28 +112,46 @@ def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
     json.dump({"model": model_name, "overrides": overrides, **info}, f, indent=2, sort_keys=True)
 
 
-def load_encoder_params(path: str, model_name: str | None = None):
-  """(MAE model, encoder params) from an exported encoder directory, a pre-training workdir, or an
-  official `.pth`/`.safetensors` file (then `model_name` names its size)."""
-  path = os.fspath(path)
+def _source_kind(path: str) -> str:
+  """'exported' encoder directory, pre-training 'workdir', or 'official' .pth/.safetensors file."""
   if os.path.isdir(path) and os.path.exists(os.path.join(path, PARAMS_FILE)):
-    with open(os.path.join(path, CONFIG_FILE)) as f:
-      info = json.load(f)
-    model = models.create_model(info["model"], **info.get("overrides", {}))
-    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
-      params = flax.serialization.msgpack_restore(f.read())
-    return model, params
+    return "exported"
   if os.path.isdir(path) or "://" in path:
-    config, _, params = restore_pretrain_params(path)
-    name, overrides = model_from_pretrain_config(config)
-    return models.create_model(name, **overrides), encoder_only(params)
+    return "workdir"
   if not os.path.exists(path):
     raise FileNotFoundError(f"No encoder at {path}: give an exported encoder directory, a "
                             "pre-training workdir or an official .pth/.safetensors file.")
+  return "official"
+
+
+def encoder_model(path: str, model_name: str | None = None):
+  """The MAE model (no weights read) whose encoder `path` holds: an exported encoder directory,
+  a pre-training workdir, or an official `.pth`/`.safetensors` file (then `model_name` names its
+  size)."""
+  path = os.fspath(path)
+  kind = _source_kind(path)
+  if kind == "exported":
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      info = json.load(f)
+    return models.create_model(info["model"], **info.get("overrides", {}))
+  if kind == "workdir":
+    return _mae_of(_pretrain_config(_workdir(path)))
   if model_name is None:
     raise ValueError(f"{path} is an official checkpoint file: name its size too (e.g. "
                      "mae_vit_base_patch16).")
-  model = models.create_model(model_name)
+  return models.create_model(model_name)
+
+
+def load_encoder_params(path: str, model_name: str | None = None):
+  """(MAE model, encoder params) from any source `encoder_model` takes."""
+  path = os.fspath(path)
+  model = encoder_model(path, model_name)
+  kind = _source_kind(path)
+  if kind == "exported":
+    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
+      return model, flax.serialization.msgpack_restore(f.read())
+  if kind == "workdir":
+    return model, encoder_only(restore_pretrain_params(path)[2])
   return model, encoder_only(convert.load_official(path, model))
 
 

@@ -19,6 +19,10 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go (lo
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100,
+    "Multi-process runs: a process silent this long counts as dead and the job stops with an "
+    "error (instead of the others waiting on it forever).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -26,7 +30,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  tasks.prepare_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  tasks.prepare_process(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        FLAGS.heartbeat_timeout_seconds)
   tasks.run_task(FLAGS.config, FLAGS.workdir)
 
 

@@ -5,13 +5,16 @@ import logging as std_logging
 from absl import logging
 
 
-def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                           heartbeat_timeout_seconds=100):
   import jax  # pylint: disable=import-outside-toplevel
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
     return
   try:
-    jax.distributed.initialize()  # Cloud TPU / GKE / Slurm: JAX detects its peers itself
+    # Cloud TPU / GKE / Slurm: JAX detects its peers itself.
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
   except ValueError:
     logging.info("No cluster detected: running as a single process.")
 
@@ -23,7 +26,8 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
-def prepare_process(coordinator_address=None, num_processes=None, process_id=None):
+def prepare_process(coordinator_address=None, num_processes=None, process_id=None,
+                    heartbeat_timeout_seconds=100):
   """Quiet orbax, keep TensorFlow off the accelerators, join the other hosts if there are any."""
   for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
@@ -31,7 +35,8 @@ def prepare_process(coordinator_address=None, num_processes=None, process_id=Non
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
   tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
-  initialize_distributed(coordinator_address, num_processes, process_id)
+  initialize_distributed(coordinator_address, num_processes, process_id,
+                         heartbeat_timeout_seconds)
   import jax  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

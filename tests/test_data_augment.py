@@ -98,6 +98,16 @@ def test_decode_handles_grayscale_cmyk_and_png(mode, fmt):
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
 
 
+
+@pytest.mark.parametrize("kept", [0.5, 0.9])
+def test_a_jpeg_cut_short_fails_to_decode_rather_than_coming_out_half_grey(kept):
+  """An interrupted download: the error sends it down the replace-and-count path (see
+  test_data_sources.py) instead of training on a partly blank image."""
+  encoded = _jpeg(_image(48, 64))
+  window = lambda h, w: tf.stack([0, 0, h, w])
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    T.decode_and_crop(tf.constant(encoded[:int(len(encoded) * kept)]), window)
+
 def test_resize_bicubic_is_close_to_pil():
   image = _image(300, 200)
   ours = T.resize_bicubic(image, 32).numpy()

@@ -1,16 +1,73 @@
 """Orbax checkpoints: async saves every N steps, keep the latest K, atomic, preemption-aware.
 
 Orbax writes each step into a temporary directory and renames it only once every host has
-finished, so a kill during a save leaves the previous step as the newest complete checkpoint.
+finished, so a kill during a save leaves the previous step as the newest complete checkpoint (the
+temporary directory is removed when the next run starts). On top of orbax:
+  * every save records one checksum per array; a restore that reads other bits (a damaged file
+    that still decodes: orbax's files carry no checksums of their own) counts as unreadable;
+  * an unreadable latest step is reported, moved aside to `checkpoints/corrupt-<step>-<time>`
+    (never deleted) and the previous step restored; the resumed run then writes that step again;
+  * checkpoints of another model are refused, naming the arrays that differ;
+  * a failed save (disk full, directory not writable) raises CheckpointSaveError naming the step,
+    the directory and the fix; the steps already saved stay as they are.
 """
+import errno
+import json
 import logging
+import re
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
+
+CORRUPT_PREFIX = "corrupt-"
+_CHECKSUMS = "array_checksums"
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")  # how tensorstore reports OS errors
 
 
-def create_manager(workdir: str, every_steps: int, keep: int) -> ocp.CheckpointManager:
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the earlier ones are untouched."""
+
+
+class CheckpointMismatchError(ValueError):
+  """The checkpoints in the workdir were written for another model or train state."""
+
+
+class CheckpointManager(ocp.CheckpointManager):
+  """orbax's manager for one item (the train state), whose failed saves say what to do.
+
+  An async save fails in a background thread and orbax raises the error at the next save or
+  wait; this names the step that failed, not the one being started."""
+
+  def __init__(self, directory, options):
+    # One item, declared up front: otherwise orbax infers single- vs multi-item mode from the
+    # first step directory it reads, and a damaged latest step would make every step unreadable.
+    super().__init__(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+    self._saving_step = None
+
+  def save(self, step, *args, **kwargs):
+    try:
+      saved = super().save(step, *args, **kwargs)
+    except CheckpointSaveError:
+      raise
+    except Exception as err:  # pylint: disable=broad-except
+      raise _save_error(self, step, err) from err
+    if saved:
+      self._saving_step = step
+    return saved
+
+  def wait_until_finished(self):
+    try:
+      super().wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+      raise _save_error(self, self._saving_step, err) from err
+
+
+def create_manager(workdir: str, every_steps: int, keep: int) -> CheckpointManager:
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.AnySavePolicy([
@@ -19,31 +76,57 @@ def create_manager(workdir: str, every_steps: int, keep: int) -> ocp.CheckpointM
       ]),
       preservation_policy=policies.LatestN(keep),
       enable_async_checkpointing=True,
+      # The step directory is made before save() returns: made in the background, a failure
+      # (read-only or unwritable directory) left orbax's writer threads waiting minutes for it,
+      # and the process could not exit.
+      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
       cleanup_tmp_directories=True,
   )
-  directory = epath.Path(workdir) / "checkpoints"
-  return ocp.CheckpointManager(directory, options=options)
+  return CheckpointManager(epath.Path(workdir) / "checkpoints", options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  metadata = {_CHECKSUMS: checksums(state)}
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force,
+                      custom_metadata=metadata)
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state):
-  """Restores the newest readable step onto `abstract_state`'s shardings; returns (step, state),
-  or (None, None) for a fresh workdir. A step that fails to read is reported and skipped (never
-  deleted), and the previous one is tried."""
+  """Restores the newest good step onto `abstract_state`'s shardings; returns (step, state), or
+  (None, None) for a fresh workdir.
+
+  A step that cannot be read, or whose arrays differ from the checksums saved with them, is
+  reported and the previous one tried; once one restores, the bad newer ones are moved aside
+  (never deleted). Checkpoints of another model raise CheckpointMismatchError."""
+  bad = []
   for step in sorted(manager.all_steps(), reverse=True):
+    state, problem = None, None
     try:
+      _check_fits(manager, step, abstract_state)
       state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-      return step, state
+    except CheckpointMismatchError:
+      raise
     except Exception as err:  # pylint: disable=broad-except
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); trying the previous "
-                      "step. The bad step is left in place for inspection.",
-                      step, manager.directory, type(err).__name__, err)
-  if manager.all_steps():
-    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored "
-                       f"(steps {manager.all_steps()}); see the warnings above.")
+      problem = f"{type(err).__name__}: {err}"
+    # Every process must take the same decision: one that cannot read its shards fails the step
+    # for all (the checksums below are computed by all processes together).
+    if not _all_processes(problem is None) and problem is None:
+      problem = "another process could not read its part of it"
+    if problem is None:
+      problem = _checksum_problem(manager, step, state)
+    if problem is not None:
+      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous step.",
+                      step, manager.directory, problem)
+      bad.append(step)
+      continue
+    for bad_step in bad:
+      _move_aside(manager, bad_step)
+    if bad:
+      manager.reload()
+    return step, state
+  if bad:
+    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored (steps "
+                       f"{sorted(bad)}); see the warnings above. Nothing was moved or deleted.")
   return None, None
 
 
@@ -51,3 +134,148 @@ def abstract_like(state):
   """ShapeDtypeStructs with the shardings of `state`, the restore target."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def truncate_metrics_log(path: epath.Path, step: int) -> int:
+  """Keeps the lines of a JSON-lines log with "step" <= `step` and drops the rest.
+
+  Called on resume: lines written after the restored checkpoint belong to steps the resumed run
+  repeats, so the log keeps one line per step. A line cut short by a kill is dropped too. Returns
+  the number of lines dropped."""
+  path = epath.Path(path)
+  if not path.exists():
+    return 0
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      keep = int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      keep = False
+    if keep:
+      kept.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    partial = path.parent / (path.name + ".tmp")
+    partial.write_text("".join(kept))
+    partial.replace(path)  # atomic: a kill now leaves the old or the new log, whole
+    logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
+                    "run resumes from; the resumed run writes those steps again.", path, dropped,
+                    step)
+  return dropped
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums: per array, the wrapping uint32 sum of its bits (the low word of 64-bit types). Any
+# single flipped bit changes it; integer sums are exact in any order, so the value does not
+# depend on the sharding or the number of hosts. One fused pass over the state on the device.
+@jax.jit
+def _checksum_arrays(tree):
+  def one(x):
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+  return jax.tree_util.tree_map(one, tree)
+
+
+def checksums(state) -> dict:
+  """{array name: checksum} of a train state."""
+  sums = jax.device_get(_checksum_arrays(state))
+  return {_name(path): int(v) for path, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
+
+
+def _checksum_problem(manager, step, state) -> str | None:
+  expected = (manager.metadata(step).custom_metadata or {}).get(_CHECKSUMS)
+  if not expected:
+    logging.warning("Checkpoint step %d in %s has no checksums (written by an older version): "
+                    "restored without verification.", step, manager.directory)
+    return None
+  found = checksums(state)
+  differ = sorted(k for k in expected if found.get(k) != expected[k])
+  if differ:
+    return (f"{len(differ)} of {len(expected)} arrays differ from the checksums saved with them "
+            f"({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}): its files are damaged")
+  return None
+
+
+def _all_processes(ok: bool) -> bool:
+  """True when `ok` holds on every process (called by all of them together)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def _check_fits(manager, step, abstract_state):
+  """Raises CheckpointMismatchError when the step's arrays have other names or shapes than the
+  train state of this config: the workdir belongs to a run of another model."""
+  tree = manager.item_metadata(step)
+  tree = getattr(tree, "tree", tree)
+  if tree is None:
+    raise ValueError("no array metadata")
+  saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  wanted = {_name(p): tuple(a.shape)
+            for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if saved == wanted:
+    return
+  lines = [f"{k}: checkpoint {saved[k]}, this config {wanted[k]}"
+           for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  lines += [f"{k}: only in the checkpoint" for k in sorted(saved.keys() - wanted.keys())]
+  lines += [f"{k}: only in this config" for k in sorted(wanted.keys() - saved.keys())]
+  more = f"\n  ... and {len(lines) - 8} more" if len(lines) > 8 else ""
+  raise CheckpointMismatchError(
+      f"The checkpoint at step {step} in {manager.directory} was written for another model or "
+      f"train state ({len(lines)} arrays differ):\n  " + "\n  ".join(lines[:8]) + more +
+      "\nUse a new --workdir for this config, or the config of the run that wrote these "
+      "checkpoints (config.model.*, model size and decoder settings).")
+
+
+def _name(path) -> str:
+  """'opt/0/mu/blocks_0/...': the same for the train state and orbax's metadata tree (which has
+  dicts and lists where the state has optax's named tuples)."""
+  parts = []
+  for key in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+  return "/".join(parts)
+
+
+def _move_aside(manager, step):
+  """Renames a bad step directory to corrupt-<step>-<time> next to the others, where orbax does
+  not see it (not a step number) and the resumed run can write that step again."""
+  source = epath.Path(manager.directory) / str(step)
+  target = source.parent / f"{CORRUPT_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+  if jax.process_index() == 0:
+    source.rename(target)
+    logging.warning("Moved the unreadable checkpoint step %d aside to %s (kept for inspection; "
+                    "delete it when done).", step, target)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"mae_jax_move_aside_{step}")
+
+
+def _save_error(manager, step, err) -> CheckpointSaveError:
+  text = f"{type(err).__name__}: {err}"
+  codes = {getattr(e, "errno", None) for e in _chain(err)}
+  codes |= {int(c) for c in _OS_ERROR_CODE.findall(text)}
+  if errno.ENOSPC in codes:
+    hint = "The disk is full: free space there or choose a --workdir with room, then relaunch."
+  elif codes & {errno.EACCES, errno.EPERM, errno.EROFS}:
+    hint = "The directory is not writable: fix its permissions or choose another --workdir."
+  else:
+    hint = "See the error above."
+  kept = [s for s in manager.all_steps() if s != step]
+  resume = (f"The checkpoints already there are untouched; a relaunch resumes from step "
+            f"{max(kept)}." if kept else "No earlier checkpoint exists; a relaunch starts over.")
+  return CheckpointSaveError(
+      f"Could not save the checkpoint of step {step} in {manager.directory}: "
+      f"{text.splitlines()[0]}\n{hint} {resume}")
+
+
+def _chain(err):
+  seen = []
+  while err is not None and err not in seen:
+    seen.append(err)
+    err = err.__cause__ or err.__context__
+  return seen

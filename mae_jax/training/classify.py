@@ -43,20 +43,13 @@ def build_classifier(config, num_classes: int):
 
 def load_init(config, classifier, rng):
   """Classifier params: the pre-trained encoder from `config.init` (export dir, pre-training
-  workdir or official .pth), or a random init when `config.init` is empty. A pre-trained encoder of
-  another architecture is refused with the mismatching key named."""
+  workdir or official .pth), or a random init when `config.init` is empty (check_config has made
+  sure the encoder is of the classifier's architecture)."""
   params = nn.unbox(classifier.init(rng, jnp.zeros((1, classifier.img_size, classifier.img_size,
                                                     classifier.in_chans))))["params"]
   if not config.init:
     return params, None
   mae, encoder = export.load_encoder_params(config.init, config.init_model or None)
-  if (mae.patch_size, mae.embed_dim, mae.depth) != (classifier.patch_size, classifier.embed_dim,
-                                                   classifier.depth):
-    raise ValueError(
-        f"config.init={config.init} holds a {mae.depth}-block, {mae.embed_dim}-wide, patch-"
-        f"{mae.patch_size} encoder but config.model.name={config.model.name} is "
-        f"{classifier.depth}-block, {classifier.embed_dim}-wide, patch-{classifier.patch_size}; "
-        "choose the classifier of the pre-trained size.")
   table = sincos.sincos_2d(mae.embed_dim, mae.grid_size)[None]
   params, report = vit_classifier.encoder_params_from_mae(encoder, params, mae_pos_embed=table)
   logging.info("Loaded %d pre-trained tensors from %s; fresh: %s", len(report.copied),
@@ -84,8 +77,29 @@ def check_config(config, num_processes: int, num_devices: int):
   if config.init and not (os.path.exists(config.init) or "://" in config.init):
     raise FileNotFoundError(f"config.init={config.init} does not exist; give an exported "
                             "encoder, a pre-training workdir or an official .pth file.")
+  classifier = vit_classifier.create_classifier(config.model.name, 1)  # raises on unknown names
+  patch = classifier.patch_size
+  if config.data.image_size % patch:
+    raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by the "
+                     f"patch size {patch} of config.model.name={config.model.name}; use a "
+                     f"multiple of {patch}.")
+  if config.init:
+    _check_init_architecture(config, classifier)
   sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
   data.check_config(config.data)
+
+
+def _check_init_architecture(config, classifier):
+  """Refuses a pre-trained encoder of another size than the classifier, from its config alone (no
+  weights are read)."""
+  mae = export.encoder_model(config.init, config.init_model or None)
+  if (mae.patch_size, mae.embed_dim, mae.depth) != (classifier.patch_size, classifier.embed_dim,
+                                                   classifier.depth):
+    raise ValueError(
+        f"config.init={config.init} holds a {mae.depth}-block, {mae.embed_dim}-wide, patch-"
+        f"{mae.patch_size} encoder but config.model.name={config.model.name} is "
+        f"{classifier.depth}-block, {classifier.embed_dim}-wide, patch-{classifier.patch_size}; "
+        "choose the classifier of the pre-trained size.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +234,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
   state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))
-  best_top1 = _read_best(workdir)
+  best_top1 = _read_best(workdir)  # before the truncation: best/ may hold a later step
+  if is_chief:  # lines after the restored step are about to be written again
+    checkpointing.truncate_metrics_log(workdir / "metrics.jsonl", start_step)
 
   train_iter = data.create_iterator(
       config.data, split=config.data.train_split, global_batch_size=config.batch_size,
@@ -271,9 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointing.save(manager, step, state, force=True)
   finally:
     watcher.close()
-    manager.wait_until_finished()
     writer.flush()
-  manager.close()
+    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
   best.close()
   logging.info("Done at step %d: %s. Checkpoints: %s (last), %s (best top-1 %.4f).", step, last,
                workdir / "checkpoints", workdir / "best", best_top1)

@@ -32,7 +32,15 @@ def check_pretrain(config, num_processes: int, num_devices: int):
     raise ValueError(f"config.model.dtype={config.model.dtype!r}; choose one of {_DTYPES}.")
   model_options = {k: v for k, v in config.model.items() if k not in ("name", "dtype")
                    and v is not None}
-  model = models.create_model(config.model.name, **model_options)  # raises on bad sizes
+  try:
+    model = models.create_model(config.model.name, **model_options)
+  except ValueError as err:  # bad sizes, mask ratio, unknown name: say where they are set
+    raise ValueError(f"config.model: {err}") from err
+  if config.data.image_size % model.patch_size:
+    raise ValueError(
+        f"config.data.image_size={config.data.image_size} is not divisible by the patch size "
+        f"{model.patch_size} of {config.model.name}; set "
+        f"--config.data.image_size={model.img_size}.")
   if config.data.image_size != model.img_size:
     raise ValueError(
         f"config.data.image_size={config.data.image_size} but model {config.model.name} takes "

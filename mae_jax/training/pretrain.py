@@ -225,6 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_hparams({k: v for k, v in _flat(config).items()})
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   metrics_log = workdir / "metrics.jsonl"
+  if is_chief:  # lines after the restored step are about to be written again
+    checkpointing.truncate_metrics_log(metrics_log, start_step)
   peak_flops, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
   step_flops = None
   eval_fn = Evaluator(model, config, mesh) if (
@@ -289,9 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpointing.save(manager, step, state, force=True)
   finally:
     watcher.close()
-    manager.wait_until_finished()
     writer.flush()
-  manager.close()
+    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
   if is_chief:
     logging.info("Done at step %d. Checkpoints: %s  TensorBoard: %s  Metrics: %s  Config: %s",
                  step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,

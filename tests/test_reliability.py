@@ -1,0 +1,408 @@
+"""Faults a long run meets: kill -9 (also during an async save), a damaged checkpoint, a full or
+read-only disk, bad configuration, a pod process that dies. Nothing is lost beyond the steps since
+the last checkpoint, and every failure explains itself. (SIGTERM and the non-finite guard are in
+test_pretrain.py, bad images in test_data_*.py.)
+
+Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.
+"""
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from absl import flags
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
+from ml_collections import config_flags
+
+from mae_jax.training import checkpointing, classify, config_checks, optimizer, pretrain
+from tests.test_pretrain import losses, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One run shape for every test here: 16 steps, a checkpoint every 2 (the same as tiny_config's
+# other fields, so the command line and the in-process config are the same run; a given peak
+# FLOP/s skips the matmul that measures it).
+RUN = {"model.name": "mae_vit_test_patch4", "batch_size": 32, "total_steps": 16,
+       "warmup_steps": 4, "base_lr": 0.002, "log_every_steps": 1, "checkpoint_every_steps": 2,
+       "keep_checkpoints": 10, "figure_every_steps": 0, "eval_every_steps": 0, "mesh.data": 2,
+       "mesh.fsdp": 4, "peak_flops_per_device": 1e11}
+TOTAL = RUN["total_steps"]
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+  """Shared by every run here, in this process and in subprocesses: decoded Fashion-MNIST and
+  compiled steps (so each program compiles once)."""
+  root = tmp_path_factory.mktemp("caches")
+  settings = {"jax_compilation_cache_dir": str(root / "jax"),
+              "jax_persistent_cache_min_compile_time_secs": 0}
+  previous = {k: getattr(jax.config, k) for k in settings}
+  for key, value in settings.items():
+    jax.config.update(key, value)
+  jax_cache.reset_cache()  # the cache is set up at the first compile of the session
+  yield {"data.cache_dir": str(root / "data"), "env": dict(
+      os.environ, **{k.upper(): str(v) for k, v in settings.items()})}
+  for key, value in previous.items():
+    jax.config.update(key, value)
+  jax_cache.reset_cache()
+
+
+def run_config(caches):
+  return tiny_config(**RUN, **{"data.cache_dir": caches["data.cache_dir"]})
+
+
+def command(workdir, caches, main=("-m", "mae_jax.main")):
+  return [sys.executable, *main, "--config=configs/pretrain.py:tiny", f"--workdir={workdir}",
+          *[f"--config.{k}={v}" for k, v in RUN.items()],
+          f"--config.data.cache_dir={caches['data.cache_dir']}"]
+
+
+def steps_in(checkpoints) -> list[int]:
+  return sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+
+
+def wait_for_step(workdir, step, proc, timeout=300):
+  """Waits until metrics.jsonl has a line for `step` (or the process has ended)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      if max(losses(workdir), default=0) >= step:
+        return
+    except (FileNotFoundError, json.JSONDecodeError):
+      pass
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} not reached; process status {proc.poll()}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, caches):
+  """The unbroken run every fault is compared with: its workdir and {step: loss}."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  pretrain.train_and_evaluate(run_config(caches), workdir)
+  return workdir, losses(workdir)
+
+
+def restore_target(**overrides):
+  """The train state of RUN as pretrain.train_and_evaluate builds it, as a restore target."""
+  config = tiny_config(**{**RUN, **overrides})
+  model = pretrain.build_model(config.model)
+  schedule, _ = pretrain.schedule_from_config(config, 1000)
+  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+  mesh = pretrain.sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  state, _ = pretrain.create_train_state(model, tx, mesh, config.seed)
+  return checkpointing.abstract_like(state)
+
+
+@pytest.fixture(scope="module")
+def abstract_state():
+  return restore_target()
+
+
+# ----------------------------------------------------------------------------------------------
+# kill -9
+KILL_DURING_SAVE = """
+import os, signal, sys, time
+from absl import app
+from mae_jax import main
+from mae_jax.training import checkpointing
+save = checkpointing.save
+
+def save_then_die(manager, step, state, force=False):
+  saved = save(manager, step, state, force)
+  if step == {step}:  # SIGKILL once orbax has begun writing the step, before it is committed
+    tmp = lambda: [n for n in os.listdir(manager.directory) if n.startswith("{step}.")]
+    while not tmp():
+      time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGKILL)
+  return saved
+
+checkpointing.save = save_then_die
+app.run(main.main)
+"""
+
+
+def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
+    reference, caches, tmp_path, caplog):
+  workdir = tmp_path / "killed"
+  checkpoints = workdir / "checkpoints"
+  # 1. SIGKILL while the async save of step 6 is being written.
+  first = subprocess.run(command(workdir, caches, ("-c", KILL_DURING_SAVE.format(step=6))),
+                         cwd=REPO, env=caches["env"], capture_output=True, text=True, timeout=600)
+  assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+  partial = [n for n in os.listdir(checkpoints) if n.startswith("6.")]
+  assert partial and steps_in(checkpoints) == [2, 4]   # step 6 exists only half-written
+  # 2. The same command, SIGKILLed from outside once step 11 is logged: it may be in step 12 or
+  #    in the async save of step 12.
+  log = tmp_path / "second.log"
+  with open(log, "w") as stderr:
+    second = subprocess.Popen(command(workdir, caches), cwd=REPO, env=caches["env"],
+                              stdout=subprocess.DEVNULL, stderr=stderr)
+    wait_for_step(workdir, 11, second)
+    second.kill()
+    assert second.wait(timeout=60) == -signal.SIGKILL   # killed, not finished
+  complete, logged = steps_in(checkpoints), max(losses(workdir))
+  text = log.read_text()
+  assert "Resumed from the checkpoint at step 4." in text and "cannot be restored" not in text
+  assert not any(n.startswith("6.") for n in os.listdir(checkpoints))  # the partial is gone
+  # 3. Once more, to the end (in this process: the command line is the same run).
+  with caplog.at_level(logging.INFO):
+    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+  resumed_from = max(complete)
+  assert f"Resumed from the checkpoint at step {resumed_from}." in caplog.text
+  assert "cannot be restored" not in caplog.text
+  got, (_, expected) = losses(workdir), reference
+  assert sorted(got) == list(range(1, TOTAL + 1))      # one line per step, none repeated
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=1e-6)
+  print(f"kill -9 during the save of step 6 -> resumed from 4; kill -9 after step {logged} "
+        f"logged (checkpoints {complete}) -> resumed from {resumed_from}; "
+        f"losses of steps 1-{TOTAL} equal the unbroken run's")
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged checkpoints
+def _cut_short(step_dir):
+  """Every file of the step cut to half its size, as an interrupted copy leaves it."""
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _bit_flips(step_dir):
+  """A few flipped bits in the largest array file: it still decodes, to other numbers."""
+  data_dir = os.path.join(step_dir, "default", "ocdbt.process_0", "d")
+  largest = max((os.path.join(data_dir, n) for n in os.listdir(data_dir)), key=os.path.getsize)
+  data = bytearray(open(largest, "rb").read())
+  for position in range(len(data) // 3, len(data), len(data) // 5):
+    data[position] ^= 0x08
+  with open(largest, "wb") as f:
+    f.write(bytes(data))
+
+
+def _metadata_lost(step_dir):
+  os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+@pytest.mark.parametrize("damage", [_cut_short, _bit_flips, _metadata_lost],
+                         ids=["cut_short", "bit_flips", "metadata_lost"])
+def test_damaged_latest_step_falls_back_to_the_previous_and_is_kept(
+    reference, abstract_state, tmp_path, caplog, damage):
+  workdir = tmp_path
+  shutil.copytree(os.path.join(reference[0], "checkpoints"), workdir / "checkpoints")
+  bad = workdir / "checkpoints" / str(TOTAL)
+  damage(bad)
+  files = sorted(os.path.relpath(os.path.join(r, n), bad) for r, _, ns in os.walk(bad) for n in ns)
+  manager = checkpointing.create_manager(str(workdir), 2, 10)
+  with caplog.at_level(logging.WARNING):
+    step, state = checkpointing.restore_latest(manager, abstract_state)
+  assert step == TOTAL - 2 and int(state["step"]) == TOTAL - 2
+  assert f"Checkpoint step {TOTAL} in" in caplog.text and "cannot be restored" in caplog.text
+  if damage is _bit_flips:  # only the checksums can tell
+    assert "differ from the checksums saved with them" in caplog.text
+  # Kept, whole, under another name, and out of the way of the resumed run's own step 16.
+  moved = [n for n in os.listdir(workdir / "checkpoints") if n.startswith(f"corrupt-{TOTAL}-")]
+  assert len(moved) == 1 and "Moved the unreadable checkpoint step" in caplog.text
+  aside = workdir / "checkpoints" / moved[0]
+  assert sorted(os.path.relpath(os.path.join(r, n), aside)
+                for r, _, ns in os.walk(aside) for n in ns) == files
+  assert checkpointing.save(manager, TOTAL, state, force=True)
+  manager.close()
+  assert steps_in(workdir / "checkpoints")[-2:] == [TOTAL - 2, TOTAL]
+  print(f"{damage.__name__}: step {TOTAL} -> restored {step}, kept as {moved[0]}")
+
+
+def test_checkpoints_of_another_model_are_refused_not_taken_for_damaged(reference, tmp_path):
+  shutil.copytree(os.path.join(reference[0], "checkpoints"), tmp_path / "checkpoints")
+  manager = checkpointing.create_manager(str(tmp_path), 2, 10)
+  with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+    checkpointing.restore_latest(manager, restore_target(**{"model.decoder_depth": 2}))
+  manager.close()
+  assert f"The checkpoint at step {TOTAL} in" in str(err.value)
+  assert "decoder_blocks_1/attn/proj/bias: only in this config" in str(err.value)
+  assert "Use a new --workdir for this config" in str(err.value)
+  assert steps_in(tmp_path / "checkpoints") == list(range(2, TOTAL + 1, 2))  # nothing moved
+
+
+# ----------------------------------------------------------------------------------------------
+# A full or read-only disk
+@pytest.fixture
+def tmpfs():
+  """mount(path, size): a small tmpfs at `path`, unmounted after the test (root only)."""
+  mounted = []
+
+  def mount(path, size="3m"):
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode:
+      pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+    mounted.append(path)
+    return path
+  yield mount
+  for path in mounted:
+    subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_disk_full_during_a_save_is_named_and_keeps_the_last_step(tmpfs, tmp_path):
+  disk = tmpfs(tmp_path / "disk")  # 3 MB: room for one checkpoint of 2 MB
+  state = {"w": jax.random.normal(jax.random.key(0), (500_000,)), "step": jax.numpy.int32(1)}
+  manager = checkpointing.create_manager(str(disk), 1, 10)
+  checkpointing.save(manager, 1, state)
+  manager.wait_until_finished()
+  with pytest.raises(checkpointing.CheckpointSaveError) as err:
+    checkpointing.save(manager, 2, state)
+    manager.wait_until_finished()
+  assert "Could not save the checkpoint of step 2" in str(err.value)
+  assert "No space left on device" in str(err.value)
+  assert ("The disk is full: free space there or choose a --workdir with room, then relaunch. "
+          "The checkpoints already there are untouched; a relaunch resumes from step 1.") in str(
+              err.value)
+  step, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  manager.close()
+  assert step == 1 and np.array_equal(restored["w"], state["w"])
+  print("disk full during the save of step 2: CheckpointSaveError, step 1 restores")
+
+
+def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, reference, caches,
+                                                                 tmp_path):
+  workdir = tmp_path / "run"
+  checkpoints = tmpfs(workdir / "checkpoints")
+  shutil.copytree(os.path.join(reference[0], "checkpoints", "2"), checkpoints / "2")
+  subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)], check=True)
+  start = time.time()
+  # orbax used to make the step directory in the background: its writer threads then waited 5
+  # minutes for it before the process could exit.
+  result = subprocess.run(command(workdir, caches), cwd=REPO, env=caches["env"],
+                          capture_output=True, text=True, timeout=240)
+  seconds = time.time() - start
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 2." in result.stderr
+  assert "CheckpointSaveError: Could not save the checkpoint of step 4" in result.stderr
+  assert "Read-only file system" in result.stderr
+  assert ("The directory is not writable: fix its permissions or choose another --workdir. The "
+          "checkpoints already there are untouched; a relaunch resumes from step 2."
+          ) in result.stderr
+  assert steps_in(checkpoints) == [2]
+  print(f"read-only checkpoint directory at the save of step 4: exit status 1 after {seconds:.0f} "
+        "s (start-up included), step 2 untouched")
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad configuration: refused by the checks that run before any compute, naming field and fix.
+def _parse(variant_file, args):
+  """The config as `mae_jax.main` gets it from its command line (locked: typos fail)."""
+  argv = ["main", f"--config={os.path.join(REPO, variant_file)}", *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+@pytest.fixture(scope="module")
+def pretrained_elsewhere(tmp_path_factory):
+  """A pre-training workdir of mae_vit_test_patch4, as far as a fine-tuning config can tell."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  (workdir / "config.json").write_text(tiny_config(**RUN).to_json_best_effort())
+  return str(workdir)
+
+
+PRETRAIN = "configs/pretrain.py:tiny"
+FINETUNE = "configs/finetune.py:fashion_mnist"
+FT = ["--config.model.name=vit_test_patch4", "--config.mesh.data=8", "--config.batch_size=64"]
+PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
+
+
+@pytest.mark.parametrize("variant_file, args, message", [
+    (PRETRAIN, ["--config.bacth_size=8"], 'Did you mean "batch_size"'),
+    (PRETRAIN, ["--config.batch_size=many"], "--config.batch_size=many: invalid literal for int"),
+    (PRETRAIN, ["--config.model.norm_pix_loss=maybe"], "--config.model.norm_pix_loss=maybe"),
+    (PRETRAIN, PT + ["--config.data.image_size=30"],
+     "image_size=30 is not divisible by the patch size 4 of mae_vit_test_patch4; set "
+     "--config.data.image_size=32"),
+    (PRETRAIN, PT + ["--config.data.image_size=28"], "set --config.data.image_size=32"),
+    (PRETRAIN, PT + ["--config.model.mask_ratio=1.0"],
+     "config.model: mask_ratio must be in [0, 1)"),
+    (PRETRAIN, PT + ["--config.model.mask_ratio=-0.1"], "mask_ratio must be in [0, 1), got -0.1"),
+    (PRETRAIN, PT + ["--config.batch_size=12"],
+     "batch_size=12 is not divisible by the mesh's 2x4 devices; use a multiple of 8"),
+    (PRETRAIN, PT + ["--config.mesh.data=16", "--config.mesh.fsdp=1"],
+     "mesh 16x1 does not fit 8 devices; choose mesh.data * mesh.fsdp = 8"),
+    (PRETRAIN, PT + ["--config.mesh.data=3", "--config.mesh.fsdp=1"], "does not fit 8 devices"),
+    (PRETRAIN, PT + ["--config.mesh.data=-1", "--config.mesh.fsdp=-1"], "cannot both be -1"),
+    (PRETRAIN, PT + ["--config.model.name=mae_vit_nope"], "Unknown model 'mae_vit_nope'"),
+    (PRETRAIN, PT + ["--config.model.dtype=float8"], "config.model.dtype='float8'; choose one of"),
+    (PRETRAIN, PT + ["--config.grad_accum_steps=3"], "grad_accum_steps=3 must give a micro-batch"),
+    (PRETRAIN, PT + ["--config.base_lr=0"], "config.base_lr must be > 0"),
+    (PRETRAIN, PT + ["--config.log_every_steps=0"], "config.log_every_steps must be positive"),
+    (FINETUNE, FT + ["--config.batch_size=60"], "batch_size=60 must be divisible by the 8 devices"),
+    (FINETUNE, FT + ["--config.data.image_size=30"],
+     "image_size=30 is not divisible by the patch size 4 of config.model.name=vit_test_patch4"),
+    (FINETUNE, FT + ["--config.init=/nonexistent/encoder"], "config.init=/nonexistent/encoder does "
+     "not exist"),
+    (FINETUNE, ["--config.model.name=vit_small_patch4", "--config.mesh.data=8",
+                "--config.init={pretrained}"],
+     "holds a 2-block, 32-wide, patch-4 encoder but config.model.name=vit_small_patch4 is"),
+])
+def test_bad_configs_are_refused_before_compute(variant_file, args, message,
+                                                pretrained_elsewhere):
+  args = [a.format(pretrained=pretrained_elsewhere) for a in args]
+  check = {"pretrain": config_checks.check_pretrain, "finetune": classify.check_config}
+  with pytest.raises((ValueError, AttributeError, FileNotFoundError, flags.Error)) as err:
+    config = _parse(variant_file, args)
+    check[config.task](config, 1, 8)
+  assert message in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# A pod process dies
+def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference, caches, tmp_path,
+                                                                       caplog):
+  workdir = tmp_path / "pod"
+  workdir.mkdir()
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  pod_env = dict(caches["env"], JAX_PLATFORMS="cpu",
+                 XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs, logs = [], [workdir / f"process_{i}.log" for i in range(2)]
+  for i in range(2):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          command(workdir, caches) + [
+              f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+              f"--process_id={i}", "--heartbeat_timeout_seconds=10"],
+          cwd=REPO, env=pod_env, stdout=log, stderr=subprocess.STDOUT))
+  try:
+    wait_for_step(workdir, 5, procs[0], timeout=400)
+    procs[1].kill()
+    killed_at = time.time()
+    returncode = procs[0].wait(timeout=120)   # no silent hang
+    seconds = time.time() - killed_at
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  text = logs[0].read_text()
+  assert returncode != 0 and seconds < 60, (returncode, seconds, text[-3000:])
+  assert "Terminating process because the JAX distributed service detected fatal errors" in text
+  assert "The following tasks are unhealthy (stopped sending heartbeats)" in text
+  complete = steps_in(workdir / "checkpoints")
+  # The relaunch (here one process with the same 8 devices: batches and masks do not depend on
+  # the number of processes) resumes from the newest checkpoint the pod completed.
+  with caplog.at_level(logging.INFO):
+    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+  assert f"Resumed from the checkpoint at step {max(complete)}." in caplog.text
+  got, (_, expected) = losses(workdir), reference
+  assert sorted(got) == list(range(1, TOTAL + 1))
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
+  print(f"process 1 of 2 killed after step {max(complete)} was saved: process 0 exited with "
+        f"status {returncode} after {seconds:.1f} s (heartbeat timeout 10 s); the relaunch "
+        f"resumed from step {max(complete)}")

@@ -29,9 +29,10 @@ def test_runs_every_stage_and_writes_table_json_and_plot(tmp_path):
     assert summary[run]["steps"] == 4
     assert 0.0 <= summary[run]["final_top1"] <= summary[run]["best_top1"] <= 1.0
   # The MAE runs start from the pre-training workdir, the random ones from nothing.
-  assert json.loads((workdir / "linprobe_mae" / "config.json").read_text())["init"] == str(
-      workdir / "pretrain")
-  assert json.loads((workdir / "finetune_random" / "config.json").read_text())["init"] == ""
+  for task in ("linprobe", "finetune"):
+    inits = {init: json.loads((workdir / f"{task}_{init}" / "config.json").read_text())["init"]
+             for init in ("mae", "random")}
+    assert inits == {"mae": str(workdir / "pretrain"), "random": ""}
   table = (workdir / "results.md").read_text().splitlines()
   assert sum(line.startswith(("| linprobe", "| finetune")) for line in table) == 4
   assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ Stages (each in its own sub-directory, each resumed if interrupted, skipped if f
   finetune_{mae,random} configs/finetune.py:fashion_mnist   (--finetune.KEY=VALUE)
 Results: results.json, results.md (table) and curves.png in --workdir.
 """
+import copy
 import json
 import os
 
@@ -128,7 +129,7 @@ def main(argv):
   stages = [("pretrain", FLAGS.pretrain)]
   for task in DOWNSTREAM:
     for init in INITS:
-      config = FLAGS[task].value
+      config = copy.deepcopy(FLAGS[task].value)  # one per stage: they differ in init
       with config.unlocked():
         config.init = str(workdir / "pretrain") if init == "mae" else ""
       stages.append((f"{task}_{init}", config))

@@ -328,6 +328,7 @@ def pretrained_elsewhere(tmp_path_factory):
   """A pre-training workdir of mae_vit_test_patch4, as far as a fine-tuning config can tell."""
   workdir = tmp_path_factory.mktemp("pretrained")
   (workdir / "config.json").write_text(tiny_config(**RUN).to_json_best_effort())
+  (workdir / "checkpoints").mkdir()
   return str(workdir)
 
 

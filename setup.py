@@ -25,7 +25,7 @@ setup(
         "importlib_resources",  # imported by tensorflow-datasets, declared there only for old Pythons
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
         # Reading official .pth checkpoints and the PyTorch parity tests. Install torch as
         # `pip install torch==2.13.0` (the CPU build) before this extra to avoid a CUDA download.
         "torch": ["torch==2.13.0", "transformers>=4.40"],

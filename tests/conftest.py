@@ -1,10 +1,18 @@
-"""Eight simulated CPU devices for every test; must run before jax is imported."""
+"""Eight simulated CPU devices for every test, and one persistent XLA compilation cache for the
+session (subprocesses inherit it: a relaunched run compiles nothing); must run before jax is
+imported."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF must never grab an accelerator
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mae_jax_tests_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

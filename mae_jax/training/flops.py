@@ -55,3 +55,13 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     if kind.startswith(name):
       return peak, f"table ({kind})"
   return measure_matmul_flops(), f"measured matmul ({kind})"
+
+
+def memory_per_device(compiled) -> dict:
+  """Bytes per device of a compiled executable: arguments (params, optimizer state, batch), outputs,
+  temporaries (activations kept for the backward pass, workspace) and aliased (donated) bytes."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return {}
+  return {k: int(getattr(memory, f"{k}_size_in_bytes", 0))
+          for k in ("argument", "output", "temp", "alias", "generated_code")}

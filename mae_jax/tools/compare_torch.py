@@ -8,8 +8,10 @@ Both run the same full train step, in float32, on the same batch size: forward w
 The reference is transformers' ViTMAEForPreTraining in eager PyTorch (not torch.compile) with
 torch.optim.AdamW. On a shared machine absolute times drift with the load, so the steps are
 interleaved (ours, torch, matmul probe, ours, torch, ...) and medians are reported: `ratio` is
-the median of the per-round time ratios torch / ours (> 1: ours is faster). The matmul probe
-measures this machine's reachable peak in the same rounds, for MFU. Needs torch and transformers
+the median of the per-round wall-time ratios torch / ours (> 1: ours is faster);
+`cpu_time_ratio` is the same for the CPU seconds each step used, which time spent descheduled
+by other load does not inflate. The matmul probe measures this machine's reachable peak in the
+same rounds, for MFU. Needs torch and transformers
 (`pip install torch==2.13.0 transformers`).
 """
 import json
@@ -135,10 +137,10 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
 
   ours_s, torch_s, peaks = [], [], []
   for _ in range(steps):
-    ours_s.append(timing.timed(ours))
-    torch_s.append(timing.timed(theirs))
+    ours_s.append(timing.timed_with_cpu(ours))
+    torch_s.append(timing.timed_with_cpu(theirs))
     peaks.append(probe())
-  ours_s, torch_s = np.array(ours_s), np.array(torch_s)
+  (ours_s, ours_cpu), (torch_s, torch_cpu) = np.array(ours_s).T, np.array(torch_s).T
   flops_per_step = ours.flops_per_device()
   peak = float(np.median(peaks))
   return {
@@ -147,7 +149,9 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
       "torch_images_per_sec": batch_size / float(np.median(torch_s)),
       "ratio": float(np.median(torch_s / ours_s)),
       "ratio_of_medians": float(np.median(torch_s) / np.median(ours_s)),
+      "cpu_time_ratio": float(np.median(torch_cpu / ours_cpu)),
       "ours_step_time_s": float(np.median(ours_s)), "torch_step_time_s": float(np.median(torch_s)),
+      "ours_cpu_s": float(np.median(ours_cpu)), "torch_cpu_s": float(np.median(torch_cpu)),
       "ours_step_times_s": [round(float(t), 4) for t in ours_s],
       "torch_step_times_s": [round(float(t), 4) for t in torch_s],
       "flops_per_image": flops_per_step / batch_size,

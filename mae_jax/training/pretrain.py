@@ -55,15 +55,27 @@ def masking_noise(seed: int, step, batch_size: int, num_patches: int) -> jax.Arr
 
 # ----------------------------------------------------------------------------------------------
 # Train state, created already sharded.
-def create_train_state(model, tx, mesh, seed: int):
-  """{'params', 'opt', 'step', 'nonfinite', 'skipped'}: params and Adam moments are placed by
-  the logical-axis rules at creation, never materialised whole on one device."""
+def _train_state_init(model, tx, seed: int):
   def init():
     params = models.init_params(model, jax.random.key(seed))
     zero = jnp.zeros((), jnp.int32)
     return {"params": params, "opt": tx.init(params), "step": zero, "nonfinite": zero,
             "skipped": zero}
-  return sharding.init_sharded(init, {"params": models.logical_axes(model)}, mesh)
+  return init
+
+
+def create_train_state(model, tx, mesh, seed: int):
+  """{'params', 'opt', 'step', 'nonfinite', 'skipped'}: params and Adam moments are placed by
+  the logical-axis rules at creation, never materialised whole on one device."""
+  return sharding.init_sharded(_train_state_init(model, tx, seed),
+                               {"params": models.logical_axes(model)}, mesh)
+
+
+def train_state_shapes(model, tx, mesh):
+  """(abstract train state, its shardings) without allocating anything: enough to compile the
+  step and inspect it (memory, collectives) for sizes that do not fit this machine."""
+  return sharding.sharded_shapes(_train_state_init(model, tx, 0),
+                                 {"params": models.logical_axes(model)}, mesh)
 
 
 def make_train_step(model, tx, schedule, config, state_shardings, mesh):

@@ -75,18 +75,27 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dim = x.shape[-1]
+    batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
     # DenseGeneral initialises the kernel on its flattened (D, 3D) view: the fused fan, as official.
     qkv = nn.DenseGeneral(
         (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
         kernel_init=logical(xavier_uniform, ("embed", None, "heads", "head_dim")),
-        bias_init=logical(zeros, (None, "heads", "head_dim")))(x)
-    out = attention(qkv)
-    return nn.DenseGeneral(
+        bias_init=logical(zeros, (None, "heads", "head_dim")))(flat_tokens(x))
+    out = attention(qkv.reshape(batch, tokens, *qkv.shape[1:]))
+    out = nn.DenseGeneral(
         dim, axis=(-2, -1), dtype=self.dtype, name="proj",
         kernel_init=logical(xavier_uniform, ("heads", "head_dim", "embed")),
-        bias_init=logical(zeros, ("embed",)))(out)
+        bias_init=logical(zeros, ("embed",)))(flat_tokens(out))
+    return out.reshape(batch, tokens, dim)
+
+
+def flat_tokens(x: jax.Array) -> jax.Array:
+  """(B, N, ...) -> (B * N, ...) for the projections: their weight gradients are then plain 2-D
+  matmuls over one token axis. With (B, N) kept apart, XLA's CPU backend transposes the
+  incoming gradient for each of them, and fuses the residual stream's whole gradient chain into
+  every such transpose, recomputing it once per layer."""
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
 def attention(qkv: jax.Array) -> jax.Array:
@@ -117,14 +126,14 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dim = x.shape[-1]
+    shape, dim = x.shape, x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1",
                  kernel_init=logical(xavier_uniform, ("embed", "mlp")),
-                 bias_init=logical(zeros, ("mlp",)))(x)
+                 bias_init=logical(zeros, ("mlp",)))(flat_tokens(x))
     x = gelu(x)
     return nn.Dense(dim, dtype=self.dtype, name="fc2",
                     kernel_init=logical(xavier_uniform, ("mlp", "embed")),
-                    bias_init=logical(zeros, ("embed",)))(x)
+                    bias_init=logical(zeros, ("embed",)))(x).reshape(shape)
 
 
 class DropPath(nn.Module):

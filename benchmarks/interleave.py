@@ -27,9 +27,13 @@ WORKER = r"""
 import json, os, sys, time
 kind, model_name, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if kind == "jax":
-  from mae_jax.tools.compare_torch import jax_config
   from mae_jax.training import timing
-  step = timing.StepRunner(jax_config(model_name, batch_size))
+  if hasattr(timing, "float32_config"):
+    config = timing.float32_config(model_name, batch_size)
+  else:  # revisions before the config moved to timing.py
+    from mae_jax.tools.compare_torch import jax_config
+    config = jax_config(model_name, batch_size)
+  step = timing.StepRunner(config)
   flops = step.flops_per_device()
 else:
   import torch

@@ -37,23 +37,8 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = XLA's CPU t
 flags.DEFINE_string("attn_implementation", "sdpa", "HF attention: sdpa (fastest here) or eager.")
 flags.DEFINE_bool("fused_adamw", True, "torch AdamW(fused=True), its fastest CPU update.")
 flags.DEFINE_bool("remat", False, "Our step with rematerialised blocks.")
-flags.DEFINE_integer("matmul_size", 1024, "Square matmul of the peak probe run in every round.")
+flags.DEFINE_integer("matmul_size", 2048, "Square matmul of the peak probe run in every round.")
 FLAGS = flags.FLAGS
-
-
-def jax_config(model_name: str, batch_size: int, remat: bool = False):
-  """The pre-training config for `model_name`: float32, mask 0.75, norm-pix loss, one device."""
-  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
-  c = pretrain_config.get_config("tiny")
-  model = models.create_model(model_name)
-  c.variant = "compare_torch"
-  c.model.name = model_name
-  c.model.dtype = "float32"
-  c.model.remat = remat
-  c.data.image_size = model.img_size
-  c.batch_size = batch_size
-  c.mesh.data, c.mesh.fsdp = 1, 1
-  return c
 
 
 class TorchStep:
@@ -121,12 +106,12 @@ def load_average() -> float:
 
 def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch_threads: int = 0,
             attn_implementation: str = "sdpa", fused_adamw: bool = True, remat: bool = False,
-            matmul_size: int = 1024) -> dict:
+            matmul_size: int = 2048) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
   xla_threads = len(os.sched_getaffinity(0))  # the PJRT CPU client's intra-op pool: one per core
   torch.set_num_threads(torch_threads or xla_threads)
   load_before = load_average()
-  config = jax_config(model_name, batch_size, remat)
+  config = timing.float32_config(model_name, batch_size, remat=remat)
   ours = timing.StepRunner(config, total_steps=warmup + steps + 1)
   theirs = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size,
                      attn_implementation, fused_adamw)

@@ -7,7 +7,25 @@ import time
 import jax
 import numpy as np
 
+from mae_jax import models
 from mae_jax.training import flops, optimizer, pretrain, sharding
+
+
+def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):
+  """The pre-training config of a named model as the timing tools run it: float32, mask 0.75,
+  norm-pix loss, data parallel over every device, images of the model's size."""
+  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  c = pretrain_config.get_config("tiny")
+  c.variant = "timing"
+  c.model.name = model_name
+  c.model.dtype = "float32"
+  c.model.remat = remat
+  for key, value in model_overrides.items():
+    c.model[key] = value
+  c.data.image_size = models.create_model(model_name).img_size
+  c.batch_size = batch_size
+  c.mesh.data, c.mesh.fsdp = -1, 1
+  return c
 
 
 def synthetic_batches(config, batch_sharding):

@@ -75,19 +75,49 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dim = x.shape[-1]
+    batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
     # DenseGeneral initialises the kernel on its flattened (D, 3D) view: the fused fan, as official.
     qkv = nn.DenseGeneral(
         (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
         kernel_init=logical(xavier_uniform, ("embed", None, "heads", "head_dim")),
-        bias_init=logical(zeros, (None, "heads", "head_dim")))(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = jax.nn.dot_product_attention(q, k, v)  # scale head_dim**-0.5
-    return nn.DenseGeneral(
+        bias_init=logical(zeros, (None, "heads", "head_dim")))(flat_tokens(x))
+    out = attention(qkv.reshape(batch, tokens, *qkv.shape[1:]))
+    out = nn.DenseGeneral(
         dim, axis=(-2, -1), dtype=self.dtype, name="proj",
         kernel_init=logical(xavier_uniform, ("heads", "head_dim", "embed")),
-        bias_init=logical(zeros, ("embed",)))(out)
+        bias_init=logical(zeros, ("embed",)))(flat_tokens(out))
+    return out.reshape(batch, tokens, dim)
+
+
+def flat_tokens(x: jax.Array) -> jax.Array:
+  """(B, N, ...) -> (B * N, ...) for the projections: their weight gradients are then plain 2-D
+  matmuls over one token axis. With (B, N) kept apart, XLA's CPU backend transposes the
+  incoming gradient for each of them, and fuses the residual stream's whole gradient chain into
+  every such transpose, recomputing it once per layer."""
+  return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def attention(qkv: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v for qkv (B, N, 3, H, hd); returns (B, N, H, hd).
+
+  One transpose puts the heads in front of the tokens, so that both attention matmuls are plain
+  batched matmuls over (B, H) that contract their last axis: no per-matmul transposes in the
+  forward or backward pass (the token-major einsums cost copies on CPU).
+  """
+  head_dim = qkv.shape[-1]
+  q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, H, N, hd)
+  q = q * jnp.asarray(head_dim ** -0.5, q.dtype)  # on q: fewer elements than the scores
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+  weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # f32 softmax
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+  return jnp.swapaxes(out, 1, 2)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x) (torch.nn.GELU()), written with erf: XLA's erf is a short rational
+  polynomial, cheaper than the erfc (exp-based) that jax.nn.gelu(approximate=False) uses."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(np.sqrt(0.5), x.dtype)))
 
 
 class Mlp(nn.Module):
@@ -96,14 +126,14 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    dim = x.shape[-1]
+    shape, dim = x.shape, x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, name="fc1",
                  kernel_init=logical(xavier_uniform, ("embed", "mlp")),
-                 bias_init=logical(zeros, ("mlp",)))(x)
-    x = nn.gelu(x, approximate=False)
+                 bias_init=logical(zeros, ("mlp",)))(flat_tokens(x))
+    x = gelu(x)
     return nn.Dense(dim, dtype=self.dtype, name="fc2",
                     kernel_init=logical(xavier_uniform, ("mlp", "embed")),
-                    bias_init=logical(zeros, ("embed",)))(x)
+                    bias_init=logical(zeros, ("embed",)))(x).reshape(shape)
 
 
 class DropPath(nn.Module):

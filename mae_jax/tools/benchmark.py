@@ -11,7 +11,6 @@ printed as `peak_flops_per_device`). --real_data feeds the real input pipeline i
 """
 import json
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -20,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mae_jax.training import flops, optimizer, pretrain, sharding
+from mae_jax.training import flops, timing
 
 config_flags.DEFINE_config_file("config", None, "Pre-training config (path[:variant]).",
                                 lock_config=True)
@@ -33,70 +32,32 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def synthetic_batches(config, batch_sharding):
-  rng = np.random.default_rng(0)
-  shape = (config.batch_size, config.data.image_size, config.data.image_size, 3)
-  batch = {"image": jax.device_put(rng.standard_normal(shape, np.float32), batch_sharding),
-           "label": jax.device_put(np.zeros(shape[:1], np.int32), batch_sharding)}
-  while True:
-    yield batch
-
-
 def benchmark(config, steps: int, warmup: int, peak_flops: float, real_data: bool = False,
               matmul_size: int = 2048) -> dict:
-  """Returns the measured numbers for one config (also used by the tests and the side-by-side)."""
-  model = pretrain.build_model(config.model)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  total = warmup + steps + 1
-  schedule = optimizer.warmup_cosine(config.base_lr * config.batch_size / 256, 1, total)
-  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
-  state, shardings = pretrain.create_train_state(model, tx, mesh, config.seed)
-  step_fn = pretrain.make_train_step(model, tx, schedule, config, shardings, mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  if real_data:
-    from mae_jax import data  # pylint: disable=import-outside-toplevel
-    batches = data.create_iterator(config.data, split=config.data.train_split,
-                                   global_batch_size=config.batch_size, seed=config.seed,
-                                   start_step=0, sharding=batch_sharding, mode="pretrain")
-  else:
-    batches = synthetic_batches(config, batch_sharding)
-
-  with jax.set_mesh(mesh):
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, next(batches)).compile()
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup + 1):
-      state, metrics = step_fn(state, next(batches))
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-      start = time.perf_counter()
-      state, metrics = step_fn(state, next(batches))
-      jax.block_until_ready(metrics)
-      times.append(time.perf_counter() - start)
-
+  """Returns the measured numbers for one config (also used by the tests)."""
+  runner = timing.StepRunner(config, real_data, total_steps=warmup + steps + 1)
+  for _ in range(warmup + 1):
+    runner()
+  times = [timing.timed(runner) for _ in range(steps)]
   step_time = float(np.median(times))
   devices = jax.device_count()
-  step_flops_device = flops.compiled_flops(compiled)
+  step_flops_device = runner.flops_per_device()
   if peak_flops <= 0:
     peak_flops, source = flops.measure_matmul_flops(matmul_size), f"measured {matmul_size}^2 matmul"
   else:
     source = "flag"
-  memory = compiled.memory_analysis()
-  per_device_bytes = {
-      k: int(getattr(memory, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp")
-  } if memory is not None else {}
   return {
       "variant": config.variant, "model": config.model.name, "global_batch": config.batch_size,
-      "devices": devices, "dtype": config.model.dtype, "mesh": dict(mesh.shape),
+      "devices": devices, "dtype": config.model.dtype, "mesh": dict(runner.mesh.shape),
       "step_time_s": step_time, "step_time_min_s": float(np.min(times)),
       "images_per_sec": config.batch_size / step_time,
       "flops_per_image": step_flops_device * devices / config.batch_size,
       "achieved_flops_per_device": step_flops_device / step_time,
       "peak_flops_per_device": peak_flops, "peak_source": source,
       "mfu": step_flops_device / step_time / peak_flops,
-      "memory_per_device_bytes": per_device_bytes, "compile_s": compile_s,
-      "timed_steps": steps, "real_data": real_data, "final_loss": float(metrics["loss"]),
+      "memory_per_device_bytes": runner.memory_per_device(), "compile_s": runner.compile_s,
+      "timed_steps": steps, "real_data": real_data,
+      "final_loss": float(runner.metrics["loss"]),
   }
 
 

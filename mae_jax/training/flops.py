@@ -55,3 +55,47 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     if kind.startswith(name):
       return peak, f"table ({kind})"
   return measure_matmul_flops(), f"measured matmul ({kind})"
+
+
+def memory_per_device(compiled) -> dict:
+  """Bytes per device of a compiled executable: arguments (params, optimizer state, batch), outputs,
+  temporaries (activations kept for the backward pass, workspace) and aliased (donated) bytes."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return {}
+  return {k: int(getattr(memory, f"{k}_size_in_bytes", 0))
+          for k in ("argument", "output", "temp", "alias", "generated_code")}
+
+
+def mae_matmul_flops(model) -> dict:
+  """FLOPs per image of the MAE's matrix multiplies, counted by hand from the architecture.
+
+  Forward: the patch embedding (all L patches), then per encoder block on n tokens (1 + visible,
+  or 1 + L with `encoder_mask_tokens`) qkv n*D*3D, scores and weighted sum 2*n*n*D, proj n*D*D,
+  MLP 2*n*D*(r*D); decoder_embed on the encoder's n tokens; the same per decoder block on 1 + L
+  tokens of width Dd; decoder_pred (1 + L)*Dd*(p*p*C). Two FLOPs per multiply-add. Training is
+  forward + backward, the backward being two matmuls per forward one (input and weight
+  gradients), except the patch embedding, whose input (the images) needs no gradient.
+  """
+  num_patches = model.num_patches
+  visible = int(num_patches * (1 - model.mask_ratio))
+  enc_tokens = 1 + (num_patches if model.encoder_mask_tokens else visible)
+  dec_tokens = 1 + num_patches
+  patch_dim = model.patch_size ** 2 * model.in_chans
+
+  def blocks(tokens, width, depth):
+    per_block = tokens * width * width * (3 + 1 + 2 * model.mlp_ratio) + 2 * tokens ** 2 * width
+    return depth * per_block
+
+  macs = {
+      "patch_embed": num_patches * patch_dim * model.embed_dim,
+      "encoder": blocks(enc_tokens, model.embed_dim, model.depth),
+      "decoder_embed": enc_tokens * model.embed_dim * model.decoder_embed_dim,
+      "decoder": blocks(dec_tokens, model.decoder_embed_dim, model.decoder_depth),
+      "decoder_pred": dec_tokens * model.decoder_embed_dim * patch_dim,
+  }
+  forward = {k: 2 * v for k, v in macs.items()}
+  total_forward = sum(forward.values())
+  train = 3 * total_forward - 2 * forward["patch_embed"]
+  return {"forward": float(total_forward), "train": float(train),
+          "forward_by_part": {k: float(v) for k, v in forward.items()}}

@@ -99,13 +99,19 @@ def state_shardings(abstract_state, param_trees: dict, mesh):
   return jax.tree_util.tree_map_with_path(choose, abstract_state)
 
 
-def init_sharded(init_fn, logical_specs: dict, mesh):
-  """Runs `init_fn() -> state dict` already sharded: the parameter subtrees named in
-  `logical_specs` (state key -> logical PartitionSpecs) are placed by the rules, optimizer state
-  follows them, and nothing is materialised whole on one device. Returns (state, shardings)."""
+def sharded_shapes(init_fn, logical_specs: dict, mesh):
+  """(abstract state, shardings) of `init_fn() -> state dict` without running it: the parameter
+  subtrees named in `logical_specs` (state key -> logical PartitionSpecs) are placed by the
+  rules, optimizer state follows them, everything else is replicated."""
   abstract = jax.eval_shape(init_fn)
   trees = {k: param_shardings(specs, abstract[k], mesh) for k, specs in logical_specs.items()}
-  shardings = state_shardings(abstract, trees, mesh)
+  return abstract, state_shardings(abstract, trees, mesh)
+
+
+def init_sharded(init_fn, logical_specs: dict, mesh):
+  """Runs `init_fn() -> state dict` already sharded (see `sharded_shapes`): nothing is
+  materialised whole on one device. Returns (state, shardings)."""
+  _, shardings = sharded_shapes(init_fn, logical_specs, mesh)
   with jax.set_mesh(mesh):
     state = jax.jit(init_fn, out_shardings=shardings)()
   return state, shardings

@@ -1,0 +1,164 @@
+r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE, in one process.
+
+  python -m mae_jax.tools.compare_torch --model=mae_vit_base_patch16 --batch_size=8 --steps=10
+  python -m mae_jax.tools.compare_torch --model=mae_vit_tiny_patch4 --batch_size=256 --steps=20
+
+Both run the same full train step, in float32, on the same batch size: forward with random masking
+(ratio 0.75), norm-pix loss, backward and AdamW (0.9, 0.95, wd 0.05, no decay on biases and norms).
+The reference is transformers' ViTMAEForPreTraining in eager PyTorch (not torch.compile) with
+torch.optim.AdamW. On a shared machine absolute times drift with the load, so the steps are
+interleaved (ours, torch, matmul probe, ours, torch, ...) and medians are reported: `ratio` is
+the median of the per-round wall-time ratios torch / ours (> 1: ours is faster);
+`cpu_time_ratio` is the same for the CPU seconds each step used, which time spent descheduled
+by other load does not inflate. The matmul probe measures this machine's reachable peak in the
+same rounds, for MFU. Needs torch and transformers
+(`pip install torch==2.13.0 transformers`).
+"""
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from mae_jax import models
+from mae_jax.training import timing
+
+flags.DEFINE_string("model", "mae_vit_base_patch16", "Named model size (models.MODELS).")
+flags.DEFINE_integer("batch_size", 8, "Batch size of both steps.")
+flags.DEFINE_integer("steps", 10, "Interleaved timed rounds (one step of each per round).")
+flags.DEFINE_integer("warmup", 2, "Untimed steps of each after compilation.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = XLA's CPU thread count.")
+flags.DEFINE_string("attn_implementation", "sdpa", "HF attention: sdpa (fastest here) or eager.")
+flags.DEFINE_bool("fused_adamw", True, "torch AdamW(fused=True), its fastest CPU update.")
+flags.DEFINE_bool("remat", False, "Our step with rematerialised blocks.")
+flags.DEFINE_integer("matmul_size", 2048, "Square matmul of the peak probe run in every round.")
+FLAGS = flags.FLAGS
+
+
+class TorchStep:
+  """HF ViTMAEForPreTraining with torch.optim.AdamW: one call = one full train step."""
+
+  def __init__(self, model, batch_size: int, attn_implementation: str, fused_adamw: bool,
+               base_lr: float = 1.5e-4, seed: int = 0):
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    self.torch = torch
+    torch.manual_seed(seed)
+    config = transformers.ViTMAEConfig(
+        image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans,
+        hidden_size=model.embed_dim, num_hidden_layers=model.depth,
+        num_attention_heads=model.num_heads,
+        intermediate_size=int(model.embed_dim * model.mlp_ratio),
+        decoder_hidden_size=model.decoder_embed_dim,
+        decoder_num_hidden_layers=model.decoder_depth,
+        decoder_num_attention_heads=model.decoder_num_heads,
+        decoder_intermediate_size=int(model.decoder_embed_dim * model.mlp_ratio),
+        mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss, layer_norm_eps=1e-6,
+        hidden_act="gelu", qkv_bias=True, attn_implementation=attn_implementation)
+    self.model = transformers.ViTMAEForPreTraining(config).train()
+    self.attn_implementation = self.model.config._attn_implementation  # pylint: disable=protected-access
+    trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+    no_decay = lambda n, p: p.ndim <= 1 or n.endswith(".bias")
+    groups = [{"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": 0.05},
+              {"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0}]
+    self.optimizer = torch.optim.AdamW(groups, lr=base_lr * batch_size / 256, betas=(0.9, 0.95),
+                                       eps=1e-8, fused=fused_adamw or None)
+    generator = torch.Generator().manual_seed(seed)
+    self.images = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size,
+                              generator=generator)
+    self.noise_shape = (batch_size, model.num_patches)
+    self.loss = None
+
+  def __call__(self):
+    noise = self.torch.rand(self.noise_shape)
+    loss = self.model(pixel_values=self.images, noise=noise).loss
+    loss.backward()
+    self.optimizer.step()
+    self.optimizer.zero_grad(set_to_none=True)
+    self.loss = float(loss.detach())
+
+
+class MatmulProbe:
+  """A few square float32 matmuls on the XLA device: the reachable peak right now."""
+
+  def __init__(self, size: int, repeats: int = 3):
+    self.size, self.repeats = size, repeats
+    self.a = jnp.ones((size, size), jnp.float32)
+    self.matmul = jax.jit(lambda x: x @ x)
+    self.matmul(self.a).block_until_ready()
+
+  def __call__(self) -> float:
+    start = time.perf_counter()
+    for _ in range(self.repeats):
+      self.matmul(self.a).block_until_ready()
+    return 2 * self.size ** 3 * self.repeats / (time.perf_counter() - start)
+
+
+def load_average() -> float:
+  return os.getloadavg()[0]
+
+
+def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch_threads: int = 0,
+            attn_implementation: str = "sdpa", fused_adamw: bool = True, remat: bool = False,
+            matmul_size: int = 2048) -> dict:
+  import torch  # pylint: disable=import-outside-toplevel
+  xla_threads = len(os.sched_getaffinity(0))  # the PJRT CPU client's intra-op pool: one per core
+  torch.set_num_threads(torch_threads or xla_threads)
+  load_before = load_average()
+  config = timing.float32_config(model_name, batch_size, remat=remat)
+  ours = timing.StepRunner(config, total_steps=warmup + steps + 1)
+  theirs = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size,
+                     attn_implementation, fused_adamw)
+  probe = MatmulProbe(matmul_size)
+  for _ in range(warmup + 1):
+    ours()
+    theirs()
+
+  ours_s, torch_s, peaks = [], [], []
+  for _ in range(steps):
+    ours_s.append(timing.timed_with_cpu(ours))
+    torch_s.append(timing.timed_with_cpu(theirs))
+    peaks.append(probe())
+  (ours_s, ours_cpu), (torch_s, torch_cpu) = np.array(ours_s).T, np.array(torch_s).T
+  flops_per_step = ours.flops_per_device()
+  peak = float(np.median(peaks))
+  return {
+      "model": model_name, "batch_size": batch_size, "dtype": "float32", "rounds": steps,
+      "ours_images_per_sec": batch_size / float(np.median(ours_s)),
+      "torch_images_per_sec": batch_size / float(np.median(torch_s)),
+      "ratio": float(np.median(torch_s / ours_s)),
+      "ratio_of_medians": float(np.median(torch_s) / np.median(ours_s)),
+      "cpu_time_ratio": float(np.median(torch_cpu / ours_cpu)),
+      "ours_step_time_s": float(np.median(ours_s)), "torch_step_time_s": float(np.median(torch_s)),
+      "ours_cpu_s": float(np.median(ours_cpu)), "torch_cpu_s": float(np.median(torch_cpu)),
+      "ours_step_times_s": [round(float(t), 4) for t in ours_s],
+      "torch_step_times_s": [round(float(t), 4) for t in torch_s],
+      "flops_per_image": flops_per_step / batch_size,
+      "peak_flops": peak, "peak_source": f"{matmul_size}^2 float32 matmul, median of the rounds",
+      "ours_mfu": flops_per_step / float(np.median(ours_s)) / peak,
+      "torch_mfu_same_flops": flops_per_step / float(np.median(torch_s)) / peak,
+      "xla_cpu_threads": xla_threads, "torch_threads": torch.get_num_threads(),
+      "torch_attn_implementation": theirs.attn_implementation, "torch_fused_adamw": fused_adamw,
+      "remat": remat, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_1min": [round(load_before, 2), round(load_average(), 2)],
+      "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                   "transformers": sys.modules["transformers"].__version__},
+      "final_loss": {"ours": float(ours.metrics["loss"]), "torch": theirs.loss},
+  }
+
+
+def main(argv):
+  del argv
+  print(json.dumps(compare(FLAGS.model, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
+                           FLAGS.torch_threads, FLAGS.attn_implementation, FLAGS.fused_adamw,
+                           FLAGS.remat, FLAGS.matmul_size)))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,89 @@
+"""Timing the compiled pre-training step: a runner that owns the state and runs one step per call.
+
+Shared by the benchmark tool, the side-by-side comparison with PyTorch and the asymmetry benchmark.
+"""
+import time
+
+import jax
+import numpy as np
+
+from mae_jax import models
+from mae_jax.training import flops, optimizer, pretrain, sharding
+
+
+def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):
+  """The pre-training config of a named model as the timing tools run it: float32, mask 0.75,
+  norm-pix loss, data parallel over every device, images of the model's size."""
+  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  c = pretrain_config.get_config("tiny")
+  c.variant = "timing"
+  c.model.name = model_name
+  c.model.dtype = "float32"
+  c.model.remat = remat
+  for key, value in model_overrides.items():
+    c.model[key] = value
+  c.data.image_size = models.create_model(model_name).img_size
+  c.batch_size = batch_size
+  c.mesh.data, c.mesh.fsdp = -1, 1
+  return c
+
+
+def synthetic_batches(config, batch_sharding):
+  rng = np.random.default_rng(0)
+  shape = (config.batch_size, config.data.image_size, config.data.image_size, 3)
+  batch = {"image": jax.device_put(rng.standard_normal(shape, np.float32), batch_sharding),
+           "label": jax.device_put(np.zeros(shape[:1], np.int32), batch_sharding)}
+  while True:
+    yield batch
+
+
+class StepRunner:
+  """The compiled train step of a config with its (donated) state: each call runs one step to
+  completion."""
+
+  def __init__(self, config, real_data: bool = False, total_steps: int = 1000):
+    self.config = config
+    model = pretrain.build_model(config.model)
+    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    schedule = optimizer.warmup_cosine(config.base_lr * config.batch_size / 256, 1, total_steps)
+    tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+    self.state, shardings = pretrain.create_train_state(model, tx, self.mesh, config.seed)
+    step = pretrain.make_train_step(model, tx, schedule, config, shardings, self.mesh)
+    batch_sharding = sharding.batch_sharding(self.mesh)
+    if real_data:
+      from mae_jax import data  # pylint: disable=import-outside-toplevel
+      self._batches = data.create_iterator(
+          config.data, split=config.data.train_split, global_batch_size=config.batch_size,
+          seed=config.seed, start_step=0, sharding=batch_sharding, mode="pretrain")
+    else:
+      self._batches = synthetic_batches(config, batch_sharding)
+    with jax.set_mesh(self.mesh):
+      start = time.perf_counter()
+      self.compiled = step.lower(self.state, next(self._batches)).compile()
+      self.compile_s = time.perf_counter() - start
+    self.metrics = None
+
+  def __call__(self):
+    # The compiled executable itself: calling the jitted function would compile a second time.
+    with jax.set_mesh(self.mesh):
+      self.state, self.metrics = self.compiled(self.state, next(self._batches))
+    jax.block_until_ready((self.state, self.metrics))
+
+  def flops_per_device(self) -> float:
+    return flops.compiled_flops(self.compiled)
+
+  def memory_per_device(self) -> dict:
+    return flops.memory_per_device(self.compiled)
+
+
+def timed(fn) -> float:
+  """Seconds one call of `fn` takes (it must block until its work is done)."""
+  return timed_with_cpu(fn)[0]
+
+
+def timed_with_cpu(fn) -> tuple[float, float]:
+  """(wall seconds, CPU seconds of all this process's threads) of one call of `fn`. On a shared
+  machine the CPU time is the steadier number: time spent descheduled does not count."""
+  cpu, start = time.process_time(), time.perf_counter()
+  fn()
+  return time.perf_counter() - start, time.process_time() - cpu

@@ -1,0 +1,105 @@
+"""The performance tools on tiny configs: benchmark, hand FLOP count, side-by-side with PyTorch,
+the asymmetry run and the scaling simulation (8 simulated devices, from conftest)."""
+import json
+
+import jax
+import pytest
+from absl import flags
+
+from configs import pretrain as pretrain_config
+from mae_jax import models
+from mae_jax.tools import benchmark, scaling
+from mae_jax.training import flops
+
+BENCHMARK_KEYS = {"images_per_sec", "step_time_s", "flops_per_image", "mfu",
+                  "achieved_flops_per_device", "peak_flops_per_device", "memory_per_device_bytes",
+                  "global_batch", "devices"}
+
+
+def small_config(model="mae_vit_small_patch4", batch_size=64):
+  c = pretrain_config.get_config("tiny")
+  c.model.name = model
+  c.batch_size = batch_size
+  return c
+
+
+def test_benchmark_cli_prints_the_keys(capsys):
+  flags.FLAGS(["benchmark", "--config=configs/pretrain.py:tiny",
+               "--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
+               "--steps=1", "--warmup=0", "--matmul_size=128"])
+  try:
+    benchmark.main([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert BENCHMARK_KEYS <= set(result)
+  assert result["images_per_sec"] > 0 and 0 < result["mfu"]
+  assert result["devices"] == jax.device_count() and result["global_batch"] == 16
+
+
+def test_hand_flop_count_matches_the_compiled_step():
+  """XLA's count of the whole step (matmuls, element-wise ops, AdamW) against the hand count of
+  the matmuls alone: within a few percent once the model is wider than a toy."""
+  config = small_config()
+  result = benchmark.benchmark(config, steps=1, warmup=0, peak_flops=1e12)
+  hand = flops.mae_matmul_flops(models.create_model(config.model.name))["train"]
+  assert hand <= result["flops_per_image"] <= 1.05 * hand, (result["flops_per_image"], hand)
+
+
+def test_hand_flop_count_by_part():
+  model = models.create_model("mae_vit_test_patch4")  # 32x32, p=4: L=64, 16 visible
+  count = flops.mae_matmul_flops(model)
+  enc_tokens, dec_tokens, d, dd = 17, 65, 32, 32
+  assert count["forward_by_part"]["patch_embed"] == 2 * 64 * 48 * d
+  assert count["forward_by_part"]["encoder"] == 2 * 2 * (enc_tokens * d * d * 12 +
+                                                         2 * enc_tokens ** 2 * d)
+  assert count["forward_by_part"]["decoder"] == 2 * 1 * (dec_tokens * dd * dd * 12 +
+                                                         2 * dec_tokens ** 2 * dd)
+  assert count["train"] == 3 * count["forward"] - 2 * count["forward_by_part"]["patch_embed"]
+  # The paper's "w/ [M]" encoder sees all 1 + L tokens: ViT-L/16 costs over 3x the FLOPs.
+  large = flops.mae_matmul_flops(models.create_model("mae_vit_large_patch16"))["train"]
+  large_m = flops.mae_matmul_flops(
+      models.create_model("mae_vit_large_patch16", encoder_mask_tokens=True))["train"]
+  assert 3.1 < large_m / large < 3.4
+
+
+def test_compare_torch_runs_side_by_side():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from mae_jax.tools import compare_torch  # pylint: disable=import-outside-toplevel
+  result = compare_torch.compare("mae_vit_test_patch4", 8, steps=2, warmup=0, matmul_size=128)
+  assert result["ours_images_per_sec"] > 0 and result["torch_images_per_sec"] > 0
+  assert result["ratio"] > 0 and len(result["torch_step_times_s"]) == 2
+  assert result["torch_attn_implementation"] == "sdpa"
+  assert abs(result["final_loss"]["ours"] - result["final_loss"]["torch"]) < 1.0
+
+
+def test_scaling_compiles_on_8_devices_and_fsdp_divides_the_state():
+  results = []
+  for mesh, (data, fsdp) in (("data", (8, 1)), ("fsdp", (1, 8))):
+    for batch in (1, 2):
+      results.append(scaling.compile_one({
+          "variant": "tiny", "model": "mae_vit_test_patch4", "devices": 8, "mesh": mesh,
+          "data": data, "fsdp": fsdp, "batch_per_device": batch, "remat": False,
+          "dtype": "bfloat16"}))
+  data_only, sharded = results[0], results[2]
+  assert data_only["state_bytes_per_device"] == data_only["state_bytes_total"]
+  # Every matrix splits 8 ways along its embed axis; small vectors stay whole.
+  assert 6 < data_only["state_bytes_per_device"] / sharded["state_bytes_per_device"] <= 8
+  assert data_only["collectives"]["all-reduce"] >= 1
+  assert sharded["collectives"]["all-gather"] > 0
+  fits = scaling.fit_temp(results)
+  assert fits[("tiny", "fsdp", False)]["per_example"] > 0
+  rows = scaling.plan(fits, "tiny", 4096)
+  assert rows and all(r["batch_per_device"] * r["devices"] == 4096 for r in rows)
+  table = scaling.markdown(results, rows)
+  assert "| tiny | 8 | 1 x 8 |" in table and "Extrapolated" in table
+
+
+def test_asymmetry_tool_reports_flops_and_time_speedups():
+  from mae_jax.tools import asymmetry  # pylint: disable=import-outside-toplevel
+  result = asymmetry.measure("mae_vit_test_patch4", 8, steps=1, warmup=0)
+  compiled = result["flops_per_image_compiled"]
+  assert compiled["with_mask_tokens"] > compiled["mae"] > 0
+  assert result["flops_speedup_compiled"] > 1.5 and result["flops_speedup_hand_count"] > 1.5
+  assert result["time_speedup"] > 0

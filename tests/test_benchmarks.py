@@ -1,15 +1,20 @@
 """The performance tools on tiny configs: benchmark, hand FLOP count, side-by-side with PyTorch,
-the asymmetry run and the scaling simulation (8 simulated devices, from conftest)."""
+the asymmetry run and the scaling simulation (8 simulated devices, from conftest). The command-line
+tools run in their own processes, as users run them: each one owns its flags."""
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import pytest
-from absl import flags
 
 from configs import pretrain as pretrain_config
 from mae_jax import models
 from mae_jax.tools import benchmark, scaling
 from mae_jax.training import flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BENCHMARK_KEYS = {"images_per_sec", "step_time_s", "flops_per_image", "mfu",
                   "achieved_flops_per_device", "peak_flops_per_device", "memory_per_device_bytes",
@@ -23,15 +28,18 @@ def small_config(model="mae_vit_small_patch4", batch_size=64):
   return c
 
 
-def test_benchmark_cli_prints_the_keys(capsys):
-  flags.FLAGS(["benchmark", "--config=configs/pretrain.py:tiny",
-               "--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
-               "--steps=1", "--warmup=0", "--matmul_size=128"])
-  try:
-    benchmark.main([])
-  finally:
-    flags.FLAGS.unparse_flags()
-  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def run_tool(module, *args):
+  """The JSON line a tool prints last."""
+  out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_benchmark_cli_prints_the_keys():
+  result = run_tool("mae_jax.tools.benchmark", "--config=configs/pretrain.py:tiny",
+                    "--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
+                    "--steps=1", "--warmup=0", "--matmul_size=128")
   assert BENCHMARK_KEYS <= set(result)
   assert result["images_per_sec"] > 0 and 0 < result["mfu"]
   assert result["devices"] == jax.device_count() and result["global_batch"] == 16
@@ -66,8 +74,8 @@ def test_hand_flop_count_by_part():
 def test_compare_torch_runs_side_by_side():
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from mae_jax.tools import compare_torch  # pylint: disable=import-outside-toplevel
-  result = compare_torch.compare("mae_vit_test_patch4", 8, steps=2, warmup=0, matmul_size=128)
+  result = run_tool("mae_jax.tools.compare_torch", "--model=mae_vit_test_patch4", "--batch_size=8",
+                    "--steps=2", "--warmup=0", "--matmul_size=128")
   assert result["ours_images_per_sec"] > 0 and result["torch_images_per_sec"] > 0
   assert result["ratio"] > 0 and len(result["torch_step_times_s"]) == 2
   assert result["torch_attn_implementation"] == "sdpa"
@@ -97,8 +105,8 @@ def test_scaling_compiles_on_8_devices_and_fsdp_divides_the_state():
 
 
 def test_asymmetry_tool_reports_flops_and_time_speedups():
-  from mae_jax.tools import asymmetry  # pylint: disable=import-outside-toplevel
-  result = asymmetry.measure("mae_vit_test_patch4", 8, steps=1, warmup=0)
+  result = run_tool("mae_jax.tools.asymmetry", "--model=mae_vit_test_patch4", "--batch_size=8",
+                    "--steps=1", "--warmup=0")
   compiled = result["flops_per_image_compiled"]
   assert compiled["with_mask_tokens"] > compiled["mae"] > 0
   assert result["flops_speedup_compiled"] > 1.5 and result["flops_speedup_hand_count"] > 1.5

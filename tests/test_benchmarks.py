@@ -11,8 +11,7 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from mae_jax import models
-from mae_jax.tools import benchmark, scaling
-from mae_jax.training import flops
+from mae_jax.training import flops, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,9 +48,9 @@ def test_hand_flop_count_matches_the_compiled_step():
   """XLA's count of the whole step (matmuls, element-wise ops, AdamW) against the hand count of
   the matmuls alone: within a few percent once the model is wider than a toy."""
   config = small_config()
-  result = benchmark.benchmark(config, steps=1, warmup=0, peak_flops=1e12)
+  compiled = timing.StepRunner(config).flops_per_device() * jax.device_count() / config.batch_size
   hand = flops.mae_matmul_flops(models.create_model(config.model.name))["train"]
-  assert hand <= result["flops_per_image"] <= 1.05 * hand, (result["flops_per_image"], hand)
+  assert hand <= compiled <= 1.05 * hand, (compiled, hand)
 
 
 def test_hand_flop_count_by_part():
@@ -82,25 +81,25 @@ def test_compare_torch_runs_side_by_side():
   assert abs(result["final_loss"]["ours"] - result["final_loss"]["torch"]) < 1.0
 
 
-def test_scaling_compiles_on_8_devices_and_fsdp_divides_the_state():
-  results = []
-  for mesh, (data, fsdp) in (("data", (8, 1)), ("fsdp", (1, 8))):
-    for batch in (1, 2):
-      results.append(scaling.compile_one({
-          "variant": "tiny", "model": "mae_vit_test_patch4", "devices": 8, "mesh": mesh,
-          "data": data, "fsdp": fsdp, "batch_per_device": batch, "remat": False,
-          "dtype": "bfloat16"}))
-  data_only, sharded = results[0], results[2]
+def test_scaling_compiles_on_8_devices_and_fsdp_divides_the_state(tmp_path):
+  out = tmp_path / "scaling.json"
+  table = subprocess.run(
+      [sys.executable, "-m", "mae_jax.tools.scaling", "--devices=8", "--variants=tiny",
+       "--model=mae_vit_test_patch4", "--meshes=data,fsdp", "--batch_per_device=1,2",
+       "--plan_variant=tiny", f"--out={out}"],
+      cwd=REPO, capture_output=True, text=True, timeout=600, check=True).stdout
+  saved = json.loads(out.read_text())
+  results = {(r["mesh"], r["batch_per_device"]): r for r in saved["results"]}
+  data_only, sharded = results[("data", 1)], results[("fsdp", 1)]
+  assert (data_only["data"], data_only["fsdp"], sharded["data"], sharded["fsdp"]) == (8, 1, 1, 8)
   assert data_only["state_bytes_per_device"] == data_only["state_bytes_total"]
   # Every matrix splits 8 ways along its embed axis; small vectors stay whole.
   assert 6 < data_only["state_bytes_per_device"] / sharded["state_bytes_per_device"] <= 8
   assert data_only["collectives"]["all-reduce"] >= 1
   assert sharded["collectives"]["all-gather"] > 0
-  fits = scaling.fit_temp(results)
-  assert fits[("tiny", "fsdp", False)]["per_example"] > 0
-  rows = scaling.plan(fits, "tiny", 4096)
+  assert saved["fits"]["tiny/fsdp/False"]["per_example"] > 0
+  rows = saved["plan"]
   assert rows and all(r["batch_per_device"] * r["devices"] == 4096 for r in rows)
-  table = scaling.markdown(results, rows)
   assert "| tiny | 8 | 1 x 8 |" in table and "Extrapolated" in table
 
 

@@ -311,6 +311,23 @@ def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, referenc
         "s (start-up included), step 2 untouched")
 
 
+def test_a_config_or_log_rewrite_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  path = tmp_path / "config.json"
+  path.write_text('{"batch_size": 8}')
+  checkpointing.write_atomically(path, '{"batch_size": 16}')
+  assert path.read_text() == '{"batch_size": 16}' and os.listdir(tmp_path) == ["config.json"]
+  written = type(checkpointing.epath.Path(path))
+
+  def disk_full(self, text):
+    with open(self, "w") as f:
+      f.write(text[:3])   # cut short, as a full disk or a kill leaves it
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(written, "write_text", disk_full)
+  with pytest.raises(OSError, match="No space left"):
+    checkpointing.write_atomically(path, '{"batch_size": 32}')
+  assert path.read_text() == '{"batch_size": 16}'
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad configuration: refused by the checks that run before any compute, naming field and fix.
 def _parse(variant_file, args):

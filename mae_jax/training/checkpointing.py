@@ -136,6 +136,15 @@ def abstract_like(state):
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def write_atomically(path, text: str) -> None:
+  """Writes `text` to a temporary sibling, then renames it over `path`: a kill leaves the old
+  file or the new one, whole, never half of it."""
+  path = epath.Path(path)
+  partial = path.parent / (path.name + ".tmp")
+  partial.write_text(text)
+  partial.replace(path)
+
+
 def truncate_metrics_log(path: epath.Path, step: int) -> int:
   """Keeps the lines of a JSON-lines log with "step" <= `step` and drops the rest.
 
@@ -156,9 +165,7 @@ def truncate_metrics_log(path: epath.Path, step: int) -> int:
     else:
       dropped += 1
   if dropped:
-    partial = path.parent / (path.name + ".tmp")
-    partial.write_text("".join(kept))
-    partial.replace(path)  # atomic: a kill now leaves the old or the new log, whole
+    write_atomically(path, "".join(kept))
     logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
                     "run resumes from; the resumed run writes those steps again.", path, dropped,
                     step)

@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   classifier = build_classifier(config, num_classes)
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   steps_per_epoch = data.steps_per_epoch(config.data, config.data.train_split, config.batch_size)

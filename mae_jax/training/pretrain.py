@@ -203,7 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
   # --- Mesh.

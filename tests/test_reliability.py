@@ -19,10 +19,9 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 from ml_collections import config_flags
 
-from mae_jax.training import checkpointing, classify, config_checks, optimizer, pretrain
+from mae_jax.training import checkpointing, classify, config_checks, pretrain
 from tests.test_pretrain import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,20 +37,9 @@ TOTAL = RUN["total_steps"]
 
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
-  """Shared by every run here, in this process and in subprocesses: decoded Fashion-MNIST and
-  compiled steps (so each program compiles once)."""
-  root = tmp_path_factory.mktemp("caches")
-  settings = {"jax_compilation_cache_dir": str(root / "jax"),
-              "jax_persistent_cache_min_compile_time_secs": 0}
-  previous = {k: getattr(jax.config, k) for k in settings}
-  for key, value in settings.items():
-    jax.config.update(key, value)
-  jax_cache.reset_cache()  # the cache is set up at the first compile of the session
-  yield {"data.cache_dir": str(root / "data"), "env": dict(
-      os.environ, **{k.upper(): str(v) for k, v in settings.items()})}
-  for key, value in previous.items():
-    jax.config.update(key, value)
-  jax_cache.reset_cache()
+  """Decoded Fashion-MNIST, shared by every run here, in this process and in subprocesses
+  (compiled steps are shared through the session's compilation cache, see conftest.py)."""
+  return {"data.cache_dir": str(tmp_path_factory.mktemp("caches") / "data")}
 
 
 def run_config(caches):
@@ -94,7 +82,7 @@ def restore_target(**overrides):
   config = tiny_config(**{**RUN, **overrides})
   model = pretrain.build_model(config.model)
   schedule, _ = pretrain.schedule_from_config(config, 1000)
-  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+  tx = pretrain.optimizer_from_config(config, schedule)
   mesh = pretrain.sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   state, _ = pretrain.create_train_state(model, tx, mesh, config.seed)
   return checkpointing.abstract_like(state)
@@ -134,7 +122,7 @@ def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
   checkpoints = workdir / "checkpoints"
   # 1. SIGKILL while the async save of step 6 is being written.
   first = subprocess.run(command(workdir, caches, ("-c", KILL_DURING_SAVE.format(step=6))),
-                         cwd=REPO, env=caches["env"], capture_output=True, text=True, timeout=600)
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
   assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
   partial = [n for n in os.listdir(checkpoints) if n.startswith("6.")]
   assert partial and steps_in(checkpoints) == [2, 4]   # step 6 exists only half-written
@@ -142,7 +130,7 @@ def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
   #    in the async save of step 12.
   log = tmp_path / "second.log"
   with open(log, "w") as stderr:
-    second = subprocess.Popen(command(workdir, caches), cwd=REPO, env=caches["env"],
+    second = subprocess.Popen(command(workdir, caches), cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=stderr)
     wait_for_step(workdir, 11, second)
     second.kill()
@@ -296,7 +284,7 @@ def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, referenc
   start = time.time()
   # orbax used to make the step directory in the background: its writer threads then waited 5
   # minutes for it before the process could exit.
-  result = subprocess.run(command(workdir, caches), cwd=REPO, env=caches["env"],
+  result = subprocess.run(command(workdir, caches), cwd=REPO,
                           capture_output=True, text=True, timeout=240)
   seconds = time.time() - start
   assert result.returncode == 1, result.stderr[-3000:]
@@ -405,7 +393,7 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  pod_env = dict(caches["env"], JAX_PLATFORMS="cpu",
+  pod_env = dict(os.environ, JAX_PLATFORMS="cpu",
                  XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs, logs = [], [workdir / f"process_{i}.log" for i in range(2)]
   for i in range(2):

@@ -17,17 +17,15 @@ same rounds, for MFU. Needs torch and transformers
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # pylint: disable=g-import-not-at-top
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from mae_jax import models
-from mae_jax.training import timing
+from mae_jax.training import flops, timing
 
 flags.DEFINE_string("model", "mae_vit_base_patch16", "Named model size (models.MODELS).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of both steps.")
@@ -84,22 +82,6 @@ class TorchStep:
     self.loss = float(loss.detach())
 
 
-class MatmulProbe:
-  """A few square float32 matmuls on the XLA device: the reachable peak right now."""
-
-  def __init__(self, size: int, repeats: int = 3):
-    self.size, self.repeats = size, repeats
-    self.a = jnp.ones((size, size), jnp.float32)
-    self.matmul = jax.jit(lambda x: x @ x)
-    self.matmul(self.a).block_until_ready()
-
-  def __call__(self) -> float:
-    start = time.perf_counter()
-    for _ in range(self.repeats):
-      self.matmul(self.a).block_until_ready()
-    return 2 * self.size ** 3 * self.repeats / (time.perf_counter() - start)
-
-
 def load_average() -> float:
   return os.getloadavg()[0]
 
@@ -115,7 +97,6 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
   ours = timing.StepRunner(config, total_steps=warmup + steps + 1)
   theirs = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size,
                      attn_implementation, fused_adamw)
-  probe = MatmulProbe(matmul_size)
   for _ in range(warmup + 1):
     ours()
     theirs()
@@ -124,7 +105,7 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
   for _ in range(steps):
     ours_s.append(timing.timed_with_cpu(ours))
     torch_s.append(timing.timed_with_cpu(theirs))
-    peaks.append(probe())
+    peaks.append(flops.measure_matmul_flops(matmul_size, repeats=3))
   (ours_s, ours_cpu), (torch_s, torch_cpu) = np.array(ours_s).T, np.array(torch_s).T
   flops_per_step = ours.flops_per_device()
   peak = float(np.median(peaks))

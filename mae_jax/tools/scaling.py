@@ -74,7 +74,7 @@ def compile_one(spec: dict) -> dict:
   config.data.image_size = model.img_size
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   schedule = optimizer.warmup_cosine(1e-3, 10, 100)
-  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+  tx = pretrain.optimizer_from_config(config, schedule)
   abstract, shardings = pretrain.train_state_shapes(model, tx, mesh)
   step = pretrain.make_train_step(model, tx, schedule, config, shardings, mesh)
 

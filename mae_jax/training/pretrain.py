@@ -45,6 +45,11 @@ def schedule_from_config(config, steps_per_epoch: int):
   return optimizer.warmup_cosine(peak_lr, warmup, total, config.min_lr), total
 
 
+def optimizer_from_config(config, schedule):
+  """AdamW(b1, b2) with the config's weight decay (none on biases and norms) on `schedule`."""
+  return optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+
+
 def masking_noise(seed: int, step, batch_size: int, num_patches: int) -> jax.Array:
   """Per-example noise keyed by the example's global position in the run (step * batch + i), so
   masks never depend on how the batch is split over devices or hosts."""
@@ -217,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   schedule, total_steps = schedule_from_config(config, steps_per_epoch)
 
   # --- Model, optimizer, sharded state.
-  tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+  tx = optimizer_from_config(config, schedule)
   state, state_shardings = create_train_state(model, tx, mesh, config.seed)
   train_step = make_train_step(model, tx, schedule, config, state_shardings, mesh)
 

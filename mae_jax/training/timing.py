@@ -46,7 +46,7 @@ class StepRunner:
     model = pretrain.build_model(config.model)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     schedule = optimizer.warmup_cosine(config.base_lr * config.batch_size / 256, 1, total_steps)
-    tx = optimizer.adamw(schedule, config.weight_decay, config.b1, config.b2)
+    tx = pretrain.optimizer_from_config(config, schedule)
     self.state, shardings = pretrain.create_train_state(model, tx, self.mesh, config.seed)
     step = pretrain.make_train_step(model, tx, schedule, config, shardings, self.mesh)
     batch_sharding = sharding.batch_sharding(self.mesh)

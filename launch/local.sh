@@ -24,8 +24,8 @@
 #   --port=P                 PORT                 coordinator port (default: a free one)
 #   --log_dir=DIR            LOG_DIR              default: WORKDIR/logs for a local
 #                                                 --workdir, else a new temporary folder
-#   --grace_period=S         GRACE_PERIOD         seconds from SIGTERM to SIGKILL (30: time
-#                                                 to save a checkpoint and exit)
+#   --grace_period=S         GRACE_PERIOD         seconds from SIGTERM to SIGKILL (60: time
+#                                                 to save a checkpoint and exit on a busy CPU)
 #   --heartbeat_timeout_seconds=H
 #                            HEARTBEAT_TIMEOUT_SECONDS
 #                                                 a process silent this long counts as dead
@@ -43,7 +43,7 @@ num_processes=${NUM_PROCESSES:-}
 devices=${DEVICES_PER_PROCESS:-1}
 port=${PORT:-}
 log_dir=${LOG_DIR:-}
-grace=${GRACE_PERIOD:-30}
+grace=${GRACE_PERIOD:-60}
 heartbeat=${HEARTBEAT_TIMEOUT_SECONDS:-20}
 case "${DRY_RUN:-}" in 1|true|yes) DRY_RUN=1 ;; *) DRY_RUN=0 ;; esac
 main_args=()

@@ -227,8 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
                                          config.keep_checkpoints)
-  best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, enable_async_checkpointing=False))
+  best = checkpointing.create_best_manager(str(workdir))
   _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
   state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))

@@ -436,11 +436,10 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 
 # ----------------------------------------------------------------------------------------------
 # A pod preempted: SIGTERM to local.sh and both processes at once (a VM shutdown), or to one.
-def preempted_pod(workdir, caches, target, after_step):
-  """The 2-process pod of RUN, SIGTERMed once `after_step` is logged; asserts what every
-  preemption must give and returns the saved step."""
-  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target,
-                                     after_step)
+def preempted_pod(workdir, caches, target, moment, first_step):
+  """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
+  (the same step saved by both, no earlier than `first_step`) and returns that step."""
+  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment)
   logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
                  for i in range(2))
   # Exit 0: every process ended by itself, before local.sh's SIGKILL.
@@ -448,18 +447,18 @@ def preempted_pod(workdir, caches, target, after_step):
   saved = set(result["saved"].values())
   assert len(result["saved"]) == 2 and len(saved) == 1 and None not in saved, (result, logs)
   [step] = saved
-  assert after_step <= step < TOTAL and max(result["checkpoints"]) == step
+  assert first_step <= step < TOTAL and max(result["checkpoints"]) == step
   assert result["logged"] == step and result["lost"] == 0   # the last step logged is the one saved
   assert not result["left_behind"]
-  print(f"SIGTERM to {target} after step {result['signalled_at']} was logged: both processes "
-        f"saved step {step}; local.sh exited 0 {result['seconds']:.1f} s after the signal")
+  print(f"SIGTERM to {target} {result['moment']}: both processes saved step {step}; local.sh "
+        f"exited 0 {result['seconds']:.1f} s after the signal")
   return step
 
 
 def test_sigterm_to_a_whole_pod_saves_one_step_everywhere_and_the_relaunch_continues(
     reference, caches, tmp_path, caplog):
   workdir = tmp_path / "pod"
-  step = preempted_pod(workdir, caches, "all", after_step=5)
+  step = preempted_pod(workdir, caches, "all", preemption_trials.after_step(5), first_step=6)
   with caplog.at_level(logging.INFO):
     pretrain.train_and_evaluate(run_config(caches), str(workdir))
   assert f"Resumed from the checkpoint at step {step}." in caplog.text
@@ -468,5 +467,12 @@ def test_sigterm_to_a_whole_pod_saves_one_step_everywhere_and_the_relaunch_conti
   np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
 
 
-def test_sigterm_to_one_pod_process_stops_all_of_them_at_one_step(caches, tmp_path):
-  preempted_pod(tmp_path / "pod", caches, "one", after_step=3)
+def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(
+    reference, caches, tmp_path):
+  """Also before the first step of a resumed run (restore, compilation): the point all agree on
+  is still ahead of them."""
+  workdir = tmp_path / "pod"
+  for step in (2, 4, 6, 8):
+    shutil.copytree(os.path.join(reference[0], "checkpoints", str(step)),
+                    workdir / "checkpoints" / str(step))
+  preempted_pod(workdir, caches, "one", preemption_trials.once_resumed, first_step=9)

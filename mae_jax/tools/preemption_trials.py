@@ -4,9 +4,10 @@ r"""Preemption of a local pod at random moments: the trials behind README's faul
       [--task=pretrain|finetune] [--seed=0] [--workdir=DIR]
 
 Each trial starts launch/local.sh (2 processes x 4 CPU devices, a test-size model) on a fresh
-workdir, sends SIGTERM at a random moment (after a random logged step, or while the async save of
-a random checkpoint step is being written), waits for the pod to end and relaunches the same
-command to the end. --target=all: SIGTERM to local.sh and to both processes at once, as a VM
+workdir and sends SIGTERM at a random moment, the trials taking turns: after a random logged step;
+as the async save of a random checkpoint step begins; as a pod resumed from a random checkpoint of
+the unbroken run starts, before its first step. It waits for the pod to end and relaunches the
+same command to the end. --target=all: SIGTERM to local.sh and to both processes at once, as a VM
 shutdown delivers it; one: to process 1 only. Per trial it prints local.sh's exit status and the
 seconds from the signal to its exit, the step each process saved, processes left behind, logged
 steps lost (logged after the newest checkpoint) and the largest relative difference between the
@@ -15,6 +16,7 @@ relaunch's losses and an unbroken single-process run's.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,28 +125,50 @@ def _wait(condition, proc, timeout, what):
     time.sleep(0.02)
 
 
-def preempt(args, workdir, target: str, after_step: int, delay_s: float = 0.0,
-            during_save_of: int | None = None, timeout: float = 600) -> dict:
-  """Runs the pod of `args` (mae_jax.main's arguments; --workdir=workdir among them) and sends
-  SIGTERM once `after_step` is logged and `delay_s` more seconds have passed, or, with
-  `during_save_of`, once the async save of that step has begun. Returns what happened."""
+# Moments to send SIGTERM at: each waits for its moment and says what it was.
+def after_step(step: int, delay_s: float = 0.0):
+  def wait(workdir, pod, timeout):
+    _wait(lambda: max(losses(workdir), default=0) >= step, pod, timeout,
+          f"step {step} was logged")
+    time.sleep(delay_s)
+    return f"{delay_s:.2f} s after step {step} was logged"
+  return wait
+
+
+def as_save_begins(step: int):
+  def wait(workdir, pod, timeout):
+    # Or just after the save, when it was quicker than a look.
+    begun = lambda: _saving(workdir, step) or max(losses(workdir), default=0) > step
+    _wait(begun, pod, timeout, f"the save of step {step} began")
+    caught = _saving(workdir, step)
+    return f"as the save of step {step} began ({'caught' if caught else 'missed'} while writing)"
+  return wait
+
+
+def once_resumed(workdir, pod, timeout):
+  def resumed():
+    try:
+      with open(os.path.join(workdir, "logs", "process_0.log"), errors="replace") as f:
+        return "Resumed from the checkpoint" in f.read()
+    except FileNotFoundError:
+      return False
+  _wait(resumed, pod, timeout, "the pod resumed from a checkpoint")
+  return "as the pod resumed, before its first step"
+
+
+def preempt(args, workdir, target: str, moment, timeout: float = 600) -> dict:
+  """Runs the pod of `args` (mae_jax.main's arguments; --workdir=workdir among them), sends
+  SIGTERM to `target` ("all": local.sh and every process, "one": process 1) at `moment` (one of
+  the moments above) and waits for the pod to end. Returns what happened."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "local_sh.log"), "w") as log:
     pod = subprocess.Popen(local_pod(args), cwd=REPO, env=_env(), stdout=log,
                            stderr=subprocess.STDOUT)
   pids = {}
   try:
-    _wait(lambda: max(losses(workdir), default=0) >= after_step, pod, timeout,
-          f"step {after_step} was logged")
-    if during_save_of is not None:  # or just after it, when the save was quicker than a look
-      begun = lambda: (_saving(workdir, during_save_of) or
-                       max(losses(workdir), default=0) > during_save_of)
-      _wait(begun, pod, timeout, f"the save of step {during_save_of} began")
-    else:
-      time.sleep(delay_s)
+    when = moment(workdir, pod, timeout)
     pids = processes(workdir)
     signalled_at = max(losses(workdir), default=0)
-    in_save = during_save_of is not None and _saving(workdir, during_save_of)
     receivers = {"all": [pod.pid, *pids.values()], "one": [pids[1]]}[target]
     sent = time.time()
     for pid in receivers:
@@ -165,10 +189,9 @@ def preempt(args, workdir, target: str, after_step: int, delay_s: float = 0.0,
     saved[i] = int(found[-1]) if found else None
   checkpoints = checkpoint_steps(workdir)
   logged = max(losses(workdir), default=0)
-  return {"rc": rc, "seconds": seconds, "signalled_at": signalled_at, "in_save": in_save,
-          "saved": saved,
-          "checkpoints": checkpoints, "left_behind": left_behind, "logged": logged,
-          "lost": logged - max(checkpoints, default=0)}
+  return {"moment": when, "rc": rc, "seconds": seconds, "signalled_at": signalled_at,
+          "saved": saved, "checkpoints": checkpoints, "left_behind": left_behind,
+          "logged": logged, "lost": logged - max(checkpoints, default=0)}
 
 
 def max_relative_difference(got: dict, expected: dict) -> float:
@@ -207,21 +230,24 @@ def main(argv):
   rows = []
   for trial in range(FLAGS.trials):
     workdir = os.path.join(root, f"{FLAGS.task}_{FLAGS.target}_{FLAGS.seed}_{trial}")
+    shutil.rmtree(workdir, ignore_errors=True)
     args = main_args(FLAGS.task, workdir, cache)
-    if trial % 2:  # while the async save of a checkpoint step is being written
-      save_of = int(rng.integers(1, total // every - 1)) * every
-      moment = dict(after_step=save_of - 1, during_save_of=save_of)
-      where = f"as the save of step {save_of} began"
-    else:
-      step, delay = int(rng.integers(2, total - 4)), float(rng.uniform(0, 1))
-      moment = dict(after_step=step, delay_s=delay)
-      where = f"{delay:.2f} s after step {step} was logged"
-    result = preempt(args, workdir, FLAGS.target, **moment)
+    kind = trial % 3
+    if kind == 0:
+      moment = after_step(int(rng.integers(2, total - 4)), float(rng.uniform(0, 1)))
+    elif kind == 1:  # while the async save of a checkpoint step is being written
+      moment = as_save_begins(int(rng.integers(1, total // every - 1)) * every)
+    else:  # a relaunch of the unbroken run from one of its checkpoints, before its first step
+      resume_from = int(rng.integers(1, total // every)) * every
+      for step in range(every, resume_from + 1, every):
+        shutil.copytree(os.path.join(reference, "checkpoints", str(step)),
+                        os.path.join(workdir, "checkpoints", str(step)))
+      shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir)
+      moment = once_resumed
+    result = preempt(args, workdir, FLAGS.target, moment)
     relaunch = subprocess.run(local_pod(args), cwd=REPO, env=_env(), capture_output=True,
                               text=True)
-    if "during_save_of" in moment:
-      where += " (caught while writing)" if result["in_save"] else " (it was already done)"
-    result.update(where=where, relaunch_rc=relaunch.returncode,
+    result.update(relaunch_rc=relaunch.returncode,
                   loss_difference=max_relative_difference(losses(workdir), expected))
     rows.append(result)
     print(json.dumps({"trial": trial, **result}), flush=True)

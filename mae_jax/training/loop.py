@@ -1,5 +1,5 @@
-"""What both training loops (pretrain.py, classify.py) share: the preemption watcher, the cap on
-dispatched steps, the summary of the metrics since the last log line, and the metrics log."""
+"""What both training loops (pretrain.py, classify.py) share: the preemption watcher and save, the
+cap on dispatched steps, the summary of the metrics since the last log line, and the metrics log."""
 import json
 import logging
 import signal

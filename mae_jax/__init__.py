@@ -1,4 +1,7 @@
 """mae_jax: Masked Autoencoder pre-training of Vision Transformers in JAX/Flax."""
+from mae_jax.tpu import presence as _presence
+
+_presence.skip_tpu_probe_without_tpu()
 
 
 def load_encoder(path: str, model_name: str | None = None):

@@ -69,9 +69,12 @@ def torch_load(path: str, allow_unsafe_pickle: bool = False):
   except pickle.UnpicklingError as e:
     # torch wraps the unpickler's own message (which names the global) in generic advice.
     found = str(e.__context__ or e).split(" Please use")[0].strip()
-    refusal = _refusal(path, f"torch.load(weights_only=True) says: {found}")
+  except RuntimeError as e:
+    if "weights_only" not in str(e):  # a damaged file, not a refusal
+      raise
+    found = str(e).split(". ")[0]  # a TorchScript archive, which holds code
   if not allow_unsafe_pickle:
-    raise refusal
+    raise _refusal(path, f"torch.load(weights_only=True) says: {found}")
   _LOG.warning("allow_unsafe_pickle: unpickling %s in full, which runs any code it holds.", path)
   return torch.load(path, map_location="cpu", weights_only=False)
 

@@ -89,7 +89,8 @@ def test_python_api_refuses_a_pickle_that_runs_code(crafted, tmp_path, monkeypat
   assert not os.path.exists(marker)
 
 
-def test_the_legacy_pth_format_is_refused_too(tmp_path, state):
+@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive")
+def test_the_legacy_pth_format_and_torchscript_are_refused_too(tmp_path, state):
   path, marker = write_crafted(tmp_path, state, "legacy.pth",
                                _use_new_zipfile_serialization=False)
   export.check_official_pickle(path)  # the pickle scan reads zip files only ...
@@ -97,6 +98,11 @@ def test_the_legacy_pth_format_is_refused_too(tmp_path, state):
     convert.load_official(path, tiny())
   assert_refusal(str(error.value), path)
   assert not os.path.exists(marker)
+
+  scripted = str(tmp_path / "scripted.pth")
+  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+  with pytest.raises(convert.UnsafeCheckpointError, match="with TorchScript archives"):
+    convert.read_state_dict(scripted)
 
 
 def test_an_official_training_checkpoint_loads_without_the_opt_in(tmp_path, state, caplog):

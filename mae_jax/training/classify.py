@@ -48,7 +48,8 @@ def load_init(config, classifier, rng):
   params = random_params(classifier, rng)
   if not config.init:
     return params, None
-  mae, encoder = export.load_encoder_params(config.init, config.init_model or None)
+  mae, encoder = export.load_encoder_params(config.init, config.init_model or None,
+                                            config.init_allow_unsafe_pickle)
   table = sincos.sincos_2d(mae.embed_dim, mae.grid_size)[None]
   params, report = vit_classifier.encoder_params_from_mae(encoder, params, mae_pos_embed=table)
   logging.info("Loaded %d pre-trained tensors from %s; fresh: %s", len(report.copied),
@@ -91,6 +92,7 @@ def check_config(config, num_processes: int, num_devices: int):
                      f"patch size {patch} of config.model.name={config.model.name}; use a "
                      f"multiple of {patch}.")
   if config.init:
+    export.check_official_pickle(config.init, config.init_allow_unsafe_pickle)
     _check_init_architecture(config, classifier)
   sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
   data.check_config(config.data)

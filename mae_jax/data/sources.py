@@ -3,7 +3,8 @@
 Random access is what makes the pipeline resumable at any step without reading earlier data:
   * fashion_mnist: prepared once into TFDS format, then held decoded in memory (47 MB).
   * imagenet2012: TFDS's builder, prepared with `file_format='array_record'`, read through
-    `builder.as_data_source` (raw serialized examples; images stay JPEG until the crop).
+    `builder.as_data_source` (raw serialized examples; images stay JPEG until the crop); every
+    shard file is checked against dataset_info.json when the source opens (shards.py).
   * image_folder: `tfds.ImageFolder` lists root/<split>/<class>/* ; an index is a file path.
 """
 from __future__ import annotations

@@ -251,6 +251,18 @@ def test_a_damaged_record_stops_the_pipeline_naming_the_file_and_the_fix(imagene
   assert REBUILD in message
 
 
+def test_a_shard_cut_short_after_the_check_stops_the_pipeline_too(imagenet, tmp_path):
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  ds = data.create_dataset(cfg, "train", global_batch_size=8, mode="eval", process_index=0,
+                           process_count=1)   # checked here; array_record opens the file later
+  _cut_in_half(shard)
+  with pytest.raises(Exception) as error:     # not empty records skipped as undecodable images
+    next(iter(ds))
+  message = str(error.value)
+  assert "DamagedShardError" in message and f"of {shard} came back empty" in message
+  assert REBUILD in message
+
+
 def test_shard_lengths_of_another_preparation_are_refused(imagenet, tmp_path):
   cfg, shard = _prepared_copy(imagenet, tmp_path)
   info_path = os.path.join(os.path.dirname(shard), "dataset_info.json")

@@ -35,7 +35,7 @@ class Shards:
     """Raises DamagedShardError listing every shard that is missing or holds another number of
     records than dataset_info recorded. Opens each file (reads its index, not its records)."""
     recorded = {f.filename: f.examples_in_shard for f in self.files}
-    with concurrent.futures.ThreadPoolExecutor(min(max_threads, len(recorded))) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(max_threads, len(recorded)))) as pool:
       problems = [p for p in pool.map(_problem, recorded, recorded.values()) if p]
     if problems:
       more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""

@@ -14,7 +14,6 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
 from mae_jax import convert, models, safe_load
@@ -59,27 +58,21 @@ def _pretrain_config(workdir: epath.Path) -> ml_collections.ConfigDict:
 
 
 def restore_pretrain_params(workdir: str, step: int | None = None):
-  """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
-  on this host's default device whatever mesh wrote it."""
+  """(config, step, params) of the newest intact (or given) checkpoint in a pre-training workdir,
+  restored on this host's default device whatever mesh wrote it. A damaged newest step is
+  reported and the previous one read; a damaged `step` asked for raises CheckpointUnreadableError
+  (see checkpointing.restore_for_reading)."""
+  # Imported here: loading an exported encoder must not import the training code.
+  from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   workdir = _workdir(workdir)
   config = _pretrain_config(workdir)
   model = _mae_of(config)
-  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
-    saved = sorted(manager.all_steps())
-    if not saved:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
-    step = saved[-1] if step is None else step
-    if step not in saved:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'} has no step {step}; saved steps: "
-                              f"{', '.join(map(str, saved))}.")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": abstract},
-        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
-        partial_restore=True))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  step, restored = checkpointing.restore_for_reading(workdir / "checkpoints", {"params": abstract},
+                                                     step)
   return config, step, restored["params"]
 
 

@@ -40,9 +40,10 @@ def main():
       req = r.get("memory_per_device", {}).get("required")
       out.append(f"| {what} | {hours} | {est} | {mfu} | "
                  f"{'-' if req is None else f'{req / 2**30:.2f}'} |")
-  out += ["", "## Every compile", ""]
-  for name, rows in runs.items():
-    out += [f"`{name}`", "", markdown(rows), ""]
+  out += ["", "## Every compile", "", "Each named by its file in `benchmarks/tpu_plan/` (the "
+          "commands are in `benchmarks/tpu_plan.sh`):", "",
+          markdown([{**r, "model": f"{r['model']} (`{name}`)"} for name, rows in runs.items()
+                    for r in rows])]
   with open(os.path.join(HERE, "tpu_plan.md"), "w") as f:
     f.write("\n".join(out) + "\n")
   print("\n".join(out))

@@ -29,5 +29,8 @@ setup(
         # Reading official .pth checkpoints and the PyTorch parity tests. Install torch as
         # `pip install torch==2.13.0` (the CPU build) before this extra to avoid a CUDA download.
         "torch": ["torch==2.13.0", "transformers>=4.40"],
+        # libtpu: runs on TPU VMs, and compiles TPU programs on any machine (mae_jax.tpu.aot).
+        # The same range as jax above, so pip picks the libtpu built for the installed jax.
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
     },
 )

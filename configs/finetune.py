@@ -4,6 +4,9 @@ r"""Fine-tuning a pre-trained MAE encoder (official FINETUNE.md recipes).
       --config.init=/tmp/mae_fmnist            # a pre-training workdir, an exported encoder,
                                                 # or an official .pth (+ --config.init_model=NAME)
 
+An init .pth that pickles more than tensors (it could run code) is refused unless
+--config.init_allow_unsafe_pickle=True; convert it once to .safetensors instead (see the error).
+
 Variants: fashion_mnist (default), vit_base, vit_large, vit_huge. An empty `init` trains from a
 random initialisation (the from-scratch baseline).
 """
@@ -30,6 +33,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.seed = 0
   c.init = ""                   # pre-trained encoder; "" = random init
   c.init_model = ""             # MAE size of an official .pth given as init
+  c.init_allow_unsafe_pickle = False  # True reads an init .pth that can run code: trusted only
   c.batch_size = 1024
   c.num_epochs = epochs
   c.total_steps = 0

@@ -9,9 +9,15 @@
 #            bash launch/setup_env.sh, pip install jax[tpu] of the installed jax version,
 #            then `check`
 #   check    on every worker at once: python3 launch/check_devices.py (jax must see the TPU)
+#   plan     here, no TPU needed: compile the run's config and overrides for the slice
+#            (--accelerator-type) with the TPU compiler (libtpu: setup_env.sh --tpu) and print
+#            memory per device against HBM, collectives and the compiler's time estimate;
+#            exits 3 when it does not fit
 #   run      on every worker at once, detached (nohup setsid), a log per worker:
 #              python3 -m mae_jax.main --config=CONFIG --workdir=WORKDIR [--config.k=v ...]
 #            --config.* options, and everything after --, go to mae_jax.main unchanged.
+#            With --accelerator-type, `plan` runs first and a config that does not fit is
+#            refused (--force starts it anyway; --plan=false skips the compile).
 #            Run it again on a preempted or recreated slice (after setup) to resume: the
 #            train loop resumes from the latest checkpoint in WORKDIR, which is never wiped.
 #   logs     tail one worker's log (--worker=N, default 0; -f to follow)
@@ -23,7 +29,9 @@
 #   --name=NAME              TPU_NAME          required by every command
 #   --zone=ZONE              ZONE              required by every command, e.g. europe-west4-a
 #   --project=PROJECT        PROJECT           default: gcloud's configured project
-#   --accelerator-type=TYPE  ACCELERATOR_TYPE  create: v3-8, v3-128, v4-64, v5litepod-16 ...
+#   --accelerator-type=TYPE  ACCELERATOR_TYPE  create, plan, run: v3-8, v3-128, v4-64,
+#                                              v5litepod-16, v5p-128, v6e-256 ... (the
+#                                              table: python3 -m mae_jax.tpu.slices)
 #   --runtime-version=VER    RUNTIME_VERSION   create: default from the type, e.g.
 #                                              tpu-ubuntu2204-base for v2, v3, v4
 #   --spot                   SPOT=1            create: a Spot VM
@@ -34,7 +42,9 @@
 #   --remote-dir=DIR         REMOTE_DIR        the project on the workers (mae_jax, under ~)
 #   --venv=DIR               REMOTE_VENV       the venv on the workers (mae_jax_venv, under ~)
 #   --python-version=V       PYTHON_VERSION    setup: the venv's Python (3.12; jax needs 3.11+)
-#   --config=FILE:VARIANT    CONFIG            run: e.g. configs/pretrain.py:vit_large
+#   --config=FILE:VARIANT    CONFIG            plan, run: e.g. configs/pretrain.py:vit_large
+#   --plan=false             PLAN=0            run: do not compile the plan first
+#   --force                  FORCE=1           run: start even if the plan does not fit
 #   --workdir=gs://...       WORKDIR           run: checkpoints and summaries (must be gs://)
 #   --env=KEY=VALUE                            run: export on the workers (repeatable)
 #   --log-dir=DIR            REMOTE_LOG_DIR    the logs on the workers (mae_jax_logs, under ~):
@@ -68,6 +78,8 @@ project=${PROJECT:-}
 accelerator_type=${ACCELERATOR_TYPE:-}
 runtime_version=${RUNTIME_VERSION:-}
 spot=0; truthy "${SPOT:-}" && spot=1
+plan=1; [[ -n "${PLAN:-}" ]] && ! truthy "$PLAN" && plan=0
+force=0; truthy "${FORCE:-}" && force=1
 preemptible=0; truthy "${PREEMPTIBLE:-}" && preemptible=1
 repo_url=${REPO_URL:-}
 repo_ref=${REPO_REF:-HEAD}
@@ -113,6 +125,8 @@ while [[ $# -gt 0 ]]; do
       key=$(flag_key "$arg")
       case "$key" in
         --spot) spot=$(bool_flag "$arg") ;;
+        --plan) plan=$(bool_flag "$arg") ;;
+        --force) force=$(bool_flag "$arg") ;;
         --preemptible) preemptible=$(bool_flag "$arg") ;;
         --follow) follow=$(bool_flag "$arg") ;;
         --yes) yes=$(bool_flag "$arg") ;;
@@ -152,25 +166,29 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-[[ -n "$command" ]] || { usage >&2; die "no command given: create, setup, check, run, logs, status, stop or delete"; }
+[[ -n "$command" ]] || { usage >&2; die "no command given: create, setup, check, plan, run, logs, status, stop or delete"; }
 case "$command" in
-  create|setup|check|run|logs|status|stop|delete) ;;
-  *) die "unknown command: $command (create, setup, check, run, logs, status, stop or delete)" ;;
+  create|setup|check|plan|run|logs|status|stop|delete) ;;
+  *) die "unknown command: $command (create, setup, check, plan, run, logs, status, stop or delete)" ;;
 esac
-if [[ ${#job_args[@]} -gt 0 && "$command" != run ]]; then
-  die "--config.* overrides are for 'run' only"
+if [[ ${#job_args[@]} -gt 0 && "$command" != run && "$command" != plan ]]; then
+  die "--config.* overrides are for 'run' and 'plan' only"
 fi
-if [[ ${#extra_args[@]} -gt 0 && "$command" != create && "$command" != run ]]; then
-  die "arguments after -- are for 'create' (gcloud) and 'run' (mae_jax.main) only"
+if [[ ${#extra_args[@]} -gt 0 && "$command" != create && "$command" != run && "$command" != plan ]]; then
+  die "arguments after -- are for 'create' (gcloud) and 'run'/'plan' (mae_jax.main) only"
 fi
-if [[ "$command" == run && ${#extra_args[@]} -gt 0 ]]; then
+if [[ ( "$command" == run || "$command" == plan ) && ${#extra_args[@]} -gt 0 ]]; then
   job_args+=("${extra_args[@]}")
   extra_args=()
 fi
 
-require "$name" --name TPU_NAME "TPU name"
-require "$zone" --zone ZONE "zone"
+if [[ "$command" != plan ]]; then
+  require "$name" --name TPU_NAME "TPU name"
+  require "$zone" --zone ZONE "zone"
+fi
 GCLOUD=${GCLOUD:-gcloud}
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PYTHON=${LAUNCH_PYTHON:-python3}
 
 # ---- helpers ----
 # The gcloud words every tpu-vm call shares: VERB NAME --zone [--project].
@@ -198,14 +216,10 @@ home_path() {
   if [[ "$p" == /* ]]; then shell_quote "$p"; else printf '"%s"/%s' "\$HOME" "$(shell_quote "$p")"; fi
 }
 
-default_runtime() {
-  case "$1" in
-    v2-*|v3-*|v4-*) echo tpu-ubuntu2204-base ;;
-    v5litepod-*|v5e-*) echo v2-alpha-tpuv5-lite ;;
-    v5p-*) echo v2-alpha-tpuv5 ;;
-    v6e-*) echo v2-alpha-tpuv6e ;;
-    *) return 1 ;;
-  esac
+# slice_field FIELD TYPE: one field of an accelerator type from the slice table
+# (mae_jax/tpu/slices.py, the one source of truth); fails for an unknown type.
+slice_field() {
+  (cd "$ROOT" && "$PYTHON" -m mae_jax.tpu.slices "$1" "$2" 2>/dev/null)
 }
 
 # The job's processes: python3 -m mae_jax.main, the interpreter's path in front or not.
@@ -225,8 +239,8 @@ worker_id='w=${MAE_WORKER_ID:-}; if [ -z "$w" ]; then w=$(curl -sf -m 5 -H Metad
 cmd_create() {
   require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
   if [[ -z "$runtime_version" ]]; then
-    runtime_version=$(default_runtime "$accelerator_type") \
-      || die "no default runtime for accelerator type $accelerator_type: pass --runtime-version=... or set RUNTIME_VERSION"
+    runtime_version=$(slice_field runtime "$accelerator_type") \
+      || die "unknown accelerator type $accelerator_type (python3 -m mae_jax.tpu.slices lists the known ones), so no default runtime: pass --runtime-version=... or set RUNTIME_VERSION"
   fi
   [[ "$spot" == 1 && "$preemptible" == 1 ]] && die "--spot and --preemptible exclude each other"
   tpu_vm create "$name" "--accelerator-type=$accelerator_type" "--version=$runtime_version"
@@ -271,12 +285,30 @@ cmd_setup() {
   script+="; command -v uv >/dev/null || python3 -m pip install --user -q uv || curl -LsSf https://astral.sh/uv/install.sh | sh"
   script+="; [ -x $q_venv/bin/python3 ] || uv venv --seed --python $q_py $q_venv"
   script+="; cd \"\$HOME\"; cd $q_dir; export VIRTUAL_ENV=$q_venv; export PATH=\"\$VIRTUAL_ENV/bin:\$PATH\""
-  script+="; bash launch/setup_env.sh"
-  script+="; jax_version=\$(python3 -c \"import jax; print(jax.__version__)\")"
-  script+="; python3 -m pip install -q --disable-pip-version-check \"jax[tpu]==\$jax_version\""
-  script+="; echo \"\$(hostname): set up, jax[tpu] \$jax_version\""
+  script+="; bash launch/setup_env.sh --tpu"
+  script+="; echo \"\$(hostname): set up, jax[tpu] \$(python3 -c \"import jax; print(jax.__version__)\")\""
   remote "${worker:-all}" "$script"
   cmd_check
+}
+
+# The compile of the run's config (and its --config.* overrides) for the slice, here.
+cmd_plan() {
+  require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
+  require "$config" --config CONFIG "config (e.g. configs/pretrain.py:vit_large)"
+  local overrides=() a
+  for a in ${job_args[@]+"${job_args[@]}"}; do
+    [[ "$a" != --config.* ]] || overrides+=("$a")
+  done
+  local rc=0
+  (cd "$ROOT" && run_cmd "$PYTHON" -m mae_jax.tools.scaling "--topology=$accelerator_type" \
+    "--config=$config" ${overrides[@]+"${overrides[@]}"} --check_fits) || rc=$?
+  if [[ "$rc" == 3 ]]; then
+    warn "the TPU compiler says $config does not fit in the HBM of $accelerator_type."
+    warn "Fixes: shard the state (--config.mesh.fsdp=N, N > 1), remat (--config.model.remat=True), a smaller batch per device (a larger slice, or --config.batch_size), or --config.grad_accum_steps=K."
+  elif [[ "$rc" != 0 ]]; then
+    warn "the plan of $config for $accelerator_type failed (exit $rc); see above."
+  fi
+  return "$rc"
 }
 
 cmd_run() {
@@ -284,6 +316,15 @@ cmd_run() {
   require "$workdir" --workdir WORKDIR "workdir (gs://bucket/path)"
   [[ "$workdir" == gs://?* ]] \
     || die "--workdir must be a gs:// path that every worker can reach, got: $workdir"
+  if [[ -n "$accelerator_type" && "$plan" == 1 ]]; then
+    local rc=0
+    cmd_plan || rc=$?
+    if [[ "$rc" != 0 && "$force" == 1 ]]; then
+      warn "--force: starting anyway."
+    elif [[ "$rc" != 0 ]]; then
+      die "not started: the plan failed (exit $rc). --force starts it anyway; --plan=false skips the plan."
+    fi
+  fi
   local exports="" pair
   for pair in ${env_pairs[@]+"${env_pairs[@]}"}; do
     [[ "$pair" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env needs KEY=VALUE, got: $pair"

@@ -27,26 +27,25 @@ lists the missing keys, unexpected keys and wrong shapes, with a guess at the ch
 
 The dict-level functions (`from_official`, `to_official`, `from_hf_state_dict`) are pure
 functions on numpy arrays. PyTorch is needed only to read or write `.pth` files and is imported
-lazily.
+lazily. `.pth` files are read without running code from them (see `mae_jax.safe_load`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import os
 import re
-import warnings
 from typing import Any, Callable, Mapping
 
 import flax.serialization
 import jax
 import numpy as np
 
-from mae_jax import models
+from mae_jax import models, safe_load
 from mae_jax.models import pos_embed as pos_embed_lib
 from mae_jax.models.mae import MaskedAutoencoder
+from mae_jax.safe_load import UnsafeCheckpointError
 
 KINDS = ("full", "encoder", "classifier")
 POS_TABLE_ATOL = 1e-6
@@ -571,40 +570,18 @@ def from_hf_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 # -------------------------------------------------------------------------------------------------
 # Files.
 # -------------------------------------------------------------------------------------------------
-def _import_torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("Reading or writing .pth checkpoints needs PyTorch: "
-                      "pip install torch==2.13.0 (the CPU build is enough). "
-                      ".safetensors files need no PyTorch.") from e
-  return torch
+def read_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, np.ndarray]:
+  """The flat state_dict of a `.pth`/`.pt`/`.bin` (its ['model'] entry if any) or `.safetensors`.
 
-
-def _torch_load(path: str):
-  torch = _import_torch()
-  import pickle  # pylint: disable=import-outside-toplevel
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    pass
-  try:  # Training checkpoints (misc.save_model) also pickle the argparse `args`.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError:
-    warnings.warn(f"{path} holds Python objects besides tensors; loading it with "
-                  f"weights_only=False, which runs arbitrary code: only do this for files you "
-                  f"trust.")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The flat state_dict of a `.pth`/`.pt`/`.bin` (its ['model'] entry if any) or `.safetensors`."""
+  Pickled files are read without running code from them: one that needs more than tensors, plain
+  values and argparse.Namespace raises UnsafeCheckpointError, unless `allow_unsafe_pickle=True`
+  (see `mae_jax.safe_load`).
+  """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     return dict(load_file(path))
-  obj = _torch_load(path)
+  obj = safe_load.torch_load(path, allow_unsafe_pickle)
   if isinstance(obj, Mapping) and "model" in obj:
     obj = obj["model"]
   if not isinstance(obj, Mapping):
@@ -612,13 +589,15 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: _as_numpy(v) for k, v in obj.items()}
 
 
-def load_official(path: str, model: MaskedAutoencoder, kind: str | None = None) -> dict:
+def load_official(path: str, model: MaskedAutoencoder, kind: str | None = None,
+                  allow_unsafe_pickle: bool = False) -> dict:
   """Reads an official MAE checkpoint (or a transformers ViTMAE one) and returns mae_jax params.
 
   See `from_official` for the kinds of checkpoint and what each returns. An encoder-only file gives
   no decoder: `merge_into(models.init_params(model, rng), params)` completes it for training.
+  `allow_unsafe_pickle` as in `read_state_dict`.
   """
-  state_dict = read_state_dict(path)
+  state_dict = read_state_dict(path, allow_unsafe_pickle)
   if is_hf_state_dict(state_dict):
     state_dict = from_hf_state_dict(state_dict)
   return from_official(state_dict, model, kind=kind)
@@ -638,7 +617,7 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file(state_dict, path, metadata={"format": "pt"})
   elif path.endswith((".pth", ".pt")):
-    torch = _import_torch()
+    torch = safe_load.import_torch()
     torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, path)
   else:
     raise ValueError(f"save_official: {path!r} must end in .pth, .pt or .safetensors.")
@@ -659,14 +638,15 @@ def save_converted(directory: str, params: Mapping[str, Any], model_name: str,
 
 def load_converted(directory: str):
   """Reads what `save_converted` wrote: (model, params, config dict)."""
-  with open(os.path.join(directory, _CONVERTED_CONFIG)) as f:
+  with open(safe_load.file_in(directory, _CONVERTED_CONFIG)) as f:
     config = json.load(f)
-  with open(os.path.join(directory, _CONVERTED_PARAMS), "rb") as f:
+  with open(safe_load.file_in(directory, _CONVERTED_PARAMS), "rb") as f:
     params = flax.serialization.msgpack_restore(f.read())
   model = models.create_model(config["model"], **config.get("overrides", {}))
   return model, params, config
 
 
-__all__ = ["KINDS", "checkpoint_kind", "fixed_tables", "from_hf_state_dict", "from_official",
-           "is_hf_state_dict", "load_converted", "load_official", "merge_into", "official_shapes",
-           "read_state_dict", "save_converted", "save_official", "to_official"]
+__all__ = ["KINDS", "UnsafeCheckpointError", "checkpoint_kind", "fixed_tables",
+           "from_hf_state_dict", "from_official", "is_hf_state_dict", "load_converted",
+           "load_official", "merge_into", "official_shapes", "read_state_dict", "save_converted",
+           "save_official", "to_official"]

@@ -4,7 +4,8 @@ An exported encoder is a directory with
   encoder.msgpack      the encoder params (mae_jax names; no decoder, no optimizer state)
   encoder.safetensors  the same under the official/timm key names, for PyTorch users
   config.json          {"model": MAE name, "overrides": {...}, "source": ...}
-and loads without the training code: `mae_jax.load_encoder(path)`.
+and loads without the training code: `mae_jax.load_encoder(path)`. Its files are read only from
+inside the directory, and official `.pth` files without running code from them (`safe_load`).
 """
 import json
 import os
@@ -13,10 +14,9 @@ import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 
-from mae_jax import convert, models
+from mae_jax import convert, models, safe_load
 from mae_jax.models import pos_embed, vit_classifier
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "norm")
@@ -58,27 +58,21 @@ def _pretrain_config(workdir: epath.Path) -> ml_collections.ConfigDict:
 
 
 def restore_pretrain_params(workdir: str, step: int | None = None):
-  """(config, step, params) of the newest (or given) checkpoint in a pre-training workdir, restored
-  on this host's default device whatever mesh wrote it."""
+  """(config, step, params) of the newest intact (or given) checkpoint in a pre-training workdir,
+  restored on this host's default device whatever mesh wrote it. A damaged newest step is
+  reported and the previous one read; a damaged `step` asked for raises CheckpointUnreadableError
+  (see checkpointing.restore_for_reading)."""
+  # Imported here: loading an exported encoder must not import the training code.
+  from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
   workdir = _workdir(workdir)
   config = _pretrain_config(workdir)
   model = _mae_of(config)
-  with ocp.CheckpointManager(workdir / "checkpoints") as manager:
-    saved = sorted(manager.all_steps())
-    if not saved:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'} holds no checkpoint yet.")
-    step = saved[-1] if step is None else step
-    if step not in saved:
-      raise FileNotFoundError(f"{workdir / 'checkpoints'} has no step {step}; saved steps: "
-                              f"{', '.join(map(str, saved))}.")
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
-    restored = manager.restore(step, args=ocp.args.PyTreeRestore(
-        item={"params": abstract},
-        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
-        partial_restore=True))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0)))
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)
+  step, restored = checkpointing.restore_for_reading(workdir / "checkpoints", {"params": abstract},
+                                                     step)
   return config, step, restored["params"]
 
 
@@ -91,12 +85,14 @@ def export_encoder(workdir: str, output: str, step: int | None = None) -> str:
   return output
 
 
-def export_official(path: str, model_name: str | None, output: str) -> str:
-  """Writes the encoder of an official MAE checkpoint file (.pth/.safetensors) to `output`."""
+def export_official(path: str, model_name: str | None, output: str,
+                    allow_unsafe_pickle: bool = False) -> str:
+  """Writes the encoder of an official MAE checkpoint file (.pth/.safetensors) to `output`.
+  `allow_unsafe_pickle` as in `convert.read_state_dict`."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No checkpoint file at {path}: give an official .pth/.safetensors "
                             "file (a pre-training workdir goes through export_encoder).")
-  _, params = load_encoder_params(path, model_name)
+  _, params = load_encoder_params(path, model_name, allow_unsafe_pickle)
   save_encoder(output, params, model_name, {}, source=os.path.abspath(path))
   return output
 
@@ -131,7 +127,7 @@ def encoder_model(path: str, model_name: str | None = None):
   path = os.fspath(path)
   kind = _source_kind(path)
   if kind == "exported":
-    with open(os.path.join(path, CONFIG_FILE)) as f:
+    with open(safe_load.file_in(path, CONFIG_FILE)) as f:
       info = json.load(f)
     return models.create_model(info["model"], **info.get("overrides", {}))
   if kind == "workdir":
@@ -142,24 +138,38 @@ def encoder_model(path: str, model_name: str | None = None):
   return models.create_model(model_name)
 
 
-def load_encoder_params(path: str, model_name: str | None = None):
-  """(MAE model, encoder params) from any source `encoder_model` takes."""
+def check_official_pickle(path: str, allow_unsafe_pickle: bool = False) -> None:
+  """Refuses, before any weights are read, an official `.pth`/`.pt`/`.bin` that would run code
+  when loaded (see `safe_load.check_torch_file`); the other sources hold data only."""
+  path = os.fspath(path)
+  if (not allow_unsafe_pickle and _source_kind(path) == "official"
+      and not path.endswith(".safetensors")):
+    safe_load.check_torch_file(path)
+
+
+def load_encoder_params(path: str, model_name: str | None = None,
+                        allow_unsafe_pickle: bool = False):
+  """(MAE model, encoder params) from any source `encoder_model` takes. An official `.pth` that
+  needs more than tensors raises UnsafeCheckpointError unless `allow_unsafe_pickle=True` (see
+  `convert.read_state_dict`)."""
   path = os.fspath(path)
   model = encoder_model(path, model_name)
   kind = _source_kind(path)
   if kind == "exported":
-    with open(os.path.join(path, PARAMS_FILE), "rb") as f:
+    with open(safe_load.file_in(path, PARAMS_FILE), "rb") as f:
       return model, flax.serialization.msgpack_restore(f.read())
   if kind == "workdir":
     return model, encoder_only(restore_pretrain_params(path)[2])
-  return model, encoder_only(convert.load_official(path, model))
+  return model, encoder_only(convert.load_official(
+      path, model, allow_unsafe_pickle=allow_unsafe_pickle))
 
 
-def load_encoder(path: str, model_name: str | None = None):
+def load_encoder(path: str, model_name: str | None = None, allow_unsafe_pickle: bool = False):
   """(module, params) ready to apply: `module.apply({"params": params}, images,
   method=module.encode)` gives (B, 1 + L, D) features after the final norm; `method=module.features`
-  the cls token. `module` is the cls-token `VisionTransformer` without its head."""
-  mae, params = load_encoder_params(path, model_name)
+  the cls token. `module` is the cls-token `VisionTransformer` without its head.
+  `allow_unsafe_pickle` as in `load_encoder_params`."""
+  mae, params = load_encoder_params(path, model_name, allow_unsafe_pickle)
   module = vit_classifier.VisionTransformer(
       num_classes=1, global_pool=False, img_size=mae.img_size, patch_size=mae.patch_size,
       in_chans=mae.in_chans, embed_dim=mae.embed_dim, depth=mae.depth, num_heads=mae.num_heads,

@@ -1,8 +1,11 @@
 """JPEG sources on small made-up data: an image folder and imagenet2012 from tars in the official
 layout; undecodable images skipped and counted; odd formats; the missing-data errors."""
+import glob
 import io
+import json
 import logging
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -180,3 +183,131 @@ def test_imagenet2012_missing_tars_say_where_to_put_which_file(tmp_path):
   cfg.manual_dir = str(tmp_path / "mine")
   with pytest.raises(FileNotFoundError, match="mine/ILSVRC2012_img_val.tar"):
     data.create_iterator(cfg, global_batch_size=8, mode="eval")
+
+
+# ------------------------------------------------------------------------------------------------
+# A damaged or mismatched prepared copy: named, with the command that repairs it, before the first
+# step (array_record alone would report a missing file only when it reads it, and hand out empty
+# records for a file cut short).
+REBUILD = "python -m mae_jax.tools.prepare_data --dataset=imagenet2012 --rebuild"
+
+
+def _prepared_copy(imagenet, tmp_path):
+  """A copy of the fixture's prepared data_dir (the tars stay where they are): (cfg, the train
+  split's shard file)."""
+  assert data.num_examples(imagenet, "train") == 7          # prepared
+  cfg = imagenet.copy_and_resolve_references()
+  cfg.data_dir = str(tmp_path / "tfds")
+  shutil.copytree(imagenet.data_dir, cfg.data_dir)
+  [shard] = glob.glob(os.path.join(cfg.data_dir, "imagenet2012", "5.1.0",
+                                   "imagenet2012-train.array_record-*"))
+  return cfg, shard
+
+
+def _deleted(shard):
+  os.remove(shard)
+
+
+def _cut_in_half(shard):
+  os.truncate(shard, os.path.getsize(shard) // 2)
+
+
+def _overwritten(shard):
+  """4 KiB of the file's second half overwritten (where this small file keeps its index)."""
+  with open(shard, "r+b") as f:
+    f.seek(os.path.getsize(shard) // 2)
+    f.write(b"\xaa" * 4096)
+
+
+@pytest.mark.parametrize("damage", [_deleted, _cut_in_half, _overwritten],
+                         ids=["deleted", "cut_in_half", "overwritten"])
+def test_a_damaged_shard_is_named_with_the_fix_before_the_first_step(imagenet, tmp_path, damage):
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  damage(shard)
+  with pytest.raises(data.DamagedShardError) as error:
+    data.create_iterator(cfg, "train", global_batch_size=8, seed=0)
+  message = str(error.value)
+  assert f"1 of the 1 shard files of imagenet2012 train in {cfg.data_dir}" in message
+  assert shard in message and (("missing" if damage is _deleted else "records") in message or
+                               "unreadable" in message)
+  assert f"{REBUILD} --data_dir={cfg.data_dir} --manual_dir={cfg.manual_dir}" in message
+  # The validation split is intact and still reads.
+  assert data.open_source(cfg, "validation").num_examples == 4
+  print(f"{damage.__name__}: {message.splitlines()[1].strip()}")
+
+
+def test_a_damaged_record_stops_the_pipeline_naming_the_file_and_the_fix(imagenet, tmp_path):
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  with open(shard, "r+b") as f:   # inside the first records: the index still reads
+    f.seek(1000)
+    f.write(b"\xaa" * 64)
+  assert data.open_source(cfg, "train").num_examples == 7
+  ds = data.create_dataset(cfg, "train", global_batch_size=8, mode="eval", process_index=0,
+                           process_count=1)
+  with pytest.raises(Exception) as error:   # raised through tf.data, not skipped as an image
+    next(iter(ds))
+  message = str(error.value)
+  assert "DamagedShardError" in message and shard in message and "hash mismatch" in message
+  assert REBUILD in message
+
+
+def test_a_shard_cut_short_after_the_check_stops_the_pipeline_too(imagenet, tmp_path):
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  ds = data.create_dataset(cfg, "train", global_batch_size=8, mode="eval", process_index=0,
+                           process_count=1)   # checked here; array_record opens the file later
+  _cut_in_half(shard)
+  with pytest.raises(Exception) as error:     # not empty records skipped as undecodable images
+    next(iter(ds))
+  message = str(error.value)
+  assert "DamagedShardError" in message and f"of {shard} came back empty" in message
+  assert REBUILD in message
+
+
+def test_shard_lengths_of_another_preparation_are_refused(imagenet, tmp_path):
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  info_path = os.path.join(os.path.dirname(shard), "dataset_info.json")
+  with open(info_path) as f:
+    info = json.load(f)
+  [train] = [s for s in info["splits"] if s["name"] == "train"]
+  train["shardLengths"] = ["9"]         # what another image count would have recorded
+  with open(info_path, "w") as f:
+    json.dump(info, f)
+  assert data.num_examples(cfg, "train") == 9
+  with pytest.raises(data.DamagedShardError,
+                     match=r"train.array_record-00000-of-00001: 7 records, dataset_info.json "
+                           r"recorded 9 \(cut short, damaged, or written by another preparation"):
+    data.open_source(cfg, "train")
+
+
+def test_another_version_and_image_count_are_named(imagenet, tmp_path, caplog):
+  with caplog.at_level(logging.WARNING):
+    data.open_source(imagenet, "train")
+  assert "imagenet2012 train in" in caplog.text
+  assert "holds 7 images, the official release 1,281,167" in caplog.text
+  # A data_dir prepared by a TFDS release that wrote another version, and no tars at hand.
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  root = os.path.dirname(os.path.dirname(shard))
+  os.rename(os.path.join(root, "5.1.0"), os.path.join(root, "5.0.0"))
+  cfg.manual_dir = str(tmp_path / "no_tars")
+  with pytest.raises(FileNotFoundError) as error:
+    data.num_examples(cfg, "train")
+  assert (f"{root} holds imagenet2012 version 5.0.0, prepared by another TFDS release; this one "
+          "reads version 5.1.0") in str(error.value)
+  assert "no_tars/ILSVRC2012_img_train.tar" in str(error.value)
+
+
+def test_prepare_data_checks_the_shards_and_rebuilds_a_damaged_copy(imagenet, tmp_path, capsys):
+  from mae_jax.tools import prepare_data  # pylint: disable=import-outside-toplevel
+  cfg, shard = _prepared_copy(imagenet, tmp_path)
+  _cut_in_half(shard)
+  args = ["--dataset=imagenet2012", f"--data_dir={cfg.data_dir}", f"--manual_dir={cfg.manual_dir}"]
+  with pytest.raises(SystemExit) as error:
+    prepare_data.main(args)
+  assert str(error.value).startswith("error: 1 of the 1 shard files of imagenet2012 train")
+  assert REBUILD in str(error.value)
+  prepare_data.main(args + ["--rebuild"])
+  out = capsys.readouterr().out
+  assert "imagenet2012 train: 7 examples" in out and "imagenet2012 validation: 4 examples" in out
+  assert data.open_source(cfg, "train").num_examples == 7
+  with pytest.raises(SystemExit):   # --rebuild is for imagenet2012
+    prepare_data.main(["--dataset=fashion_mnist", "--rebuild"])

@@ -145,7 +145,7 @@ def test_bad_usage_fails_clearly(env):
         (("create", *BASE, "--accelerator-type=v3-8", "--spot", "--preemptible"), "exclude"),
         (("create", *BASE, "--accelerator-type=tpu9-8"), "RUNTIME_VERSION"),
         (("run", *BASE, "--config=c.py:x", "--workdir=/local/dir"), "gs://"),
-        (("stop", *BASE, "--config.x=1"), "for 'run' only"),
+        (("stop", *BASE, "--config.x=1"), "for 'run' and 'plan' only"),
         (("run", *BASE, "--config=c.py:x", "--workdir=gs://b/w", "--env=1BAD=x"), "KEY=VALUE"),
     ]:
         proc = tpu(env, *args, check=False)
@@ -325,6 +325,82 @@ def test_run_does_not_touch_the_workdir(env):
     assert "gsutil" not in script and "gcloud storage" not in script and "rm " not in script
 
 
+# A Python for the launcher: `-m mae_jax.tools.scaling` (the plan) records its arguments and
+# exits with FAKE_PLAN_RC; everything else (the slice table) goes to the real interpreter.
+FAKE_PLAN_PYTHON = f"""#!/usr/bin/env bash
+if [ "$1 $2" = "-m mae_jax.tools.scaling" ]; then
+  printf '%s\\0' "$@" > "$FAKE_PLAN_RECORD"
+  echo '{{"fits": false}}'
+  exit "${{FAKE_PLAN_RC:-0}}"
+fi
+exec {sys.executable} "$@"
+"""
+
+
+@pytest.fixture
+def plan_env(env, tmp_path):
+    python = _write_exe(tmp_path / "fakebin" / "plan_python", FAKE_PLAN_PYTHON)
+    return {**env, "LAUNCH_PYTHON": str(python),
+            "FAKE_PLAN_RECORD": str(tmp_path / "plan_args")}
+
+
+def plan_args(env):
+    path = Path(env["FAKE_PLAN_RECORD"])
+    return path.read_bytes().decode().split("\0")[:-1] if path.exists() else None
+
+
+RUN_ON_SLICE = ("run", *BASE, "--accelerator-type=v3-128", "--config=configs/pretrain.py:vit_large",
+                "--workdir=gs://b/w", NASTY)
+TAIL = ("--", "--config.batch_size=2048", "--heartbeat_timeout_seconds=30")
+
+
+def test_run_plans_first_and_passes_the_overrides(plan_env):
+    tpu(plan_env, *RUN_ON_SLICE, *TAIL)
+    assert plan_args(plan_env) == ["-m", "mae_jax.tools.scaling", "--topology=v3-128",
+                                   "--config=configs/pretrain.py:vit_large", NASTY,
+                                   "--config.batch_size=2048", "--check_fits"]
+    [call] = calls(plan_env)
+    assert call[3] == "ssh" and "--heartbeat_timeout_seconds=30" in remote_command(call)[1]
+
+
+def test_run_refuses_what_does_not_fit_unless_forced(plan_env):
+    proc = tpu(plan_env, *RUN_ON_SLICE, *TAIL, check=False, FAKE_PLAN_RC="3")
+    assert proc.returncode != 0 and "not started" in proc.stderr
+    assert "does not fit" in proc.stderr and "--config.mesh.fsdp" in proc.stderr
+    assert calls(plan_env) == []
+    proc = tpu(plan_env, *RUN_ON_SLICE, "--force", FAKE_PLAN_RC="3")
+    assert "--force: starting anyway" in proc.stderr and len(calls(plan_env)) == 1
+    # No libtpu on the launching machine (the tool exits 2): refused the same way.
+    assert tpu(plan_env, *RUN_ON_SLICE, check=False, FAKE_PLAN_RC="2").returncode != 0
+
+
+def test_run_without_a_slice_or_with_plan_off_compiles_nothing(plan_env):
+    tpu(plan_env, "run", *BASE, "--config=c.py:v", "--workdir=gs://b/w", FAKE_PLAN_RC="3")
+    tpu(plan_env, *RUN_ON_SLICE, "--plan=false", FAKE_PLAN_RC="3")
+    tpu(plan_env, *RUN_ON_SLICE, FAKE_PLAN_RC="3", PLAN="0")
+    assert plan_args(plan_env) is None and len(calls(plan_env)) == 3
+
+
+def test_plan_needs_no_tpu_name_and_dry_run_prints_it(plan_env):
+    out = tpu(plan_env, "plan", "--accelerator-type=v4-64", "--config=configs/pretrain.py:vit_huge",
+              "--config.model.remat=False", "--dry-run").stdout
+    assert shlex.split(out.strip())[1:] == [
+        "-m", "mae_jax.tools.scaling", "--topology=v4-64",
+        "--config=configs/pretrain.py:vit_huge", "--config.model.remat=False", "--check_fits"]
+    assert plan_args(plan_env) is None
+    proc = tpu(plan_env, "plan", "--config=c.py:v", check=False)
+    assert proc.returncode != 0 and "--accelerator-type" in proc.stderr
+
+
+def test_create_takes_the_runtime_from_the_slice_table(env):
+    for accelerator, runtime in (("v5p-128", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"),
+                                 ("v5e-16", "v2-alpha-tpuv5-lite"), ("v4-8", "tpu-ubuntu2204-base")):
+        tpu(env, "create", *BASE, f"--accelerator-type={accelerator}")
+        assert f"--version={runtime}" in calls(env)[-1]
+    proc = tpu(env, "create", *BASE, "--accelerator-type=v3-7", check=False)
+    assert proc.returncode != 0 and "unknown accelerator type v3-7" in proc.stderr
+
+
 def test_job_pattern_matches_only_the_job():
     text = TPU.read_text()
     pattern = re.search(r"^JOB_PATTERN='(.*)'$", text, re.M).group(1)
@@ -396,8 +472,7 @@ def test_setup_copies_checkout_then_installs_and_checks(env):
     assert not any(n == ".git" or n.startswith(".git/") or "__pycache__" in n for n in names)
     _, script = remote_command(install)
     assert "tar -xzf" in script
-    assert "bash launch/setup_env.sh" in script
-    assert '"jax[tpu]==$jax_version"' in script
+    assert "bash launch/setup_env.sh --tpu" in script
     assert "uv venv --seed --python 3.12" in script
     subprocess.run(["bash", "-n", "-c", script], check=True, timeout=30)
     assert "python3 launch/check_devices.py" in remote_command(check)[1]

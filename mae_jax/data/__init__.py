@@ -10,12 +10,13 @@
 The content of step k's global batch depends only on (seed, k, global_batch_size).
 """
 from mae_jax.data.config import (DATASETS, DEFAULT_EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD,
-                                 check_config, default_config, resolve_split)
+                                 KNOWN_SPLITS, check_config, default_config, resolve_split)
 from mae_jax.data.mixup import mixup_cutmix, smooth_labels
 from mae_jax.data.pipeline import (MODES, DataIterator, check_global_batch, create_dataset,
                                    create_iterator, default_sharding, epoch_permutation,
                                    num_eval_steps, rows_for_process, rows_for_sharding)
 from mae_jax.data.pipeline import steps_per_epoch as _steps_per_epoch
+from mae_jax.data.shards import DamagedShardError
 from mae_jax.data.sources import (Source, hide_accelerators_from_tf, open_source,
                                   prepare_fashion_mnist, prepare_imagenet2012, split_info)
 
@@ -36,10 +37,11 @@ def steps_per_epoch(cfg, split: str | None, global_batch_size: int) -> int:
 
 
 __all__ = [
-    "DATASETS", "DEFAULT_EVAL_SPLITS", "IMAGENET_MEAN", "IMAGENET_STD", "MODES", "DataIterator",
-    "Source", "check_config", "check_global_batch", "create_dataset", "create_iterator",
-    "default_config", "default_sharding", "epoch_permutation", "hide_accelerators_from_tf",
-    "mixup_cutmix", "num_classes", "num_eval_steps", "num_examples", "open_source",
-    "prepare_fashion_mnist", "prepare_imagenet2012", "resolve_split", "rows_for_process",
-    "rows_for_sharding", "smooth_labels", "split_info", "steps_per_epoch",
+    "DATASETS", "DEFAULT_EVAL_SPLITS", "DamagedShardError", "IMAGENET_MEAN", "IMAGENET_STD",
+    "KNOWN_SPLITS", "MODES", "DataIterator", "Source", "check_config", "check_global_batch",
+    "create_dataset", "create_iterator", "default_config", "default_sharding",
+    "epoch_permutation", "hide_accelerators_from_tf", "mixup_cutmix", "num_classes",
+    "num_eval_steps", "num_examples", "open_source", "prepare_fashion_mnist",
+    "prepare_imagenet2012", "resolve_split", "rows_for_process", "rows_for_sharding",
+    "smooth_labels", "split_info", "steps_per_epoch",
 ]

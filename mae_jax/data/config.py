@@ -14,6 +14,11 @@ DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
 DEFAULT_EVAL_SPLITS = {"fashion_mnist": "test", "imagenet2012": "validation",
                        "image_folder": "val"}
 _DEFAULT_IMAGE_SIZES = {"fashion_mnist": 32, "imagenet2012": 224, "image_folder": 224}
+# (examples, classes) of the fixed public splits: what a run on them will see, known without the
+# data (planning a TPU run from a laptop, `mae_jax.tpu.aot`).
+KNOWN_SPLITS = {("imagenet2012", "train"): (1_281_167, 1000),
+                ("imagenet2012", "validation"): (50_000, 1000),
+                ("fashion_mnist", "train"): (60_000, 10), ("fashion_mnist", "test"): (10_000, 10)}
 
 
 def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:

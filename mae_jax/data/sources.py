@@ -3,7 +3,8 @@
 Random access is what makes the pipeline resumable at any step without reading earlier data:
   * fashion_mnist: prepared once into TFDS format, then held decoded in memory (47 MB).
   * imagenet2012: TFDS's builder, prepared with `file_format='array_record'`, read through
-    `builder.as_data_source` (raw serialized examples; images stay JPEG until the crop).
+    `builder.as_data_source` (raw serialized examples; images stay JPEG until the crop); every
+    shard file is checked against dataset_info.json when the source opens (shards.py).
   * image_folder: `tfds.ImageFolder` lists root/<split>/<class>/* ; an index is a file path.
 """
 from __future__ import annotations
@@ -13,12 +14,17 @@ import functools
 import importlib
 import importlib.resources
 import os
+import re
 import sys
 from typing import Any, Callable
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorflow as tf
+
+from mae_jax.data import shards as shards_lib
+from mae_jax.data.config import KNOWN_SPLITS
 
 # TFDS 4.9 imports `importlib_resources` when it locates a builder's code (imagenet2012, and any
 # builder defined outside TFDS) but declares the dependency only for Python < 3.9; the standard
@@ -190,31 +196,74 @@ def _imagenet_manual_dir(cfg, builder) -> str:
   return os.fspath(builder.data_dir_root / "downloads" / "manual")  # TFDS's own default
 
 
-def prepare_imagenet2012(cfg, split: str) -> tfds.core.DatasetBuilder:
-  """Prepares imagenet2012 as array_record from the two official tars (once; takes hours)."""
+def prepare_imagenet2012(cfg, split: str, rebuild: bool = False) -> tfds.core.DatasetBuilder:
+  """Prepares imagenet2012 as array_record from the two official tars (once; takes hours).
+  `rebuild`: prepare it again, replacing what is there (needs both tars)."""
   builder = _imagenet_builder(cfg)
-  if builder.is_prepared():
+  if builder.is_prepared() and not rebuild:
     return builder
   manual_dir = _imagenet_manual_dir(cfg, builder)
   base_split = split.split("[")[0]
-  needed = IMAGENET_TARS.get(base_split)
   present = {f for f in IMAGENET_TARS.values() if os.path.exists(os.path.join(manual_dir, f))}
-  if needed is None or needed not in present:
+  if rebuild:  # TFDS writes every split again
+    needed, purpose = set(IMAGENET_TARS.values()), f"is to be prepared again in {builder.data_dir}"
+  else:
+    needed = {IMAGENET_TARS.get(base_split)}
+    purpose = (f"is not prepared in {builder.data_dir}, and the official archive for the "
+               f"'{base_split}' split is missing")
+  if not needed <= present:
     lines = "\n".join(f"  {manual_dir}/{tar}   ({s} split)" for s, tar in IMAGENET_TARS.items())
     raise FileNotFoundError(
-        f"imagenet2012 is not prepared in {builder.data_dir}, and the official archive for the "
-        f"'{base_split}' split is missing. Download from https://image-net.org/download-images "
+        f"imagenet2012 {purpose}. Download from https://image-net.org/download-images "
         f"and put the files here:\n{lines}\n"
         "(or set --config.data.manual_dir to the folder holding them). The next run prepares them "
-        "once into TFDS array_record files; the tars are not needed afterwards.")
-  logging.info("Preparing imagenet2012 in %s from %s (array_record)", builder.data_dir, manual_dir)
-  _prepare_tolerating_races(
-      builder, lambda: _imagenet_builder(cfg).is_prepared(), file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        "once into TFDS array_record files; the tars are not needed afterwards." +
+        _other_versions_note(builder))
+  logging.info("%s imagenet2012 in %s from %s (array_record)%s",
+               "Rebuilding" if rebuild else "Preparing", builder.data_dir, manual_dir,
+               _other_versions_note(builder))
+  if rebuild:  # TFDS deletes the prepared copy, then writes it anew (in the builder's format)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+  else:
+    _prepare_tolerating_races(
+        builder, lambda: _imagenet_builder(cfg).is_prepared(), file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return _imagenet_builder(cfg)
 
 
-def _array_record_source(name: str, builder, split: str) -> Source:
+def _other_versions_note(builder) -> str:
+  """A sentence naming the other prepared versions of the dataset in the same data_dir: prepared
+  by another TFDS release, they are not what this one reads."""
+  root = epath.Path(builder.data_dir).parent
+  versions = sorted(p.name for p in root.glob("*") if re.fullmatch(r"\d+\.\d+\.\d+", p.name)
+                    and p.name != str(builder.version) and (p / "dataset_info.json").exists())
+  if not versions:
+    return ""
+  return (f"\n{root} holds {builder.name} version {', '.join(versions)}, prepared by another "
+          f"TFDS release; this one reads version {builder.version}, prepared from the tars.")
+
+
+def _imagenet_fix(cfg, builder) -> str:
+  args = " ".join(["--dataset=imagenet2012", "--rebuild"] +
+                  [f"--{k}={cfg[k]}" for k in ("data_dir", "manual_dir") if cfg[k]])
+  return (f"Prepare it again from the official tars (hours; it replaces {builder.data_dir}):\n"
+          f"  python -m mae_jax.tools.prepare_data {args}")
+
+
+def _warn_if_not_the_official_count(builder, split: str) -> None:
+  base_split = split.split("[")[0]
+  official = KNOWN_SPLITS.get(("imagenet2012", base_split), (None,))[0]
+  count = builder.info.splits[base_split].num_examples
+  if official is not None and count != official:
+    logging.warning("imagenet2012 %s in %s holds %s images, the official release %s: it was "
+                    "prepared from other archives than the official ones.", base_split,
+                    builder.data_dir, f"{count:,}", f"{official:,}")
+
+
+def _array_record_source(name: str, builder, split: str, fix: str) -> Source:
+  """The split's records, read at random; every shard file is checked before the first read
+  (see shards.py), and `fix` says how to repair a damaged one."""
   formats = {builder.info.file_format} | set(builder.info.alternative_file_formats)
   if tfds.core.FileFormat.ARRAY_RECORD not in formats:
     raise ValueError(
@@ -226,9 +275,12 @@ def _array_record_source(name: str, builder, split: str) -> Source:
       split=split, file_format=tfds.core.FileFormat.ARRAY_RECORD,
       deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   features = builder.info.features
+  shards = shards_lib.Shards(f"{name} {split} in {builder.data_dir}",
+                             builder.info.splits[split].file_instructions, fix)
+  shards.check()
 
   def read(indices: np.ndarray) -> np.ndarray:
-    return np.array(records.__getitems__([int(i) for i in indices]), dtype=object)
+    return np.array(shards.read(records, [int(i) for i in indices]), dtype=object)
 
   def fetch(idx):
     serialized = tf.numpy_function(read, [idx], tf.string, stateful=False)
@@ -251,7 +303,9 @@ def _array_record_source(name: str, builder, split: str) -> Source:
 
 
 def _imagenet_source(cfg, split: str) -> Source:
-  return _array_record_source("imagenet2012", prepare_imagenet2012(cfg, split), split)
+  builder = prepare_imagenet2012(cfg, split)
+  _warn_if_not_the_official_count(builder, split)
+  return _array_record_source("imagenet2012", builder, split, _imagenet_fix(cfg, builder))
 
 
 # ------------------------------------------------------------------------------------------------

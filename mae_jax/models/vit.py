@@ -77,17 +77,45 @@ class Attention(nn.Module):
   def __call__(self, x):
     batch, tokens, dim = x.shape
     head_dim = dim // self.num_heads
-    # DenseGeneral initialises the kernel on its flattened (D, 3D) view: the fused fan, as official.
-    qkv = nn.DenseGeneral(
-        (3, self.num_heads, head_dim), dtype=self.dtype, name="qkv",
-        kernel_init=logical(xavier_uniform, ("embed", None, "heads", "head_dim")),
-        bias_init=logical(zeros, (None, "heads", "head_dim")))(flat_tokens(x))
-    out = attention(qkv.reshape(batch, tokens, *qkv.shape[1:]))
-    out = nn.DenseGeneral(
-        dim, axis=(-2, -1), dtype=self.dtype, name="proj",
-        kernel_init=logical(xavier_uniform, ("heads", "head_dim", "embed")),
-        bias_init=logical(zeros, ("embed",)))(flat_tokens(out))
+    # The kernels keep their (D, 3, H, hd) / (H, hd, D) layouts (logical axes, checkpoints) and
+    # are initialised on their flattened views, the fused fan, as official; the products run on
+    # those 2-D views.
+    qkv = FlatDense((3, self.num_heads, head_dim), self.dtype, name="qkv",
+                    kernel_axes=("embed", None, "heads", "head_dim"),
+                    bias_axes=(None, "heads", "head_dim"))(flat_tokens(x))
+    out = attention(qkv.reshape(batch, tokens, 3, self.num_heads, head_dim))
+    out = FlatDense((dim,), self.dtype, name="proj", kernel_axes=("heads", "head_dim", "embed"),
+                    bias_axes=("embed",), in_shape=(self.num_heads, head_dim))(
+                        flat_tokens(out).reshape(batch * tokens, dim))
     return out.reshape(batch, tokens, dim)
+
+
+class FlatDense(nn.Module):
+  """y = x @ W + b on 2-D tokens (T, prod(in_shape)) for a kernel stored as in_shape +
+  features, multiplied as its (prod(in_shape), prod(features)) view; returns (T, prod(features)).
+
+  The same parameters as nn.DenseGeneral, but the weight gradient is a plain 2-D matmul. With
+  the multi-axis kernels of DenseGeneral, the TPU compiler all-reduces their full gradient under
+  FSDP instead of reduce-scattering it (benchmarks/README.md, TPU log).
+  """
+  features: tuple
+  dtype: Dtype
+  kernel_axes: tuple
+  bias_axes: tuple
+  in_shape: tuple = ()
+
+  @nn.compact
+  def __call__(self, x):
+    fan_in = int(np.prod(self.in_shape)) if self.in_shape else x.shape[-1]
+    in_shape = self.in_shape or (fan_in,)
+    fan_out = int(np.prod(self.features))
+
+    def init(key, shape, dtype=jnp.float32):
+      return xavier_uniform(key, (fan_in, fan_out), dtype).reshape(shape)
+    kernel = self.param("kernel", logical(init, self.kernel_axes), in_shape + tuple(self.features))
+    bias = self.param("bias", logical(zeros, self.bias_axes), tuple(self.features))
+    y = x.astype(self.dtype) @ kernel.reshape(fan_in, fan_out).astype(self.dtype)
+    return y + bias.reshape(fan_out).astype(self.dtype)
 
 
 def flat_tokens(x: jax.Array) -> jax.Array:

@@ -23,6 +23,10 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir; defaul
 _INIT = flags.DEFINE_string("init", None, "Official MAE .pth/.safetensors, instead of --workdir.")
 _MODEL = flags.DEFINE_string("model", None, "Model of --init, e.g. mae_vit_base_patch16.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+_ALLOW_UNSAFE_PICKLE = flags.DEFINE_bool(
+    "allow_unsafe_pickle", False,
+    "Read an --init .pth that pickles arbitrary objects, which runs any code it holds: only for "
+    "files you trust (without it such a file is refused).")
 flags.mark_flags_as_required(["output"])
 flags.mark_flags_as_mutual_exclusive(["workdir", "init"], required=True)
 
@@ -40,7 +44,8 @@ def main(argv):
     if _WORKDIR.value:
       out = export.export_encoder(_WORKDIR.value, _OUTPUT.value, _STEP.value)
     else:
-      out = export.export_official(_INIT.value, _MODEL.value, _OUTPUT.value)
+      out = export.export_official(_INIT.value, _MODEL.value, _OUTPUT.value,
+                                   _ALLOW_UNSAFE_PICKLE.value)
   except (FileNotFoundError, ValueError) as e:  # the message names the problem and the fix
     sys.exit(f"error: {e}")
   with open(os.path.join(out, export.CONFIG_FILE)) as f:

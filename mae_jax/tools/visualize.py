@@ -33,6 +33,10 @@ _NORM_PIX = flags.DEFINE_bool("norm_pix_loss", None,
 _MASK_RATIO = flags.DEFINE_float("mask_ratio", 0.75, "Fraction of patches removed.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the masking noise.")
 _ZOOM = flags.DEFINE_integer("zoom", 1, "Scale the figure up by this factor (nearest pixel).")
+_ALLOW_UNSAFE_PICKLE = flags.DEFINE_bool(
+    "allow_unsafe_pickle", False,
+    "Read an --init .pth that pickles arbitrary objects, which runs any code it holds: only for "
+    "files you trust (without it such a file is refused).")
 flags.mark_flags_as_required(["init", "image", "out"])
 
 NORM_PIX_NOTE = ("norm_pix_loss model: predictions are un-normalised per patch, visible patches "
@@ -41,10 +45,11 @@ NORM_PIX_NOTE = ("norm_pix_loss model: predictions are un-normalised per patch, 
 
 
 def load_mae(init: str, model_name: str | None = None, norm_pix_loss: bool | None = None,
-             **overrides):
+             allow_unsafe_pickle: bool = False, **overrides):
   """(model, params with the decoder, mean, std) of a pre-training workdir or an official
   checkpoint file; mean/std are the normalisation its images were trained with. `model_name` and
-  `norm_pix_loss` describe a file; `overrides` (e.g. mask_ratio) apply to either."""
+  `norm_pix_loss` describe a file, `allow_unsafe_pickle` as in `convert.read_state_dict`;
+  `overrides` (e.g. mask_ratio) apply to either."""
   if os.path.isdir(init) or "://" in init:
     if model_name or norm_pix_loss is not None:
       raise ValueError("--model and --norm_pix_loss describe an --init file; a workdir's "
@@ -60,7 +65,7 @@ def load_mae(init: str, model_name: str | None = None, norm_pix_loss: bool | Non
     raise ValueError(f"{init} is a checkpoint file: name its size with --model (e.g. "
                      "mae_vit_base_patch16).")
   model = models.create_model(model_name, norm_pix_loss=bool(norm_pix_loss), **overrides)
-  params = convert.load_official(init, model)
+  params = convert.load_official(init, model, allow_unsafe_pickle=allow_unsafe_pickle)
   if "decoder_pred" not in params:
     raise ValueError(f"{init} holds no decoder (encoder-only or fine-tuned), so it cannot "
                      "reconstruct: use mae_visualize_vit_*.pth or mae_pretrain_vit_*_full.pth.")
@@ -99,7 +104,7 @@ def main(argv):
     raise app.UsageError(f"--zoom must be at least 1, got {_ZOOM.value}.")
   try:
     model, params, mean, std = load_mae(_INIT.value, _MODEL.value, _NORM_PIX.value,
-                                        mask_ratio=_MASK_RATIO.value)
+                                        _ALLOW_UNSAFE_PICKLE.value, mask_ratio=_MASK_RATIO.value)
     images = np.stack([load_image(path, model.img_size) for path in _IMAGES.value])
   except (FileNotFoundError, ValueError) as e:  # the message names the problem and the fix
     sys.exit(f"error: {e}")

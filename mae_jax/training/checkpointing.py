@@ -7,6 +7,8 @@ temporary directory is removed when the next run starts). On top of orbax:
     that still decodes: orbax's files carry no checksums of their own) counts as unreadable;
   * an unreadable latest step is reported, moved aside to `checkpoints/corrupt-<step>-<time>`
     (never deleted) and the previous step restored; the resumed run then writes that step again;
+  * code that only reads a run's checkpoints (export, fine-tuning init, figures) gets the same
+    checks and fallback from restore_for_reading, which leaves a bad step where it is;
   * checkpoints of another model are refused, naming the arrays that differ;
   * a failed save (disk full, directory not writable) raises CheckpointSaveError naming the step,
     the directory and the fix; the steps already saved stay as they are.
@@ -31,6 +33,10 @@ _OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")  # how tensorstore reports
 
 class CheckpointSaveError(RuntimeError):
   """A checkpoint could not be written; the earlier ones are untouched."""
+
+
+class CheckpointUnreadableError(ValueError):
+  """No intact checkpoint (or not the one asked for) could be read; nothing was moved."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -109,36 +115,90 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
   A step that cannot be read, or whose arrays differ from the checksums saved with them, is
   reported and the previous one tried; once one restores, the bad newer ones are moved aside
   (never deleted). Checkpoints of another model raise CheckpointMismatchError."""
+  read = lambda step: manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  steps = sorted(manager.all_steps(), reverse=True)
+  step, state, bad = _newest_good(manager, steps, read, abstract_state, partial=False)
+  if step is None and bad:
+    raise CheckpointUnreadableError(
+        f"No checkpoint in {manager.directory} could be restored (steps {sorted(bad)}); see the "
+        "warnings above. Nothing was moved or deleted.")
+  for bad_step in bad:
+    _move_aside(manager, bad_step)
+  if bad:
+    manager.reload()
+  return step, state
+
+
+def restore_for_reading(directory, abstract, step: int | None = None):
+  """(step, tree): the top-level entries of `abstract` (e.g. {"params": ...}, onto its shardings)
+  from the newest good step of a checkpoints directory, or from `step`; the other entries (the
+  optimizer state) are not read. For code that reads a run's checkpoints without resuming it
+  (export, fine-tuning init, figures); in a multi-process job every process calls it together.
+
+  The same verification as restore_latest: a step that cannot be read or whose arrays differ from
+  their checksums is reported and the previous one taken. Unlike restore_latest it leaves the bad
+  step where it is: a reader may run next to the training that owns the directory (a step moved
+  from under that run's manager breaks its bookkeeping) or without the right to write there; the
+  training moves the step aside itself when it next resumes. A `step` asked for by number that is
+  damaged raises CheckpointUnreadableError rather than giving another step."""
+  directory = epath.Path(directory)
+  # Never saves, and leaves temporary step directories alone (one may be a live run's save).
+  options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
+  with ocp.CheckpointManager(directory, options=options,
+                             item_handlers=ocp.PyTreeCheckpointHandler()) as manager:
+    saved = sorted(manager.all_steps(), reverse=True)
+    if not saved:
+      raise FileNotFoundError(f"{directory} holds no checkpoint yet.")
+    if step is not None and step not in saved:
+      raise FileNotFoundError(f"{directory} has no step {step}; saved steps: "
+                              f"{', '.join(map(str, sorted(saved)))}.")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+    read = lambda s: manager.restore(s, args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True))
+    found, tree, bad = _newest_good(manager, saved if step is None else [step], read, abstract,
+                                    partial=True)
+  if step is not None and bad:
+    others = ", ".join(str(s) for s in sorted(saved) if s != step) or "none"
+    raise CheckpointUnreadableError(
+        f"Checkpoint step {step} in {directory} cannot be restored; see the warning above. Choose "
+        f"another step (the others saved: {others}), or give none to take the newest intact one.")
+  if found is None:
+    raise CheckpointUnreadableError(
+        f"No checkpoint in {directory} could be restored (steps {sorted(bad)}); see the warnings "
+        "above. Nothing was moved or deleted.")
+  if bad:
+    logging.warning("Read step %d of %s instead of the newest, %d; the damaged step(s) %s are "
+                    "left in place (the training run moves them aside when it resumes).", found,
+                    directory, max(bad), sorted(bad))
+  return found, tree
+
+
+def _newest_good(manager, steps, read, abstract, partial: bool):
+  """(step, tree, bad steps): the first of `steps` that `read(step)` restores intact, each one
+  before it reported; (None, None, bad) when none does."""
   bad = []
-  for step in sorted(manager.all_steps(), reverse=True):
-    state, problem = None, None
+  for step in steps:
+    tree, problem = None, None
     try:
-      _check_fits(manager, step, abstract_state)
-      state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      _check_fits(manager, step, abstract, partial)
+      tree = read(step)
     except CheckpointMismatchError:
       raise
     except Exception as err:  # pylint: disable=broad-except
       problem = f"{type(err).__name__}: {err}"
     # Every process must take the same decision: one that cannot read its shards fails the step
-    # for all (the checksums below are computed by all processes together).
-    if not _all_processes(problem is None) and problem is None:
-      problem = "another process could not read its part of it"
+    # for all (the checksums of a train state are computed by all processes together).
+    problem = _agreed(problem, "another process could not read its part of it")
     if problem is None:
-      problem = _checksum_problem(manager, step, state)
-    if problem is not None:
-      logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous step.",
-                      step, manager.directory, problem)
-      bad.append(step)
-      continue
-    for bad_step in bad:
-      _move_aside(manager, bad_step)
-    if bad:
-      manager.reload()
-    return step, state
-  if bad:
-    raise RuntimeError(f"No checkpoint in {manager.directory} could be restored (steps "
-                       f"{sorted(bad)}); see the warnings above. Nothing was moved or deleted.")
-  return None, None
+      # A reader's arrays are each process's own copy: their checksums can differ per process.
+      problem = _agreed(_checksum_problem(manager, step, tree),
+                        "its arrays differ from their checksums on another process")
+    if problem is None:
+      return step, tree, bad
+    logging.warning("Checkpoint step %d in %s cannot be restored (%s); trying the previous step.",
+                    step, manager.directory, problem)
+    bad.append(step)
+  return None, None, bad
 
 
 def abstract_like(state):
@@ -209,12 +269,19 @@ def _checksum_problem(manager, step, state) -> str | None:
     logging.warning("Checkpoint step %d in %s has no checksums (written by an older version): "
                     "restored without verification.", step, manager.directory)
     return None
-  found = checksums(state)
-  differ = sorted(k for k in expected if found.get(k) != expected[k])
+  found = checksums(state)   # a partial restore is checked on the arrays it read
+  differ = sorted(k for k in found if expected.get(k) != found[k])
   if differ:
-    return (f"{len(differ)} of {len(expected)} arrays differ from the checksums saved with them "
+    return (f"{len(differ)} of {len(found)} arrays differ from the checksums saved with them "
             f"({', '.join(differ[:5])}{', ...' if len(differ) > 5 else ''}): its files are damaged")
   return None
+
+
+def _agreed(problem: str | None, elsewhere: str) -> str | None:
+  """`problem`, or `elsewhere` when this process has none but another one has."""
+  if not _all_processes(problem is None) and problem is None:
+    return elsewhere
+  return problem
 
 
 def _all_processes(ok: bool) -> bool:
@@ -224,9 +291,10 @@ def _all_processes(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def _check_fits(manager, step, abstract_state):
+def _check_fits(manager, step, abstract_state, partial: bool = False):
   """Raises CheckpointMismatchError when the step's arrays have other names or shapes than the
-  train state of this config: the workdir belongs to a run of another model."""
+  train state of this config: the workdir belongs to a run of another model. `partial`: only the
+  top-level entries that `abstract_state` has are compared."""
   tree = manager.item_metadata(step)
   tree = getattr(tree, "tree", tree)
   if tree is None:
@@ -234,6 +302,9 @@ def _check_fits(manager, step, abstract_state):
   saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(tree)[0]}
   wanted = {_name(p): tuple(a.shape)
             for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  if partial:
+    entries = {k.split("/")[0] for k in wanted}
+    saved = {k: v for k, v in saved.items() if k.split("/")[0] in entries}
   if saved == wanted:
     return
   lines = [f"{k}: checkpoint {saved[k]}, this config {wanted[k]}"

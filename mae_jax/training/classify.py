@@ -24,7 +24,7 @@ from etils import epath
 from mae_jax import data, export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
-from mae_jax.training import checkpointing, lars, loop, lr_decay, optimizer, sharding
+from mae_jax.training import checkpointing, lars, loop, lr_decay, optimizer, program, sharding
 
 TASKS = ("finetune", "linprobe")
 
@@ -43,16 +43,24 @@ def load_init(config, classifier, rng):
   """Classifier params: the pre-trained encoder from `config.init` (export dir, pre-training
   workdir or official .pth), or a random init when `config.init` is empty (check_config has made
   sure the encoder is of the classifier's architecture)."""
-  params = nn.unbox(classifier.init(rng, jnp.zeros((1, classifier.img_size, classifier.img_size,
-                                                    classifier.in_chans))))["params"]
+  params = random_params(classifier, rng)
   if not config.init:
     return params, None
-  mae, encoder = export.load_encoder_params(config.init, config.init_model or None)
+  mae, encoder = export.load_encoder_params(config.init, config.init_model or None,
+                                            config.init_allow_unsafe_pickle)
   table = sincos.sincos_2d(mae.embed_dim, mae.grid_size)[None]
   params, report = vit_classifier.encoder_params_from_mae(encoder, params, mae_pos_embed=table)
   logging.info("Loaded %d pre-trained tensors from %s; fresh: %s", len(report.copied),
                config.init, ", ".join(report.fresh))
   return params, report
+
+
+def random_params(classifier, rng):
+  return nn.unbox(classifier.init(rng, _dummy_images(classifier)))["params"]
+
+
+def _dummy_images(classifier):
+  return jnp.zeros((1, classifier.img_size, classifier.img_size, classifier.in_chans))
 
 
 def schedule_from_config(config, steps_per_epoch):
@@ -82,6 +90,7 @@ def check_config(config, num_processes: int, num_devices: int):
                      f"patch size {patch} of config.model.name={config.model.name}; use a "
                      f"multiple of {patch}.")
   if config.init:
+    export.check_official_pickle(config.init, config.init_allow_unsafe_pickle)
     _check_init_architecture(config, classifier)
   sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
   data.check_config(config.data)
@@ -159,6 +168,53 @@ def make_steps(config, classifier, tx, schedule, shardings, mesh, num_classes):
   return train, evaluate
 
 
+def build_program(config, mesh, steps_per_epoch: int, num_classes: int,
+                  load_pretrained: bool = True):
+  """(train program, eval step) of `config` on `mesh`: what `train_and_evaluate` runs and what
+  `mae_jax.tpu.aot` compiles. The pre-trained encoder (`config.init`) is read on the host and
+  becomes a constant of the state's init; `load_pretrained=False` (compiling only) reads no
+  file and leaves the init random and abstract: the step, its state and shardings are the same."""
+  classifier = build_classifier(config, num_classes)
+  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
+  tx = make_optimizer(config, classifier, schedule)
+  rng = jax.random.key(config.seed)
+  if config.init and load_pretrained:
+    loaded, _ = load_init(config, classifier, rng)
+    initial_params = lambda: loaded
+  else:
+    initial_params = lambda: random_params(classifier, rng)
+  logical = nn.get_partition_spec(jax.eval_shape(
+      lambda: classifier.init(jax.random.key(0), _dummy_images(classifier))))["params"]
+
+  if config.task == "finetune":
+    def init():
+      params = initial_params()
+      return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    specs = {"params": logical}
+  else:
+    head = vit_classifier.LinearProbeHead(num_classes)
+    init_head = lambda: nn.unbox(head.init(jax.random.key(config.seed + 1),
+                                           jnp.zeros((2, classifier.embed_dim)), False))
+
+    def init():
+      head_vars = init_head()
+      encoder = {k: v for k, v in initial_params().items() if k != "head"}
+      return {"params": head_vars["params"], "batch_stats": head_vars["batch_stats"],
+              "encoder": encoder, "opt": tx.init(head_vars["params"]),
+              "step": jnp.zeros((), jnp.int32)}
+    replicate = lambda x: jax.sharding.PartitionSpec(*([None] * x.ndim))
+    specs = {"encoder": {k: v for k, v in logical.items() if k != "head"},
+             "params": jax.tree_util.tree_map(replicate, jax.eval_shape(init_head)["params"])}
+  abstract, shardings = sharding.sharded_shapes(init, specs, mesh)
+  train_step, eval_step = make_steps(config, classifier, tx, schedule, shardings, mesh,
+                                     num_classes)
+  return program.TrainProgram(
+      mesh=mesh, model=classifier, init=init, abstract_state=abstract,
+      state_shardings=shardings, train_step=train_step,
+      batch=program.abstract_batch(config.batch_size, classifier.img_size, mesh),
+      total_steps=total_steps), eval_step
+
+
 def make_optimizer(config, classifier, schedule):
   if config.task == "finetune":
     return lr_decay.adamw_layer_decay(schedule, classifier.depth, config.layer_decay,
@@ -189,41 +245,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   is_chief = jax.process_index() == 0
   num_classes = data.num_classes(config.data)
-  classifier = build_classifier(config, num_classes)
   if is_chief:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   steps_per_epoch = data.steps_per_epoch(config.data, config.data.train_split, config.batch_size)
-  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
-  tx = make_optimizer(config, classifier, schedule)
-  # Loaded on the host before the jitted init: the pre-trained tensors become constants of it.
-  params, _ = load_init(config, classifier, jax.random.key(config.seed))
-  logical = nn.get_partition_spec(jax.eval_shape(
-      lambda: classifier.init(jax.random.key(0), jnp.zeros(
-          (1, classifier.img_size, classifier.img_size, classifier.in_chans)))))["params"]
-
-  if config.task == "finetune":
-    def init():
-      return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    specs = {"params": logical}
-  else:
-    head = vit_classifier.LinearProbeHead(num_classes)
-    head_vars = nn.unbox(head.init(jax.random.key(config.seed + 1),
-                                   jnp.zeros((2, classifier.embed_dim)), False))
-    encoder = {k: v for k, v in params.items() if k != "head"}
-
-    def init():
-      return {"params": head_vars["params"], "batch_stats": head_vars["batch_stats"],
-              "encoder": encoder, "opt": tx.init(head_vars["params"]),
-              "step": jnp.zeros((), jnp.int32)}
-    specs = {"encoder": {k: v for k, v in logical.items() if k != "head"},
-             "params": jax.tree_util.tree_map(lambda x: jax.sharding.PartitionSpec(
-                 *([None] * x.ndim)), head_vars["params"])}
-  state, shardings = sharding.init_sharded(init, specs, mesh)
-  train_step, eval_step = make_steps(config, classifier, tx, schedule, shardings, mesh,
-                                     num_classes)
+  train_program, eval_step = build_program(config, mesh, steps_per_epoch, num_classes)
+  total_steps, train_step = train_program.total_steps, train_program.train_step
+  state = train_program.create_state()
 
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
                                          config.keep_checkpoints)

@@ -5,15 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Dense bf16 peak per JAX device (a TPU v2/v3 device is one core; v4/v5p one megacore chip).
-PEAK_FLOPS_PER_DEVICE = {
-    "TPU v2": 22.5e12,
-    "TPU v3": 61.5e12,
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
+from mae_jax.tpu import slices
+
+# Dense bf16 peak per GPU; TPUs' come from the slice table (mae_jax.tpu.slices).
+PEAK_FLOPS_PER_GPU = {
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
@@ -53,7 +48,10 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
   if configured > 0:
     return configured, "config"
   kind = jax.devices()[0].device_kind
-  for name, peak in PEAK_FLOPS_PER_DEVICE.items():
+  tpu = slices.generation_of_device_kind(kind)
+  if tpu is not None:
+    return tpu.peak_flops_per_device, f"table ({kind})"
+  for name, peak in PEAK_FLOPS_PER_GPU.items():
     if kind.startswith(name):
       return peak, f"table ({kind})"
   return measure_matmul_flops(), f"measured matmul ({kind})"

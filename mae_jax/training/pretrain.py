@@ -19,7 +19,7 @@ from etils import epath
 from mae_jax import data, models
 from mae_jax.evaluation import knn_monitor
 from mae_jax.training import (checkpointing, config_checks, figures, flops, loop, optimizer,
-                              sharding)
+                              program, sharding)
 
 
 class NonFiniteError(RuntimeError):
@@ -73,11 +73,19 @@ def create_train_state(model, tx, mesh, seed: int):
                                {"params": models.logical_axes(model)}, mesh)
 
 
-def train_state_shapes(model, tx, mesh):
-  """(abstract train state, its shardings) without allocating anything: enough to compile the
-  step and inspect it (memory, collectives) for sizes that do not fit this machine."""
-  return sharding.sharded_shapes(_train_state_init(model, tx, 0),
-                                 {"params": models.logical_axes(model)}, mesh)
+def build_program(config, mesh, steps_per_epoch: int) -> program.TrainProgram:
+  """The pre-training step of `config` on `mesh`, with its state's shapes and shardings (nothing
+  allocated): what `train_and_evaluate` runs and what `mae_jax.tpu.aot` compiles for TPUs."""
+  model = build_model(config.model)
+  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
+  tx = optimizer_from_config(config, schedule)
+  init = _train_state_init(model, tx, config.seed)
+  abstract, shardings = sharding.sharded_shapes(init, {"params": models.logical_axes(model)}, mesh)
+  return program.TrainProgram(
+      mesh=mesh, model=model, init=init, abstract_state=abstract, state_shardings=shardings,
+      train_step=make_train_step(model, tx, schedule, config, shardings, mesh),
+      batch=program.abstract_batch(config.batch_size, config.data.image_size, mesh),
+      total_steps=total_steps)
 
 
 def make_train_step(model, tx, schedule, config, state_shardings, mesh):
@@ -156,7 +164,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) pre-training in `workdir`; returns the last logged metrics."""
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check_pretrain(config, jax.process_count(), jax.device_count())
-  model = build_model(config.model)
   # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   is_chief = jax.process_index() == 0
@@ -173,12 +180,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Input.
   train_examples = data.num_examples(config.data, config.data.train_split)
   steps_per_epoch = train_examples // config.batch_size
-  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
 
-  # --- Model, optimizer, sharded state.
-  tx = optimizer_from_config(config, schedule)
-  state, state_shardings = create_train_state(model, tx, mesh, config.seed)
-  train_step = make_train_step(model, tx, schedule, config, state_shardings, mesh)
+  # --- Model, optimizer, sharded state, update step.
+  train_program = build_program(config, mesh, steps_per_epoch)
+  model, total_steps = train_program.model, train_program.total_steps
+  train_step = train_program.train_step
+  state = train_program.create_state()
 
   # --- Checkpoint restore (automatic resume).
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The README's TPU plan: real TPU compiles (libtpu, compile-only devices) of the paper's runs.
+# Each line is one `mae_jax.tools.scaling` invocation writing benchmarks/tpu_plan/NAME.jsonl;
+# existing files are kept, so a stopped run continues where it was (remove a stale NAME.lock
+# left by a killed run). Two or more copies can run at once: each takes the next free compile.
+# 5-20 minutes per large compile on a 2-core CPU. Then: python benchmarks/tpu_plan_table.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=benchmarks/tpu_plan
+mkdir -p "$out"
+plan() {  # plan NAME ARGS...: one compile unless NAME.jsonl exists or another copy has it
+  local name=$1; shift
+  [[ -s "$out/$name.jsonl" ]] && return 0
+  mkdir "$out/$name.lock" 2>/dev/null || return 0
+  echo "=== $(date +%T) $name: $*" >&2
+  python -m mae_jax.tools.scaling --out="$out/$name.jsonl.tmp" "$@" >/dev/null || true
+  if [[ -s "$out/$name.jsonl.tmp" ]]; then mv "$out/$name.jsonl.tmp" "$out/$name.jsonl"; fi
+  rmdir "$out/$name.lock"
+}
+pre=configs/pretrain.py
+# Table 2 of the paper: 128 TPU-v3 cores, batch 4096, 800 epochs.
+plan t2_vit_large_dec8 --topology=v3-128 --config=$pre:vit_large
+plan t2_vit_large_mask_tokens --topology=v3-128 --config=$pre:vit_large --config.model.encoder_mask_tokens=True
+plan t2_vit_large_dec1 --topology=v3-128 --config=$pre:vit_large --config.model.decoder_depth=1
+plan t2_vit_huge_dec8 --topology=v3-128 --config=$pre:vit_huge
+# Data parallel against FSDP, remat on and off.
+plan vit_large_v3-128_fsdp --topology=v3-128 --config=$pre:vit_large --config.mesh.data=1 --config.mesh.fsdp=-1
+plan vit_base_v3-128 --topology=v3-128 --config=$pre:vit_base
+plan vit_huge_v3-128_data --topology=v3-128 --config=$pre:vit_huge --config.mesh.data=-1 --config.mesh.fsdp=1 --config.model.remat=False
+plan vit_large_v3-128_remat --topology=v3-128 --config=$pre:vit_large --config.model.remat=True
+# Other slices at batch 4096, each with its config's mesh.
+plan vit_large_v4-64 --topology=v4-64 --config=$pre:vit_large
+plan vit_large_v5p-128 --topology=v5p-128 --config=$pre:vit_large
+plan vit_large_v5litepod-256 --topology=v5litepod-256 --config=$pre:vit_large
+plan vit_large_v6e-256 --topology=v6e-256 --config=$pre:vit_large
+# Fine-tuning (batch 1024) and the linear probe (batch 16384).
+plan finetune_vit_large_v3-128 --topology=v3-128 --config=configs/finetune.py:vit_large
+plan linprobe_vit_large_v3-128 --topology=v3-128 --config=configs/linprobe.py:vit_large
+plan vit_huge_v4-128 --topology=v4-128 --config=$pre:vit_huge
+plan vit_huge_v3-256 --topology=v3-256 --config=$pre:vit_huge
+plan vit_huge_v3-512 --topology=v3-512 --config=$pre:vit_huge
+plan vit_base_v4-64 --topology=v4-64 --config=$pre:vit_base
+plan finetune_vit_huge_v3-128 --topology=v3-128 --config=configs/finetune.py:vit_huge

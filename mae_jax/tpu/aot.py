@@ -1,0 +1,312 @@
+"""Ahead-of-time compiles for TPU slices, on any machine: the train step a config runs, compiled by
+the TPU compiler (libtpu) for a slice's devices without the slice and with nothing allocated.
+
+  from mae_jax.tpu import aot
+  report = aot.compile_config(config, aot.tpu_target("v3-128"))
+
+The report says what the step needs per device (memory, FLOPs, collectives) and the compiler's
+own time estimate (`optimal_seconds` of its cost model): an estimate, never a measurement. The
+same function compiles for simulated CPU devices (`cpu_target`), where no estimate exists.
+"""
+import dataclasses
+import importlib.util
+import os
+import re
+import time
+
+from mae_jax.tpu import slices
+
+GIB = 2 ** 30
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+TASKS = ("pretrain", "finetune", "linprobe")
+
+
+class LibtpuMissingError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """Devices to compile for, and what the hardware tables say about them."""
+  name: str                       # "v3-128", or "cpu-8" for simulated CPU devices
+  devices: tuple
+  hosts: int
+  topology: str
+  device_kind: str
+  hbm_bytes_per_device: int | None = None
+  peak_flops_per_device: float | None = None
+  hbm_bandwidth_per_device: float | None = None
+
+
+def require_libtpu():
+  if importlib.util.find_spec("libtpu") is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    raise LibtpuMissingError(
+        "Compiling for TPU needs libtpu, the TPU compiler (it runs without a TPU): "
+        f"pip install \"jax[tpu]=={jax.__version__}\" (or pip install -e \".[tpu]\", or "
+        "bash launch/setup_env.sh --tpu).")
+
+
+def tpu_target(name: str) -> Target:
+  """The compile-only devices of a TPU slice (`v3-128`, `v5litepod-16`, ...)."""
+  slice_ = slices.get(name)  # unknown names fail before libtpu is loaded
+  require_libtpu()
+  # No metadata server to ask, and other processes may be compiling with libtpu too.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  g = slice_.generation
+  devices = topologies.get_topology_desc(
+      platform="tpu", topology_name=slice_.topology, chip_config_name=g.chip_config,
+      chips_per_host_bounds=slice_.chips_per_host_bounds, num_slices=1).devices
+  if len(devices) != slice_.devices:
+    raise RuntimeError(f"libtpu gave {len(devices)} devices for {name} ({slice_.topology}); the "
+                       f"slice table says {slice_.devices}.")
+  return Target(name=slice_.name, devices=tuple(devices), hosts=slice_.hosts,
+                topology=slice_.topology, device_kind=devices[0].device_kind,
+                hbm_bytes_per_device=g.hbm_bytes_per_device,
+                peak_flops_per_device=g.peak_flops_per_device,
+                hbm_bandwidth_per_device=g.hbm_bandwidth_per_device)
+
+
+def cpu_target() -> Target:
+  """This process's CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  devices = tuple(jax.devices("cpu"))
+  return Target(name=f"cpu-{len(devices)}", devices=devices, hosts=1,
+                topology=f"{len(devices)} simulated CPU devices",
+                device_kind=devices[0].device_kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the compiled program says.
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+
+
+def _array_bytes(shape: str) -> list:
+  """Bytes of each array in an HLO shape string: `bf16[32,48]{1,0:T(8,128)}` or a tuple."""
+  out = []
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    n = _DTYPE_BYTES.get(dtype, 0)
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    out.append(n)
+  return out
+
+
+def _instructions(hlo_text: str):
+  """(computation, opcode, result shape, line) of every instruction in HLO text."""
+  computation = ""
+  for line in hlo_text.splitlines():
+    header = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
+    if header:
+      computation = header.group(1)
+      continue
+    head = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = ", line)
+    if not head:
+      continue
+    rest = line[head.end():]
+    if rest.startswith("("):  # a tuple shape: up to its closing parenthesis
+      depth = 0
+      for end, char in enumerate(rest):
+        depth += (char == "(") - (char == ")")
+        if depth == 0:
+          break
+      shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+      shape, _, rest = rest.partition(" ")
+    op = re.match(r"([\w\-]+)\(", rest)
+    if op:
+      yield computation, op.group(1), shape, line
+
+
+def collectives(hlo_text: str) -> dict:
+  """{kind: {"count", "bytes"}} of the collectives in compiled HLO, read by opcode in every
+  computation (inside fusions and async wrappers too). An async pair counts once (its -start).
+  The TPU compiler spells a reduce-scatter as a custom fusion that calls an `all-reduce-scatter`
+  computation around an all-reduce: that fusion counts as the reduce-scatter (its result is the
+  shard) and its inner all-reduce does not count. Bytes are those of the results: an
+  all-gather's or permute's -start returns (operand, result), whose larger part is the result.
+  An op inside a loop body (gradient accumulation) counts once, not once per iteration."""
+  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  scatter_bodies = set(re.findall(r"kind=kCustom, calls=%(all-reduce-scatter[\w.\-]*)",
+                                  hlo_text))
+  for computation, op, shape, line in _instructions(hlo_text):
+    kind = op.removesuffix("-start")
+    arrays = _array_bytes(shape)
+    if op == "fusion":
+      called = re.search(r"calls=%([\w.\-]+)", line)
+      if called and called.group(1) in scatter_bodies:
+        out["reduce-scatter"]["count"] += 1
+        out["reduce-scatter"]["bytes"] += sum(arrays)
+      continue
+    if kind not in out or op.endswith("-done") or computation in scatter_bodies:
+      continue
+    paired = op.endswith("-start") and kind in ("all-gather", "collective-permute")
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += max(arrays, default=0) if paired else sum(arrays)
+  return out
+
+
+def memory(compiled, hbm_bytes: int | None) -> dict:
+  """Bytes per device. `required` is what must fit in HBM: every buffer the executable holds at
+  once, argument + output - alias (donated state written in place) + temp, plus the generated
+  code, which lives in HBM too. The compiler's own `peak_memory_in_bytes` is reported beside it;
+  on TPU it can be below temp alone, so it is not what decides the fit."""
+  m = compiled.memory_analysis()
+  sizes = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "alias", "temp", "generated_code")}
+  sizes["compiler_peak"] = int(getattr(m, "peak_memory_in_bytes", 0) or 0)
+  sizes["required"] = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] +
+                       sizes["generated_code"])
+  sizes["required_from"] = "argument + output - alias + temp + generated_code"
+  out = {"memory_per_device": sizes, "hbm_per_device": hbm_bytes}
+  if hbm_bytes:
+    out["fits"] = sizes["required"] <= hbm_bytes
+    out["headroom_bytes"] = hbm_bytes - sizes["required"]
+  return out
+
+
+# The two ways libtpu words a refusal: "Used 20.5G of 15.48G hbm", "... HLO temporaries (22.77G)
+# exceeds available HBM (15.48G)".
+_OOM = (re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"),
+        re.compile(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)"))
+
+
+def _out_of_memory(message: str) -> dict | None:
+  """The compiler's refusal of a program that does not fit: what it needed and had."""
+  if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+    return None
+  unit = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+  out = {"fits": False, "compile_error": " ".join(message.split())[:1500]}
+  for pattern, what in zip(_OOM, ("the compiler's total", "the compiler's temporaries alone")):
+    found = pattern.search(message)
+    if found:
+      out["memory_per_device"] = {"required": int(float(found[1]) * unit[found[2]]),
+                                  "required_from": what}
+      out["compiler_hbm_limit"] = int(float(found[3]) * unit[found[4]])
+      break
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The config's program.
+def train_split_size(config, train_examples: int = 0) -> int:
+  if train_examples > 0:
+    return train_examples
+  from mae_jax import data  # pylint: disable=import-outside-toplevel
+  key = (config.data.name, config.data.train_split)
+  if key not in data.KNOWN_SPLITS:
+    raise ValueError(f"the size of {config.data.name}/{config.data.train_split} is not known "
+                     "without the data; pass its number of examples (--train_examples=N).")
+  return data.KNOWN_SPLITS[key][0]
+
+
+def build_program(config, target: Target, train_examples: int = 0):
+  """(train program, mesh) of `config` on `target`'s devices, after the config checks the train
+  loop makes (for `target.hosts` processes): the loop's own builders, nothing allocated."""
+  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  devices = len(target.devices)
+  # Only the schedule's length depends on it, never the compiled program.
+  steps_per_epoch = max(1, train_split_size(config, train_examples) // config.batch_size)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices))
+  if config.task == "pretrain":
+    from mae_jax.training import config_checks, pretrain  # pylint: disable=import-outside-toplevel
+    config_checks.check_pretrain(config, target.hosts, devices)
+    return pretrain.build_program(config, mesh, steps_per_epoch), mesh
+  if config.task in ("finetune", "linprobe"):
+    from mae_jax import data  # pylint: disable=import-outside-toplevel
+    from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
+    planned = config.copy_and_resolve_references()
+    with planned.unlocked():
+      planned.init = ""  # the encoder's values do not change the program; nothing is read
+    classify.check_config(planned, target.hosts, devices)
+    classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
+    return classify.build_program(planned, mesh, steps_per_epoch, classes,
+                                  load_pretrained=False)[0], mesh
+  raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
+
+
+def state_bytes(program) -> dict:
+  """Train-state bytes, whole and per device, as its shardings split it (no layout padding)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree_util.tree_leaves(program.abstract_state)
+  shardings = jax.tree_util.tree_leaves(program.state_shardings)
+  total = sum(a.size * a.dtype.itemsize for a in leaves)
+  per_device = sum(int(np.prod(s.shard_shape(a.shape))) * a.dtype.itemsize
+                   for a, s in zip(leaves, shardings))
+  params = jax.tree_util.tree_leaves(program.abstract_state["params"])
+  return {"trainable_params": int(sum(a.size for a in params)),
+          "state_bytes_total": int(total),
+          "state_bytes_per_device": int(per_device)}
+
+
+def compile_config(config, target: Target, train_examples: int = 0, hlo_path: str = "") -> dict:
+  """Compiles the train step of `config` for `target` and reports it (see the module doc);
+  `hlo_path`: also write the compiled HLO text there."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
+  program, mesh = build_program(config, target, train_examples)
+  devices = len(target.devices)
+  report = {
+      "topology": target.name, "topology_desc": target.topology,
+      "device_kind": target.device_kind, "devices": devices, "hosts": target.hosts,
+      "task": config.task, "variant": config.variant, "model": config.model.name,
+      "global_batch": config.batch_size, "batch_per_device": config.batch_size / devices,
+      "grad_accum_steps": config.get("grad_accum_steps", 1),
+      "mesh": dict(mesh.shape), "remat": bool(config.model.get("remat", False)),
+      "dtype": config.model.dtype, "total_steps": program.total_steps,
+      "peak_flops_per_device": target.peak_flops_per_device,
+      **state_bytes(program),
+  }
+  start = time.perf_counter()
+  lowered = program.lower()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as err:
+    refused = _out_of_memory(str(err))
+    if refused is None:
+      raise
+    report.update(refused, compile_s=time.perf_counter() - start,
+                  hbm_per_device=target.hbm_bytes_per_device)
+    return report
+  report["compile_s"] = time.perf_counter() - start
+  report.update(memory(compiled, target.hbm_bytes_per_device))
+  step_flops = flops.compiled_flops(compiled)
+  report["flops_per_device"] = step_flops
+  report["flops_per_image"] = step_flops * devices / config.batch_size
+  hlo = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo)
+  report["collectives"] = collectives(hlo)
+  report.update(estimates(compiled, report, target))
+  return report
+
+
+def estimates(compiled, report: dict, target: Target) -> dict:
+  """The compiler's cost-model step time and what follows from it, labelled as estimates. The
+  model sometimes returns a non-positive time (seen with FSDP meshes): then none. Beside it, a
+  roofline bound from the same analysis: the step cannot be faster than its FLOPs at peak or its
+  HBM traffic at full bandwidth (collectives and overheads not counted)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  seconds = float(analysis.get("optimal_seconds", 0.0) or 0.0)
+  hbm_bytes = float(analysis.get("bytes accessed", 0.0) or 0.0)
+  out = {"est_source": "TPU compiler cost model (optimal_seconds): an estimate, not measured",
+         "est_optimal_seconds_raw": seconds, "bytes_accessed_per_device": hbm_bytes}
+  peak, bandwidth = target.peak_flops_per_device, target.hbm_bandwidth_per_device
+  if not peak:
+    return {**out, "est_step_s": None, "est_note": "no cost model for this target"}
+  out["roofline_step_s"] = max(report["flops_per_device"] / peak, hbm_bytes / bandwidth)
+  if seconds <= 0:
+    return {**out, "est_step_s": None, "est_note": f"cost model returned {seconds:g} s: unusable"}
+  out["est_step_s"] = seconds
+  out["est_images_per_sec"] = report["global_batch"] / seconds
+  out["est_hours"] = report["total_steps"] * seconds / 3600
+  out["est_mfu"] = report["flops_per_device"] / seconds / peak
+  return out

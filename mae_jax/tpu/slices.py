@@ -1,0 +1,153 @@
+"""Cloud TPU slices as data: one row per accelerator type (`v3-128`, `v5litepod-16`, ...).
+
+The one source of truth for the compile tool (topology to compile for, HBM to fit in), the MFU
+table (peak FLOP/s per JAX device) and `launch/tpu.sh` (accepted --accelerator-type names,
+default runtime). Standard library only, so the launcher can ask it without jax:
+
+  python3 -m mae_jax.tpu.slices                   # the table
+  python3 -m mae_jax.tpu.slices runtime v4-64      # one field of one slice: tpu-ubuntu2204-base
+
+Numbers per JAX device: on v2/v3 a device is one TensorCore (two per chip); on v4 and v5p one
+chip (its two cores run as one "megacore"); v5e and v6e chips have one core. Peak dense bf16
+FLOP/s and HBM bandwidth are Google's published figures (cloud.google.com/tpu/docs, the
+system-architecture and per-generation pages). HBM is what the TPU compiler (libtpu 0.0.42)
+lets one program use, as its out-of-memory refusals state it ("exceeds available HBM (15.48G)"
+on v3): a little under the published capacities (v2 8 GiB and v3 16 GiB per core; v4 32 GiB,
+v5e 16 GB, v5p 95 GB, v6e 32 GB per chip), since the runtime keeps some.
+"""
+import dataclasses
+import sys
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  name: str                    # as in accelerator types: v3, v4, v5litepod, v5p, v6e
+  topology_prefix: str         # libtpu's topology names: "v3:8x8", "v5e:4x4"
+  device_kind: str             # jax.Device.device_kind on that hardware
+  chip_config: str             # "default": a device per core; "megacore": a device per chip
+  cores_per_chip: int          # the N in an accelerator type "vX-N" counts cores for 2
+  devices_per_chip: int
+  hbm_bytes_per_device: int    # what the TPU compiler lets a program use (see below)
+  peak_flops_per_device: float  # dense bf16
+  hbm_bandwidth_per_device: float  # bytes/s
+  runtime_version: str         # default TPU VM image for `gcloud ... tpu-vm create`
+  chips_per_host: int          # multi-host slices
+  shapes: tuple                # chip grid of each slice, smallest first
+
+
+GENERATIONS = (
+    Generation("v2", "v2", "TPU v2", "default", 2, 2, int(7.48 * GIB), 22.5e12, 350e9, "tpu-ubuntu2204-base", 4,
+               ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+    Generation("v3", "v3", "TPU v3", "default", 2, 2, int(15.48 * GIB), 61.5e12, 450e9, "tpu-ubuntu2204-base",
+               4, ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32))),
+    Generation("v4", "v4", "TPU v4", "megacore", 2, 1, int(30.75 * GIB), 275e12, 1228e9, "tpu-ubuntu2204-base",
+               4, ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
+    Generation("v5litepod", "v5e", "TPU v5 lite", "default", 1, 1, int(15.75 * GIB), 197e12, 819e9,
+               "v2-alpha-tpuv5-lite", 4,
+               ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+    Generation("v5p", "v5", "TPU v5", "megacore", 2, 1, int(95.74 * GIB), 459e12, 2765e9, "v2-alpha-tpuv5", 4,
+               ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
+    Generation("v6e", "v6e", "TPU v6 lite", "default", 1, 1, int(31.25 * GIB), 918e12, 1640e9, "v2-alpha-tpuv6e",
+               4, ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+)
+# Also accepted by gcloud for v5e slices.
+ALIASES = {"v5e": "v5litepod"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  name: str                    # the accelerator type: v3-128
+  generation: Generation
+  shape: tuple                 # chip grid
+  chips: int
+  devices: int
+  hosts: int
+
+  @property
+  def topology(self) -> str:
+    return f"{self.generation.topology_prefix}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def chips_per_host_bounds(self) -> tuple:
+    """The per-host chip grid libtpu lays processes out by: (2, 2, 1) on multi-host slices;
+    single-host slices of 1 or 8 chips (v5e, v6e) hold the whole grid."""
+    if self.hosts == 1:
+      return tuple(self.shape) + (1,) * (3 - len(self.shape))
+    return (2, 2, 1)
+
+  def row(self) -> dict:
+    g = self.generation
+    return {"name": self.name, "topology": self.topology, "chip_config": g.chip_config,
+            "device_kind": g.device_kind, "chips": self.chips, "devices": self.devices,
+            "hosts": self.hosts, "hbm_gib_per_device": g.hbm_bytes_per_device / GIB,
+            "peak_tflops_per_device": g.peak_flops_per_device / 1e12,
+            "hbm_gbps_per_device": g.hbm_bandwidth_per_device / 1e9,
+            "runtime": g.runtime_version}
+
+
+def _slices() -> dict:
+  out = {}
+  for g in GENERATIONS:
+    for shape in g.shapes:
+      chips = 1
+      for n in shape:
+        chips *= n
+      # Single-host machines: up to 8 chips on v5e/v6e (one core each), 4 on the others.
+      single_host = chips <= (8 if g.cores_per_chip == 1 else 4)
+      name = f"{g.name}-{chips * g.cores_per_chip}"
+      out[name] = Slice(name, g, shape, chips, chips * g.devices_per_chip,
+                        1 if single_host else chips // g.chips_per_host)
+  return out
+
+
+SLICES = _slices()
+
+
+def get(name: str) -> Slice:
+  """The slice of an accelerator type; an unknown name lists the known ones."""
+  prefix, _, size = name.partition("-")
+  key = f"{ALIASES.get(prefix, prefix)}-{size}"
+  if key not in SLICES:
+    raise ValueError(f"unknown TPU accelerator type {name!r}; known: {', '.join(SLICES)}")
+  return SLICES[key]
+
+
+def generation_of_device_kind(device_kind: str) -> Generation | None:
+  """The generation whose JAX device_kind `device_kind` is (None when it is no TPU)."""
+  for g in GENERATIONS:
+    if device_kind == g.device_kind:
+      return g
+  return None
+
+
+def _main(argv) -> int:
+  if not argv:
+    print("| accelerator type | topology | devices | hosts | HBM GiB/device | bf16 TFLOP/s/device |")
+    print("|---|---|---|---|---|---|")
+    for s in SLICES.values():
+      r = s.row()
+      print(f"| {r['name']} | {r['topology']} | {r['devices']} | {r['hosts']} | "
+            f"{r['hbm_gib_per_device']:g} | {r['peak_tflops_per_device']:g} |")
+    return 0
+  if len(argv) != 2:
+    print("usage: python3 -m mae_jax.tpu.slices [FIELD NAME]", file=sys.stderr)
+    return 2
+  field, name = argv
+  try:
+    row = get(name).row()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if field not in row:
+    print(f"error: unknown field {field!r}; one of {', '.join(row)}", file=sys.stderr)
+    return 2
+  print(row[field])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,196 @@
+"""TPU compiles without a TPU (libtpu's compile-only devices): the slice table, the compile tool's
+report, fits and refusals, and `launch/tpu.sh plan` / `run` acting on them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_jax.tpu import aot, presence, slices
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_MODEL = ("--variants=tiny", "--model=mae_vit_test_patch4")
+# Far more than a v3 core's 16 GiB: 65536 images of 32x32 per device through the test model.
+TOO_BIG = "--config.batch_size=524288"
+
+
+def scaling(*args, check=True):
+  proc = subprocess.run([sys.executable, "-m", "mae_jax.tools.scaling", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  reports = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  return proc, reports
+
+
+# ---------------------------------------------------------------- the slice table
+def test_slice_table_matches_libtpu_and_the_accelerator_names():
+  # Devices and hosts as Google documents them: a v3/v2 device is a core, a v4/v5p device a chip.
+  expected = {"v3-8": (8, 1), "v3-128": (128, 16), "v3-2048": (2048, 256), "v4-8": (4, 1),
+              "v4-128": (64, 16), "v4-4096": (2048, 512), "v5litepod-1": (1, 1),
+              "v5litepod-8": (8, 1), "v5litepod-256": (256, 64), "v5p-128": (64, 16),
+              "v6e-256": (256, 64)}
+  for name, (devices, hosts) in expected.items():
+    s = slices.get(name)
+    assert (s.devices, s.hosts) == (devices, hosts), name
+  assert slices.get("v5e-16") is slices.get("v5litepod-16")
+  assert slices.get("v3-128").topology == "v3:8x8"
+  assert slices.get("v4-64").topology == "v4:2x4x4"
+  # libtpu agrees on the devices and their host layout.
+  for name in ("v3-32", "v4-16", "v5litepod-16", "v5p-8", "v6e-8"):
+    target = aot.tpu_target(name)
+    assert len(target.devices) == slices.get(name).devices
+    assert len({d.process_index for d in target.devices}) == slices.get(name).hosts
+    assert target.device_kind == slices.get(name).generation.device_kind
+  with pytest.raises(ValueError, match="unknown TPU accelerator type 'v3-7'.*v3-8"):
+    slices.get("v3-7")
+
+
+def test_mfu_table_comes_from_the_slice_table():
+  from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
+  assert slices.generation_of_device_kind("TPU v5").name == "v5p"  # v5p's device kind
+  assert slices.generation_of_device_kind("TPU v5 lite").peak_flops_per_device == 197e12
+  assert slices.generation_of_device_kind("cpu") is None
+  assert not any(k.startswith("TPU") for k in flops.PEAK_FLOPS_PER_GPU)
+
+
+def test_slice_cli_answers_the_launcher():
+  out = subprocess.run([sys.executable, "-m", "mae_jax.tpu.slices", "runtime", "v6e-16"],
+                       cwd=ROOT, capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "v2-alpha-tpuv6e"
+  bad = subprocess.run([sys.executable, "-m", "mae_jax.tpu.slices", "runtime", "tpu9-8"],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 1 and "unknown TPU accelerator type" in bad.stderr
+
+
+# ---------------------------------------------------------------- compiles
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+  """The test model's pre-training step for v3-8 and v4-8, data-parallel and FSDP meshes."""
+  out = tmp_path_factory.mktemp("tpu") / "plan.jsonl"
+  proc, reports = scaling("--topology=v3-8,v4-8", *TEST_MODEL, "--meshes=data,fsdp",
+                          "--batch_per_device=8", f"--out={out}")
+  assert [json.loads(l) for l in out.read_text().splitlines()] == reports
+  assert "| v3-8 | pretrain | mae_vit_test_patch4 |" in proc.stdout
+  return {(r["topology"], r["mesh_asked"]): r for r in reports}
+
+
+def test_report_fields_are_there_and_consistent(compiled):
+  for (topology, mesh), r in compiled.items():
+    s = slices.get(topology)
+    assert (r["devices"], r["hosts"], r["device_kind"]) == (s.devices, 1, s.generation.device_kind)
+    assert r["mesh"] == ({"data": s.devices, "fsdp": 1} if mesh == "data" else
+                         {"data": 1, "fsdp": s.devices})
+    assert r["global_batch"] == 8 * s.devices and r["batch_per_device"] == 8
+    assert (r["task"], r["model"], r["remat"], r["dtype"]) == (
+        "pretrain", "mae_vit_test_patch4", False, "float32")
+    m = r["memory_per_device"]
+    assert m["required"] == (m["argument"] + m["output"] - m["alias"] + m["temp"] +
+                             m["generated_code"])
+    assert m["alias"] > 0  # the donated state is updated in place
+    assert r["hbm_per_device"] == s.generation.hbm_bytes_per_device
+    assert r["fits"] and r["headroom_bytes"] == r["hbm_per_device"] - m["required"]
+    # Arguments hold the state and the batch (TPU layouts pad small dimensions, never shrink).
+    batch_bytes = 8 * 32 * 32 * 3 * 4 + 8 * 4
+    assert m["argument"] >= r["state_bytes_per_device"] + batch_bytes
+    assert r["flops_per_device"] > 0
+    assert r["flops_per_image"] == pytest.approx(r["flops_per_device"] * s.devices /
+                                                 r["global_batch"])
+    assert r["compile_s"] > 0 and "estimate" in r["est_source"]
+    if r["est_step_s"] is not None:
+      assert r["est_images_per_sec"] == pytest.approx(r["global_batch"] / r["est_step_s"])
+      assert r["est_hours"] == pytest.approx(r["total_steps"] * r["est_step_s"] / 3600)
+      assert r["est_mfu"] == pytest.approx(
+          r["flops_per_device"] / r["est_step_s"] / s.generation.peak_flops_per_device)
+    assert r["roofline_step_s"] > 0
+
+
+def test_fsdp_divides_the_state_and_brings_its_collectives(compiled):
+  for topology in ("v3-8", "v4-8"):
+    data, fsdp = compiled[(topology, "data")], compiled[(topology, "fsdp")]
+    devices = data["devices"]
+    assert data["state_bytes_per_device"] == data["state_bytes_total"]
+    # Every matrix splits along its embed axis; biases and norms stay whole.
+    ratio = data["state_bytes_per_device"] / fsdp["state_bytes_per_device"]
+    assert 0.7 * devices < ratio <= devices, (topology, ratio)
+    assert fsdp["memory_per_device"]["argument"] < data["memory_per_device"]["argument"]
+    # Data parallel: the gradients are all-reduced, no weight is gathered.
+    assert data["collectives"]["all-reduce"]["count"] >= 1
+    assert data["collectives"]["all-gather"]["count"] == 0
+    # FSDP: each sharded weight is gathered before use.
+    assert fsdp["collectives"]["all-gather"]["count"] > 0
+    assert fsdp["collectives"]["all-gather"]["bytes"] > 0
+
+
+def test_collectives_are_read_by_opcode_also_inside_async_wrappers():
+  hlo = "\n".join([
+      "%wrapped_reduce_scatter (p: f32[64]) -> f32[8] {",
+      "  ROOT %reduce-scatter.1 = f32[8]{0:T(128)} reduce-scatter(f32[64]{0} %p), dimensions={0}",
+      "}",
+      "ENTRY %main {",
+      "  %all-gather-start = (bf16[4,8]{1,0}, bf16[32,8]{1,0}) all-gather-start(%x), dimensions={0}",
+      "  %all-gather-done = bf16[32,8]{1,0} all-gather-done(%all-gather-start)",
+      "  %async-start = ((f32[64]), f32[8], u32[]) async-start(%g), calls=%wrapped_reduce_scatter",
+      "  %all-reduce.7 = (f32[32]{0}, f32[16]{0}) all-reduce(%a, %b), to_apply=%add",
+      "  %fusion.2 = f32[8]{0} fusion(%all-gather-done), kind=kLoop, calls=%fused",
+      "}"])
+  c = aot.collectives(hlo)
+  assert c["all-gather"] == {"count": 1, "bytes": 32 * 8 * 2}
+  assert c["reduce-scatter"] == {"count": 1, "bytes": 8 * 4}
+  assert c["all-reduce"] == {"count": 1, "bytes": (32 + 16) * 4}
+  assert c["all-to-all"]["count"] == 0
+
+
+def test_finetune_and_linprobe_compile_their_own_steps(tmp_path):
+  _, reports = scaling("--topology=v4-8", "--task=finetune", "--variants=fashion_mnist",
+                       "--model=vit_test_patch4", "--global_batch=64")
+  _, probe = scaling("--topology=v4-8", "--task=linprobe", "--variants=fashion_mnist",
+                     "--model=vit_test_patch4", "--global_batch=64", "--meshes=fsdp")
+  [ft], [lp] = reports, probe
+  assert (ft["task"], lp["task"]) == ("finetune", "linprobe")
+  assert ft["fits"] and lp["fits"]
+  # The probe trains its head only: far fewer trainable parameters, and no gradients of the
+  # encoder, so far fewer FLOPs per image than fine-tuning the same encoder.
+  assert lp["trainable_params"] < ft["trainable_params"] / 10
+  assert lp["flops_per_image"] < ft["flops_per_image"] / 2
+
+
+def test_too_big_is_reported_and_plan_exits_3():
+  """The compiler refuses a program over a v3 core's HBM; the tool says so instead of failing,
+  and launch/tpu.sh plan turns it into exit 3 with the fixes."""
+  proc = subprocess.run(
+      ["bash", str(ROOT / "launch" / "tpu.sh"), "plan", "--accelerator-type=v3-8",
+       "--config=configs/pretrain.py:tiny", "--config.model.name=mae_vit_test_patch4", TOO_BIG],
+      cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  [report] = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+  assert report["fits"] is False
+  assert report["memory_per_device"]["required"] > slices.get("v3-8").generation.hbm_bytes_per_device
+  assert "does not fit" in proc.stderr and "--config.mesh.fsdp" in proc.stderr
+  assert "--config.model.remat=True" in proc.stderr
+
+
+def test_unknown_topology_and_missing_libtpu_are_clear(monkeypatch):
+  proc, _ = scaling("--topology=v3-7", *TEST_MODEL, check=False)
+  assert proc.returncode == 2 and "unknown TPU accelerator type 'v3-7'" in proc.stderr
+  monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(aot.LibtpuMissingError, match=r'pip install "jax\[tpu\]==0\.10'):
+    aot.tpu_target("v3-8")
+
+
+def test_cpu_jobs_never_probe_for_a_tpu(monkeypatch):
+  """libtpu is installed here (these tests need it), and there is no TPU: importing mae_jax sets
+  JAX's platform to the CPU, unless the user chose one, so no process waits on libtpu's probe."""
+  assert aot.importlib.util.find_spec("libtpu") is not None
+  assert not presence.may_have_tpu()
+  code = "import os, mae_jax, jax; print(os.environ['JAX_PLATFORMS'], jax.default_backend())"
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+                       timeout=120)
+  assert out.stdout.split() == ["cpu", "cpu"], out.stderr
+  assert "TPU" not in out.stderr  # none of libtpu's start-up errors
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")  # the user's choice is kept
+  assert not presence.skip_tpu_probe_without_tpu()
+  assert os.environ["JAX_PLATFORMS"] == "tpu,cpu"

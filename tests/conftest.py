@@ -1,6 +1,11 @@
 """Eight simulated CPU devices for every test, and one persistent XLA compilation cache for the
 session (subprocesses inherit it: a relaunched run compiles nothing); must run before jax is
-imported."""
+imported.
+
+The CPU backend compiles without LLVM's optimisations (--xla_backend_optimization_level=0): a
+test runs a few steps of each program, and compiling them dominated the suite (a tiny run's first
+train step: about 60 s optimised, half that without). Every run a test compares, reference
+included, is compiled the same way; the README's jobs and the benchmarks keep the default."""
 import atexit
 import gc
 import os
@@ -8,7 +13,8 @@ import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF must never grab an accelerator
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -68,9 +68,10 @@ def test_slice_cli_answers_the_launcher():
 # ---------------------------------------------------------------- compiles
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
-  """The test model's pre-training step for v3-8 and v4-8, data-parallel and FSDP meshes."""
+  """The test model's pre-training step for v3-8, data-parallel and FSDP meshes (v4-8, where a
+  device is a chip, compiles fine-tuning and the probe below)."""
   out = tmp_path_factory.mktemp("tpu") / "plan.jsonl"
-  proc, reports = scaling("--topology=v3-8,v4-8", *TEST_MODEL, "--meshes=data,fsdp",
+  proc, reports = scaling("--topology=v3-8", *TEST_MODEL, "--meshes=data,fsdp",
                           "--batch_per_device=8", f"--out={out}")
   assert [json.loads(l) for l in out.read_text().splitlines()] == reports
   assert "| v3-8 | pretrain | mae_vit_test_patch4 |" in proc.stdout
@@ -108,20 +109,19 @@ def test_report_fields_are_there_and_consistent(compiled):
 
 
 def test_fsdp_divides_the_state_and_brings_its_collectives(compiled):
-  for topology in ("v3-8", "v4-8"):
-    data, fsdp = compiled[(topology, "data")], compiled[(topology, "fsdp")]
-    devices = data["devices"]
-    assert data["state_bytes_per_device"] == data["state_bytes_total"]
-    # Every matrix splits along its embed axis; biases and norms stay whole.
-    ratio = data["state_bytes_per_device"] / fsdp["state_bytes_per_device"]
-    assert 0.7 * devices < ratio <= devices, (topology, ratio)
-    assert fsdp["memory_per_device"]["argument"] < data["memory_per_device"]["argument"]
-    # Data parallel: the gradients are all-reduced, no weight is gathered.
-    assert data["collectives"]["all-reduce"]["count"] >= 1
-    assert data["collectives"]["all-gather"]["count"] == 0
-    # FSDP: each sharded weight is gathered before use.
-    assert fsdp["collectives"]["all-gather"]["count"] > 0
-    assert fsdp["collectives"]["all-gather"]["bytes"] > 0
+  data, fsdp = compiled[("v3-8", "data")], compiled[("v3-8", "fsdp")]
+  devices = data["devices"]
+  assert data["state_bytes_per_device"] == data["state_bytes_total"]
+  # Every matrix splits along its embed axis; biases and norms stay whole.
+  ratio = data["state_bytes_per_device"] / fsdp["state_bytes_per_device"]
+  assert 0.7 * devices < ratio <= devices, ratio
+  assert fsdp["memory_per_device"]["argument"] < data["memory_per_device"]["argument"]
+  # Data parallel: the gradients are all-reduced, no weight is gathered.
+  assert data["collectives"]["all-reduce"]["count"] >= 1
+  assert data["collectives"]["all-gather"]["count"] == 0
+  # FSDP: each sharded weight is gathered before use.
+  assert fsdp["collectives"]["all-gather"]["count"] > 0
+  assert fsdp["collectives"]["all-gather"]["bytes"] > 0
 
 
 def test_collectives_are_read_by_opcode_also_inside_async_wrappers():
@@ -151,6 +151,12 @@ def test_finetune_and_linprobe_compile_their_own_steps(tmp_path):
   [ft], [lp] = reports, probe
   assert (ft["task"], lp["task"]) == ("finetune", "linprobe")
   assert ft["fits"] and lp["fits"]
+  # On a v4 a device is a chip: 4 of them on a v4-8, each with the chip's HBM.
+  v4 = slices.get("v4-8")
+  assert (ft["devices"], ft["mesh"], lp["mesh"]) == (4, {"data": 4, "fsdp": 1},
+                                                     {"data": 1, "fsdp": 4})
+  assert ft["hbm_per_device"] == lp["hbm_per_device"] == v4.generation.hbm_bytes_per_device
+  assert lp["state_bytes_per_device"] < lp["state_bytes_total"]  # FSDP shards the encoder
   # The probe trains its head only: far fewer trainable parameters, and no gradients of the
   # encoder, so far fewer FLOPs per image than fine-tuning the same encoder.
   assert lp["trainable_params"] < ft["trainable_params"] / 10

@@ -12,9 +12,11 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+_flags = os.environ.get("XLA_FLAGS", "").split()
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+  if _flag not in _flags:  # xdist workers inherit the controller's
+    _flags.append(_flag)
+os.environ["XLA_FLAGS"] = " ".join(_flags)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # TF must never grab an accelerator
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

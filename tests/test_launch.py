@@ -526,7 +526,8 @@ def local_env(tmp_path):
     rec = tmp_path / "rec"
     rec.mkdir()
     fake = _write_exe(tmp_path / "fake_python", FAKE_PYTHON)
-    e = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    # XLA_FLAGS too: the tests give local.sh the flags they check it extends.
+    e = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "XLA_FLAGS"}
     e.update(LAUNCH_PYTHON=str(fake), REC_DIR=str(rec))
     return e, rec
 

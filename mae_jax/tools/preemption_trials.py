@@ -203,13 +203,18 @@ def max_relative_difference(got: dict, expected: dict) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-flags.DEFINE_integer("trials", 6, "Preemptions to try, each on a fresh workdir.")
-flags.DEFINE_enum("target", "all", ["all", "one"], "all: SIGTERM to local.sh and every process "
-                  "at once; one: to process 1 only.")
-flags.DEFINE_enum("task", "pretrain", sorted(RUNS), "The training loop to preempt.")
-flags.DEFINE_integer("seed", 0, "Seed of the random moments.")
-flags.DEFINE_string("workdir", None, "Where the runs go (default: a new temporary folder).")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined only when run as a command: the tests import this module's trial functions next to
+  other tools that have flags of the same names."""
+  flags.DEFINE_integer("trials", 6, "Preemptions to try, each on a fresh workdir.")
+  flags.DEFINE_enum("target", "all", ["all", "one"], "all: SIGTERM to local.sh and every process "
+                    "at once; one: to process 1 only.")
+  flags.DEFINE_enum("task", "pretrain", sorted(RUNS), "The training loop to preempt.")
+  flags.DEFINE_integer("seed", 0, "Seed of the random moments.")
+  flags.DEFINE_string("workdir", None, "Where the runs go (default: a new temporary folder).")
 
 
 def main(argv):
@@ -262,4 +267,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -224,7 +224,7 @@ def main(argv):
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(root, "xla_cache"))
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   total, every = RUNS[FLAGS.task][1]["total_steps"], RUNS[FLAGS.task][1]["checkpoint_every_steps"]
-  reference = os.path.join(root, "unbroken")
+  reference = os.path.join(root, f"unbroken_{FLAGS.task}")
   if not os.path.exists(os.path.join(reference, "metrics.jsonl")):
     subprocess.run([sys.executable, "-m", "mae_jax.main", *main_args(FLAGS.task, reference, cache)],
                    cwd=REPO, check=True, capture_output=True, env=dict(

@@ -27,7 +27,7 @@ SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION"
             "PREEMPTIBLE", "REPO_URL", "REPO_REF", "REMOTE_DIR", "REMOTE_VENV", "PYTHON_VERSION",
             "CONFIG", "WORKDIR", "REMOTE_LOG_DIR", "DRY_RUN", "GCLOUD", "GCLOUD_ARGS",
             "NUM_PROCESSES", "DEVICES_PER_PROCESS", "PORT", "LOG_DIR", "GRACE_PERIOD",
-            "LAUNCH_PYTHON", "MAE_WORKER_ID")
+            "HEARTBEAT_TIMEOUT_SECONDS", "LAUNCH_PYTHON", "MAE_WORKER_ID")
 
 # An override that must reach mae_jax.main as one argument, whatever shells it crosses.
 NASTY = "--config.note=a b 'c' \"d\" $HOME `id` ; * \\ !x"
@@ -503,6 +503,8 @@ def test_check_devices_reports_and_checks_the_platform():
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 # Records its arguments and environment; process 1 fails when FAIL1 is set; all may sleep.
+# On SIGTERM: with SAVE_ON_TERM set, records it and exits 0 (as mae_jax.main does after saving);
+# with IGNORE_TERM set, carries on.
 id=unknown
 for a in "$@"; do case "$a" in --process_id=*) id=${a#*=} ;; esac; done
 rec="$REC_DIR/proc_$id"
@@ -510,8 +512,11 @@ printf '%s\\0' "$@" > "$rec.args"
 printf '%s\\n%s\\n' "$XLA_FLAGS" "$JAX_PLATFORMS" > "$rec.env"
 echo "hello from process $id"
 if [ "$id" = 1 ] && [ -n "${FAIL1:-}" ]; then sleep 0.3; echo "boom: out of cheese" >&2; exit 3; fi
+if [ -n "${SAVE_ON_TERM:-}" ]; then trap 'echo saved > "$rec.term"; kill "$child"; exit 0' TERM; fi
+if [ -n "${IGNORE_TERM:-}" ]; then trap '' TERM; fi
 sleep "${SLEEP:-0}" &
-echo "$$ $!" > "$rec.pids"
+child=$!
+echo "$$ $child" > "$rec.pids"
 wait
 """
 
@@ -543,7 +548,7 @@ def test_local_starts_n_processes_of_one_job(local_env, tmp_path):
         args = (rec / f"proc_{i}.args").read_bytes().decode().split("\0")[:-1]
         assert args == ["-m", "mae_jax.main", "--config=configs/pretrain.py:vit_tiny",
                         f"--workdir={workdir}", NASTY, "--coordinator_address=127.0.0.1:23456",
-                        "--num_processes=3", f"--process_id={i}"]
+                        "--num_processes=3", f"--process_id={i}", "--heartbeat_timeout_seconds=20"]
         xla, platforms = (rec / f"proc_{i}.env").read_text().splitlines()
         assert xla.split() == ["--xla_cpu_foo=1", "--xla_force_host_platform_device_count=2"]
         assert platforms == "cpu"
@@ -620,9 +625,89 @@ def test_local_usage_errors_and_dry_run(local_env):
     assert words[:4] == ["env", "JAX_PLATFORMS=cpu",
                          "XLA_FLAGS=--xla_force_host_platform_device_count=1",
                          env["LAUNCH_PYTHON"]]
-    assert words[4:10] == ["-m", "mae_jax.main", NASTY, "--coordinator_address=127.0.0.1:7",
-                           "--num_processes=2", "--process_id=1"]
-    assert words[10].endswith("process_1.log") and words[11:] == ["2>&1", "&"]
+    assert words[4:11] == ["-m", "mae_jax.main", NASTY, "--coordinator_address=127.0.0.1:7",
+                           "--num_processes=2", "--process_id=1", "--heartbeat_timeout_seconds=20"]
+    assert words[11].endswith("process_1.log") and words[12:] == ["2>&1", "&"]
+
+
+def _start_local(env, run_dir, *args):
+    """local.sh on 2 fake processes recording into run_dir/rec, its stderr in a file; returns
+    (proc, stderr path, the pids of the processes and their children)."""
+    rec = run_dir / "rec"
+    rec.mkdir(parents=True)
+    err = run_dir / "local.err"
+    with open(err, "w") as f:
+        proc = subprocess.Popen(["bash", str(LOCAL), "--num_processes=2", *args,
+                                 f"--log_dir={run_dir}", "--"], env={**env, "REC_DIR": str(rec)},
+                                stderr=f)
+    for i in range(2):
+        _wait_for(rec / f"proc_{i}.pids")
+    pids = [int(p) for i in range(2) for p in (rec / f"proc_{i}.pids").read_text().split()]
+    return proc, err, pids
+
+
+def test_local_sigterm_is_passed_on_and_a_clean_stop_exits_zero(local_env, tmp_path):
+    """A preemption of the pod: every process gets the SIGTERM, saves and exits 0; so does
+    local.sh."""
+    env, _ = local_env
+    proc, err, pids = _start_local({**env, "SLEEP": "60", "SAVE_ON_TERM": "1"}, tmp_path / "run",
+                                   "--grace_period=20")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err.read_text()
+    rec = tmp_path / "run" / "rec"
+    assert [(rec / f"proc_{i}.term").read_text() for i in range(2)] == ["saved\n"] * 2
+    assert "relaunch the same command to resume" in err.read_text()
+    assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
+
+
+def test_local_kills_what_outlives_the_grace_period_or_a_second_signal(local_env, tmp_path):
+    env, _ = local_env
+    env = {**env, "SLEEP": "60", "IGNORE_TERM": "1"}
+    proc, err, pids = _start_local(env, tmp_path / "grace", "--grace_period=1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 143
+    assert "2 process(es) still running 1s after SIGTERM: killing them" in err.read_text()
+    assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
+
+    proc, err, pids = _start_local(env, tmp_path / "second", "--grace_period=60")
+    start = time.time()
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 10
+    while "got SIGINT" not in err.read_text():
+        assert time.time() < deadline, err.read_text()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 130 and time.time() - start < 10
+    assert "second signal: killing all processes" in err.read_text()
+    assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
+
+
+def test_local_heartbeat_timeout_default_override_and_pass_through(local_env):
+    env, _ = local_env
+
+    def heartbeat_flags(*args, extra_env=None):
+        proc = local({**env, **(extra_env or {})}, "--num_processes=2", "--dry-run", *args)
+        assert proc.returncode == 0, proc.stderr
+        return [[w for w in shlex.split(line) if w.startswith("--heartbeat")]
+                for line in proc.stdout.splitlines()]
+
+    assert heartbeat_flags("--") == [["--heartbeat_timeout_seconds=20"]] * 2
+    assert heartbeat_flags("--heartbeat_timeout_seconds=7", "--") == [
+        ["--heartbeat_timeout_seconds=7"]] * 2
+    assert heartbeat_flags("--", extra_env={"HEARTBEAT_TIMEOUT_SECONDS": "9"}) == [
+        ["--heartbeat_timeout_seconds=9"]] * 2
+    # One given to mae_jax.main itself wins, in either form.
+    assert heartbeat_flags("--heartbeat_timeout_seconds=7", "--",
+                           "--heartbeat_timeout_seconds=3") == [["--heartbeat_timeout_seconds=3"]] * 2
+    assert heartbeat_flags("--", "--heartbeat_timeout_seconds", "4") == [
+        ["--heartbeat_timeout_seconds"]] * 2
+    proc = local(env, "--num_processes=2", "--heartbeat_timeout_seconds=0", "--dry-run", "--")
+    assert proc.returncode != 0 and "--heartbeat_timeout_seconds must be a positive" in proc.stderr
 
 
 STAND_IN_MAIN = '''"""Stands in for mae_jax.main: joins the job as told, then sums across all processes."""
@@ -638,8 +723,10 @@ for flag in ("--config", "--workdir", "--coordinator_address"):
     parser.add_argument(flag)
 parser.add_argument("--num_processes", type=int)
 parser.add_argument("--process_id", type=int)
+parser.add_argument("--heartbeat_timeout_seconds", type=int)
 args, overrides = parser.parse_known_args()
-jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
+                           heartbeat_timeout_seconds=args.heartbeat_timeout_seconds)
 mesh = Mesh(np.array(jax.devices()), ("d",))
 local = np.full((jax.local_device_count(),), jax.process_index() + 1.0, np.float32)
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("d")), local)

@@ -1,7 +1,9 @@
 """Faults a long run meets: kill -9 (also during an async save), a damaged checkpoint, a full or
-read-only disk, bad configuration, a pod process that dies. Nothing is lost beyond the steps since
-the last checkpoint, and every failure explains itself. (SIGTERM and the non-finite guard are in
-test_pretrain.py, bad images in test_data_*.py.)
+read-only disk, bad configuration, a pod process that dies, a pod preempted (SIGTERM to all of it
+or to one process). Nothing is lost beyond the steps since the last checkpoint, and every failure
+explains itself. (SIGTERM to one host and the non-finite guard are in test_pretrain.py, bad
+images in test_data_*.py; more preemption trials at random moments:
+`python -m mae_jax.tools.preemption_trials`.)
 
 Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.
 """
@@ -21,6 +23,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from mae_jax.tools import preemption_trials
 from mae_jax.training import checkpointing, classify, config_checks, pretrain
 from tests.test_pretrain import losses, tiny_config
 
@@ -532,3 +535,47 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
   print(f"process 1 of 2 killed after step {max(complete)} was saved: process 0 exited with "
         f"status {returncode} after {seconds:.1f} s (heartbeat timeout 10 s); the relaunch "
         f"resumed from step {max(complete)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# A pod preempted: SIGTERM to local.sh and both processes at once (a VM shutdown), or to one.
+def preempted_pod(workdir, caches, target, moment, first_step):
+  """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
+  (the same step saved by both, no earlier than `first_step`) and returns that step."""
+  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment)
+  logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
+                 for i in range(2))
+  # Exit 0: every process ended by itself, before local.sh's SIGKILL.
+  assert result["rc"] == 0 and result["seconds"] < preemption_trials.GRACE_S, (result, logs)
+  saved = set(result["saved"].values())
+  assert len(result["saved"]) == 2 and len(saved) == 1 and None not in saved, (result, logs)
+  [step] = saved
+  assert first_step <= step < TOTAL and max(result["checkpoints"]) == step
+  assert result["logged"] == step and result["lost"] == 0   # the last step logged is the one saved
+  assert not result["left_behind"]
+  print(f"SIGTERM to {target} {result['moment']}: both processes saved step {step}; local.sh "
+        f"exited 0 {result['seconds']:.1f} s after the signal")
+  return step
+
+
+def test_sigterm_to_a_whole_pod_saves_one_step_everywhere_and_the_relaunch_continues(
+    reference, caches, tmp_path, caplog):
+  workdir = tmp_path / "pod"
+  step = preempted_pod(workdir, caches, "all", preemption_trials.after_step(5), first_step=6)
+  with caplog.at_level(logging.INFO):
+    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+  assert f"Resumed from the checkpoint at step {step}." in caplog.text
+  got, (_, expected) = losses(workdir), reference
+  assert sorted(got) == list(range(1, TOTAL + 1))
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
+
+
+def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(
+    reference, caches, tmp_path):
+  """Also before the first step of a resumed run (restore, compilation): the point all agree on
+  is still ahead of them."""
+  workdir = tmp_path / "pod"
+  for step in (2, 4, 6, 8):
+    shutil.copytree(os.path.join(reference[0], "checkpoints", str(step)),
+                    workdir / "checkpoints" / str(step))
+  preempted_pod(workdir, caches, "one", preemption_trials.once_resumed, first_step=9)

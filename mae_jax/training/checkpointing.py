@@ -1,4 +1,4 @@
-"""Orbax checkpoints: async saves every N steps, keep the latest K, atomic, preemption-aware.
+"""Orbax checkpoints: async saves every N steps, keep the latest K, atomic.
 
 Orbax writes each step into a temporary directory and renames it only once every host has
 finished, so a kill during a save leaves the previous step as the newest complete checkpoint (the
@@ -72,14 +72,19 @@ class CheckpointManager(ocp.CheckpointManager):
     except Exception as err:  # pylint: disable=broad-except
       raise _save_error(self, self._saving_step, err) from err
 
+  def reached_preemption(self, step):
+    """Never asks JAX: the train loop alone does, once per step (loop.PreemptionWatcher), and saves
+    with force=True when told to. JAX keeps only the last number it was asked about, and orbax
+    would ask with checkpoint steps from its save and finalize threads, moving the agreed stop to
+    a point the loop has passed or will not reach for a long time."""
+    del step
+    return False
+
 
 def create_manager(workdir: str, every_steps: int, keep: int) -> CheckpointManager:
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-      save_decision_policy=policies.AnySavePolicy([
-          policies.FixedIntervalPolicy(every_steps),
-          policies.PreemptionCheckpointingPolicy(),
-      ]),
+      save_decision_policy=policies.FixedIntervalPolicy(every_steps),
       preservation_policy=policies.LatestN(keep),
       enable_async_checkpointing=True,
       # The step directory is made before save() returns: made in the background, a failure
@@ -89,6 +94,12 @@ def create_manager(workdir: str, every_steps: int, keep: int) -> CheckpointManag
       cleanup_tmp_directories=True,
   )
   return CheckpointManager(epath.Path(workdir) / "checkpoints", options)
+
+
+def create_best_manager(workdir: str) -> CheckpointManager:
+  """`workdir/best`: the one checkpoint of the best evaluation so far, saved synchronously."""
+  return CheckpointManager(epath.Path(workdir) / "best", ocp.CheckpointManagerOptions(
+      max_to_keep=1, enable_async_checkpointing=False))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, force: bool = False) -> bool:

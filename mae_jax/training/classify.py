@@ -16,7 +16,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from clu import metric_writers, periodic_actions
@@ -25,8 +24,7 @@ from etils import epath
 from mae_jax import data, export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
-from mae_jax.training import checkpointing, lars, lr_decay, optimizer, program, sharding
-from mae_jax.training.pretrain import PreemptionWatcher, StepThrottle
+from mae_jax.training import checkpointing, lars, loop, lr_decay, optimizer, program, sharding
 
 TASKS = ("finetune", "linprobe")
 
@@ -259,8 +257,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
                                          config.keep_checkpoints)
-  best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, enable_async_checkpointing=False))
+  best = checkpointing.create_best_manager(str(workdir))
   _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
   state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))
@@ -277,8 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   metrics_log = workdir / "metrics.jsonl"
-  watcher = PreemptionWatcher()
-  pending, last, tick, throttle = [], {}, time.perf_counter(), StepThrottle()
+  watcher = loop.PreemptionWatcher()
+  pending, last, tick, throttle = [], {}, time.perf_counter(), loop.StepThrottle()
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -289,9 +286,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       preempted = watcher.reached(step)
       record = {}
-      if step % config.log_every_steps == 0 or step == total_steps:
-        host = jax.device_get(pending)
-        record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      if step % config.log_every_steps == 0 or step == total_steps or preempted:
+        record = loop.summarise(pending)
         record["images_per_sec"] = len(pending) * config.batch_size / (time.perf_counter() - tick)
         pending, tick = [], time.perf_counter()
       if step % eval_every == 0 or step == total_steps:
@@ -305,10 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, record)
         last = {"step": step, **record}
         if is_chief:
-          with metrics_log.open("a") as f:
-            f.write(json.dumps(last) + "\n")
+          loop.append_jsonl(metrics_log, last)
       if preempted:
-        checkpointing.save(manager, step, state, force=True)
+        loop.save_for_preemption(manager, step, state)
         break
       if step % config.checkpoint_every_steps == 0:
         checkpointing.save(manager, step, state)

@@ -4,11 +4,8 @@ Sections, in the order they run: config checks -> mesh -> input -> model & optim
 sharded state (created in place) -> update step -> checkpoint restore -> loop (metrics, figures,
 eval, checkpoints, preemption) -> final checkpoint.
 """
-import functools
-import json
 import logging
 import os
-import signal
 import time
 
 import jax
@@ -18,12 +15,11 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 from etils import epath
-from jax.experimental import multihost_utils
 
 from mae_jax import data, models
 from mae_jax.evaluation import knn_monitor
-from mae_jax.training import (checkpointing, config_checks, figures, flops, optimizer, program,
-                              sharding)
+from mae_jax.training import (checkpointing, config_checks, figures, flops, loop, optimizer,
+                              program, sharding)
 
 
 class NonFiniteError(RuntimeError):
@@ -164,49 +160,6 @@ def make_eval_steps(model, mesh):
 
 
 # ----------------------------------------------------------------------------------------------
-# Preemption: SIGTERM on a single host; JAX's preemption sync point across hosts, so that every
-# host stops and saves at the same step.
-class PreemptionWatcher:
-
-  def __init__(self):
-    self.multihost = jax.process_count() > 1
-    self._signalled = False
-    self.preempted = False  # set once `reached` has said stop
-    if not self.multihost:
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the next step and exiting.")
-    self._signalled = True
-
-  def reached(self, step: int) -> bool:
-    if self.multihost:
-      self.preempted = multihost_utils.reached_preemption_sync_point(step)
-    else:
-      self.preempted = self._signalled
-    return self.preempted
-
-  def close(self):
-    if not self.multihost:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class StepThrottle:
-  """Keeps at most `max_in_flight` dispatched steps unfinished. Without it the host runs ahead of
-  the device by as many steps as the input pipeline can feed, and a preemption notice would only
-  be acted on (and saved) after all of them."""
-
-  def __init__(self, max_in_flight: int = 2):
-    self.max_in_flight, self._in_flight = max_in_flight, []
-
-  def __call__(self, step_output):
-    self._in_flight.append(step_output)
-    if len(self._in_flight) > self.max_in_flight:
-      jax.block_until_ready(self._in_flight.pop(0))
-
-
-# ----------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) pre-training in `workdir`; returns the last logged metrics."""
   # --- Config checks: everything that can be wrong fails here, before any compute.
@@ -264,8 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   knn_fn = knn_monitor.KnnMonitor(model, config, mesh) if config.knn.every_steps else None
 
   # --- Loop.
-  watcher = PreemptionWatcher()
-  pending, last, throttle = [], {}, StepThrottle()
+  watcher = loop.PreemptionWatcher()
+  pending, last, throttle = [], {}, loop.StepThrottle()
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -286,7 +239,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       preempted = watcher.reached(step)
 
       if step % config.log_every_steps == 0 or step == total_steps or preempted:
-        last = _summarise(pending, state)
+        last = loop.summarise(pending)
+        last["skipped_steps"] = int(jax.device_get(state["skipped"]))
         elapsed = time.perf_counter() - tick
         done = step - tick_step
         if done:
@@ -296,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           last["mfu"] = step_flops * done / elapsed / peak_flops
         writer.write_scalars(step, last)
         if is_chief:
-          _append_jsonl(metrics_log, {"step": step, **last})
+          loop.append_jsonl(metrics_log, {"step": step, **last})
         pending, tick, tick_step = [], time.perf_counter(), step
         _check_nonfinite(state, config)
 
@@ -305,12 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if monitor is not None:
           evaluated.update(monitor.maybe_run(step, state["params"], writer, total_steps))
       if evaluated and is_chief:
-        _append_jsonl(metrics_log, {"step": step, **evaluated})
+        loop.append_jsonl(metrics_log, {"step": step, **evaluated})
 
       if preempted:
-        checkpointing.save(manager, step, state, force=True)
-        logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
-                        "resume.", step)
+        loop.save_for_preemption(manager, step, state)
         break
       if step % config.checkpoint_every_steps == 0:
         _check_nonfinite(state, config)
@@ -329,19 +281,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   return {"step": step, **last, "preempted": watcher.preempted}
-
-
-def _append_jsonl(path, record: dict):
-  with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")
-
-
-def _summarise(pending, state) -> dict:
-  host = jax.device_get(pending)
-  out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  out["lr"] = float(host[-1]["lr"])
-  out["skipped_steps"] = int(jax.device_get(state["skipped"]))
-  return out
 
 
 def _check_nonfinite(state, config):

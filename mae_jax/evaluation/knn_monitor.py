@@ -3,7 +3,10 @@
 Every `config.knn.every_steps` steps the frozen encoder (no masking) embeds a fixed labelled subset
 of the train split and a fixed subset of the eval split, both with the eval transform, and the
 weighted k-NN vote of `knn.py` scores the eval subset. The images are read once and kept on device.
+The same vote on the flattened, normalised pixels of the same images (`knn_top1_pixels`, computed
+once) is the floor a useful encoder has to clear.
 """
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -45,29 +48,51 @@ class KnnMonitor:
     self.num_classes = data.num_classes(config.data)
     self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
     self._batches = {}
+    self._pixels_top1 = None
 
-  def _embed(self, params, split: str | None, count: int):
-    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
+  def _read(self, split: str | None, count: int) -> list:
     if split not in self._batches:  # read once, kept on device
       it = data.create_iterator(self._data_cfg, split=split, global_batch_size=self._batch_size,
                                 seed=self._seed, sharding=sharding.batch_sharding(self.mesh),
                                 mode="eval")
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
+    return self._batches[split]
+
+  def embed(self, params, split: str | None, count: int):
+    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
+    batches = self._read(split, count)
     with jax.set_mesh(self.mesh):
-      outs = jax.device_get([self.features(params, b) for b in self._batches[split]])
+      outs = jax.device_get([self.features(params, b) for b in batches])
     features, labels, valid = (np.concatenate(x) for x in zip(*outs))
     return features[valid][:count], labels[valid][:count]
 
-  def accuracy(self, params) -> float:
-    train = self._embed(params, self._data_cfg.train_split, self.cfg.num_train)
-    queries = self._embed(params, None, self.cfg.num_eval)
+  def pixels(self, split: str | None, count: int):
+    """The same examples as `embed`, their features the flattened normalised pixels."""
+    batches = jax.device_get([(b["image"], b["label"], b["mask"]) for b in self._read(split, count)])
+    images, labels, valid = (np.concatenate(x) for x in zip(*batches))
+    return images.reshape(len(images), -1)[valid][:count], labels[valid][:count]
+
+  def _score(self, embed) -> float:
+    train = embed(self._data_cfg.train_split, self.cfg.num_train)
+    queries = embed(None, self.cfg.num_eval)
     return knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
                             temperature=self.cfg.temperature)
+
+  def accuracy(self, params) -> float:
+    return self._score(lambda split, count: self.embed(params, split, count))
+
+  def pixels_accuracy(self) -> float:
+    """k-NN top-1 of the raw pixels: same images, transform, k and temperature as `accuracy`."""
+    if self._pixels_top1 is None:
+      self._pixels_top1 = self._score(self.pixels)
+    return self._pixels_top1
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:
     every = self.cfg.every_steps
     if not every or (step % every and step != total_steps):
       return {}
-    metrics = {"knn_top1": self.accuracy(params)}
+    metrics = {"knn_top1": self.accuracy(params), "knn_top1_pixels": self.pixels_accuracy()}
     writer.write_scalars(step, metrics)
+    logging.info("Step %d: k-NN top-1 %.2f%% (raw pixels %.2f%%).", step,
+                 100 * metrics["knn_top1"], 100 * metrics["knn_top1_pixels"])
     return metrics

@@ -265,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop.
   watcher = PreemptionWatcher()
-  pending, last, throttle = [], {}, StepThrottle()
+  pending, last, knn_last, throttle = [], {}, {}, StepThrottle()
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -306,6 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           evaluated.update(monitor.maybe_run(step, state["params"], writer, total_steps))
       if evaluated and is_chief:
         _append_jsonl(metrics_log, {"step": step, **evaluated})
+      if "knn_top1" in evaluated:
+        knn_last = {"step": step, **evaluated}
 
       if preempted:
         checkpointing.save(manager, step, state, force=True)
@@ -328,6 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  if knn_last and is_chief:  # what the pre-training bought, against the pixels it started from
+    logging.info("k-NN top-1 at step %d: encoder %.2f%%, raw pixels %.2f%% (k=%d, %d train / %d "
+                 "eval images, the same for both).", knn_last["step"], 100 * knn_last["knn_top1"],
+                 100 * knn_last["knn_top1_pixels"], config.knn.k, config.knn.num_train,
+                 config.knn.num_eval)
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

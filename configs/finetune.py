@@ -21,7 +21,7 @@ _RECIPES = {"vit_base": ("vit_base_patch16", 100, 5e-4, 0.65, 0.1),
             "vit_large": ("vit_large_patch16", 50, 1e-3, 0.75, 0.2),
             "vit_huge": ("vit_huge_patch14", 50, 1e-3, 0.75, 0.3),
             "fashion_mnist": ("vit_small_patch4", 1, 1e-3, 0.75, 0.1),
-            "fashion_mnist_cpu": ("vit_small_patch4", 4, 2e-3, 0.75, 0.1)}
+            "fashion_mnist_cpu": ("vit_small_patch4", 2, 2e-3, 0.75, 0.1)}
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:

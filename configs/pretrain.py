@@ -18,9 +18,6 @@ _OFFICIAL = {"vit_base": "mae_vit_base_patch16", "vit_large": "mae_vit_large_pat
              "vit_huge": "mae_vit_huge_patch14"}
 
 
-PRETRAIN_CPU_STEPS = 2000
-
-
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   variant = variant or "fashion_mnist"
   if variant not in VARIANTS:
@@ -81,6 +78,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.knn.k = 20
   c.knn.temperature = 0.07
   c.knn.feature = "cls"           # "cls" (as the linear probe) or "mean" of the patch tokens
+  c.knn.linear_probe = False      # also a linear classifier on the same features (linear_top1)
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
 
   if variant == "vit_huge":
@@ -115,14 +113,14 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     data.use_native_fashion_mnist(c.data)
     c.model.img_size = 28
     c.batch_size = 256
-    c.total_steps = PRETRAIN_CPU_STEPS
+    c.total_steps = 1000          # 4.3 epochs
     c.warmup_steps = 100
     c.base_lr = 1.5e-3
     c.log_every_steps = 50
     c.checkpoint_every_steps = c.eval_every_steps = c.figure_every_steps = 250
-    c.keep_checkpoints = 20     # the study probes the encoder along the run
     c.knn.every_steps = 250
     c.knn.num_train, c.knn.num_eval = 10000, 2000
+    c.knn.linear_probe = True
   if variant == "tiny":
     c.model.name = "mae_vit_tiny_patch4"
   return c

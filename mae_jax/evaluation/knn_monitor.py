@@ -4,7 +4,9 @@ Every `config.knn.every_steps` steps the frozen encoder (no masking) embeds a fi
 of the train split and a fixed subset of the eval split, both with the eval transform, and the
 weighted k-NN vote of `knn.py` scores the eval subset. The images are read once and kept on device.
 The same vote on the flattened, normalised pixels of the same images (`knn_top1_pixels`, computed
-once) is the floor a useful encoder has to clear.
+once) is the floor a useful encoder has to clear. With `knn.linear_probe` the same features also
+fit the linear classifier of `linear.py` (`linear_top1`, beside `linear_top1_pixels`): a probe
+curve over the run at no extra embedding cost.
 """
 from absl import logging
 import jax
@@ -13,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from mae_jax import data
-from mae_jax.evaluation import knn
+from mae_jax.evaluation import knn, linear
 from mae_jax.training import sharding
 
 FEATURES = ("cls", "mean")  # cls token after the final norm (as the linear probe), or patch mean
@@ -48,7 +50,7 @@ class KnnMonitor:
     self.num_classes = data.num_classes(config.data)
     self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
     self._batches = {}
-    self._pixels_top1 = None
+    self._pixels_scores = None
 
   def _read(self, split: str | None, count: int) -> list:
     if split not in self._batches:  # read once, kept on device
@@ -72,27 +74,39 @@ class KnnMonitor:
     images, labels, valid = (np.concatenate(x) for x in zip(*batches))
     return images.reshape(len(images), -1)[valid][:count], labels[valid][:count]
 
-  def _score(self, embed) -> float:
+  def _score(self, embed, with_linear: bool) -> dict:
     train = embed(self._data_cfg.train_split, self.cfg.num_train)
     queries = embed(None, self.cfg.num_eval)
-    return knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
-                            temperature=self.cfg.temperature)
+    scores = {"knn_top1": knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
+                                           temperature=self.cfg.temperature)}
+    if with_linear:
+      scores["linear_top1"] = linear.linear_accuracy(*train, *queries, self.num_classes)
+    return scores
+
+  def scores(self, params, with_linear: bool | None = None) -> dict:
+    """{'knn_top1'[, 'linear_top1']} of the encoder's features (linear: `knn.linear_probe`)."""
+    with_linear = self.cfg.linear_probe if with_linear is None else with_linear
+    return self._score(lambda split, count: self.embed(params, split, count), with_linear)
 
   def accuracy(self, params) -> float:
-    return self._score(lambda split, count: self.embed(params, split, count))
+    return self.scores(params, with_linear=False)["knn_top1"]
 
-  def pixels_accuracy(self) -> float:
-    """k-NN top-1 of the raw pixels: same images, transform, k and temperature as `accuracy`."""
-    if self._pixels_top1 is None:
-      self._pixels_top1 = self._score(self.pixels)
-    return self._pixels_top1
+  def pixels_scores(self) -> dict:
+    """The same scores of the raw pixels: same images, transform, k, temperature and linear
+    classifier as the encoder's; computed once."""
+    if self._pixels_scores is None:
+      self._pixels_scores = self._score(self.pixels, with_linear=True)
+    return self._pixels_scores
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:
     every = self.cfg.every_steps
     if not every or (step % every and step != total_steps):
       return {}
-    metrics = {"knn_top1": self.accuracy(params), "knn_top1_pixels": self.pixels_accuracy()}
+    pixels = self.pixels_scores()
+    metrics = self.scores(params)
+    metrics.update({f"{k}_pixels": pixels[k] for k in metrics})
     writer.write_scalars(step, metrics)
-    logging.info("Step %d: k-NN top-1 %.2f%% (raw pixels %.2f%%).", step,
-                 100 * metrics["knn_top1"], 100 * metrics["knn_top1_pixels"])
+    logging.info("Step %d: %s.", step, ", ".join(
+        f"{k} {100 * metrics[k]:.2f}% (raw pixels {100 * metrics[k + '_pixels']:.2f}%)"
+        for k in metrics if not k.endswith("_pixels")))
     return metrics

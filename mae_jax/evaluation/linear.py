@@ -1,7 +1,8 @@
 """A linear classifier on fixed features (a frozen encoder's tokens, or raw pixels), trained to
 convergence: the features are standardised with the train split's statistics (what the official
 probe's BatchNorm without affine does), then softmax regression with a small L2 penalty runs Adam
-over shuffled mini-batches on a cosine schedule. The problem is convex, so the score measures the
+over shuffled mini-batches on a cosine schedule, for a fixed number of steps whatever the split's
+size. The problem is convex, so the score measures the
 features rather than a tuned recipe, and the same function scores the encoder and the pixels.
 """
 import functools
@@ -39,13 +40,14 @@ def _fit(x, y, num_classes: int, epochs: int, batch_size: int, lr: float, l2: fl
 
 
 def linear_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int,
-                    epochs: int = 30, batch_size: int = 1000, lr: float = 1e-3, l2: float = 1e-4,
-                    seed: int = 0) -> float:
+                    steps: int = 2000, batch_size: int = 1000, lr: float = 1e-3,
+                    l2: float = 1e-4, seed: int = 0) -> float:
   """Top-1 (fraction) on the test features of the linear classifier fitted on the train ones."""
   train = np.asarray(train_features, np.float32)
   mean, std = train.mean(0), train.std(0) + 1e-6
   standardise = lambda f: jnp.asarray((np.asarray(f, np.float32) - mean) / std)
   batch_size = min(batch_size, len(train))
+  epochs = -(-steps // (len(train) // batch_size))
   params = _fit(standardise(train), jnp.asarray(train_labels, jnp.int32), num_classes, epochs,
                 batch_size, lr, l2, seed)
   logits = standardise(test_features) @ params["w"] + params["b"]

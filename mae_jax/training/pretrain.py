@@ -331,10 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   if knn_last and is_chief:  # what the pre-training bought, against the pixels it started from
-    logging.info("k-NN top-1 at step %d: encoder %.2f%%, raw pixels %.2f%% (k=%d, %d train / %d "
-                 "eval images, the same for both).", knn_last["step"], 100 * knn_last["knn_top1"],
-                 100 * knn_last["knn_top1_pixels"], config.knn.k, config.knn.num_train,
-                 config.knn.num_eval)
+    logging.info("Frozen encoder at step %d vs raw pixels (the same %d train / %d eval images): %s.",
+                 knn_last["step"], config.knn.num_train, config.knn.num_eval, ", ".join(
+                     f"{k} {100 * knn_last[k]:.2f}% vs {100 * knn_last[k + '_pixels']:.2f}%"
+                     for k in ("knn_top1", "linear_top1") if k in knn_last))
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

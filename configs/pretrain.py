@@ -79,6 +79,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.knn.temperature = 0.07
   c.knn.feature = "cls"           # "cls" (as the linear probe) or "mean" of the patch tokens
   c.knn.linear_probe = False      # also a linear classifier on the same features (linear_top1)
+  c.knn.linear_steps = 2000       # its Adam steps (batches of 1000)
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
 
   if variant == "vit_huge":

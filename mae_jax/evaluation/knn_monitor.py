@@ -28,6 +28,9 @@ def check_config(cfg: ml_collections.ConfigDict):
     if cfg.every_steps and cfg[key] < 1:
       raise ValueError(f"config.knn.{key}={cfg[key]} must be >= 1 when the k-NN monitor is on "
                        "(or set config.knn.every_steps=0).")
+  if cfg.linear_probe and cfg.linear_steps < 1:
+    raise ValueError(f"config.knn.linear_steps={cfg.linear_steps} must be >= 1 with "
+                     "knn.linear_probe=True.")
   if cfg.feature not in FEATURES:
     raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {FEATURES}.")
 
@@ -80,7 +83,8 @@ class KnnMonitor:
     scores = {"knn_top1": knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
                                            temperature=self.cfg.temperature)}
     if with_linear:
-      scores["linear_top1"] = linear.linear_accuracy(*train, *queries, self.num_classes)
+      scores["linear_top1"] = linear.linear_accuracy(*train, *queries, self.num_classes,
+                                                     steps=self.cfg.linear_steps)
     return scores
 
   def scores(self, params, with_linear: bool | None = None) -> dict:
@@ -91,11 +95,12 @@ class KnnMonitor:
   def accuracy(self, params) -> float:
     return self.scores(params, with_linear=False)["knn_top1"]
 
-  def pixels_scores(self) -> dict:
+  def pixels_scores(self, with_linear: bool | None = None) -> dict:
     """The same scores of the raw pixels: same images, transform, k, temperature and linear
     classifier as the encoder's; computed once."""
-    if self._pixels_scores is None:
-      self._pixels_scores = self._score(self.pixels, with_linear=True)
+    with_linear = self.cfg.linear_probe if with_linear is None else with_linear
+    if self._pixels_scores is None or (with_linear and "linear_top1" not in self._pixels_scores):
+      self._pixels_scores = self._score(self.pixels, with_linear)
     return self._pixels_scores
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:

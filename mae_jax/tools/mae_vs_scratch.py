@@ -80,10 +80,9 @@ def run_stage(directory: epath.Path, fn) -> dict:
     seconds = before + time.perf_counter() - start
     if not done:
       elapsed.write_text(str(seconds))
-  out = {"seconds": round(seconds, 1), **result}
-  record.write_text(json.dumps(out, indent=2))
+  record.write_text(json.dumps({"seconds": round(seconds, 1), **result}, indent=2))
   logging.info("Stage %s finished in %.0f s.", directory.name, seconds)
-  return out
+  return json.loads(record.read_text())  # the same whether run now or read back
 
 
 def train(config, directory: epath.Path) -> dict:
@@ -108,7 +107,7 @@ def pretrain_summary(directory: epath.Path) -> dict:
   records = read_metrics(directory)
   steps, loss = curve(records, "loss")
   eval_loss = curve(records, "eval_loss")[1]
-  monitor = {key: dict(zip(*curve(records, key))) for key in (
+  monitor = {key: {str(k): v for k, v in zip(*curve(records, key))} for key in (
       "knn_top1", "linear_top1", "knn_top1_pixels", "linear_top1_pixels")}
   return {"steps": steps[-1] if steps else 0, "first_loss": loss[0] if loss else None,
           "final_loss": loss[-1] if loss else None,
@@ -138,16 +137,19 @@ def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num
   """k-NN and linear top-1 of the pre-trained encoder (last checkpoint) and of a random init."""
   import jax  # pylint: disable=import-outside-toplevel
   from mae_jax import export, models  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
   model, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
+  on_mesh = lambda params: jax.device_put(params, sharding.replicated(monitor.mesh))
   _, step, params = export.restore_pretrain_params(str(pretrain_dir))
-  random = models.init_params(model, jax.random.key(pretrain_config.seed))
+  params = on_mesh(params)
+  random = on_mesh(models.init_params(model, jax.random.key(pretrain_config.seed)))
   return {"mae": {"step": step, **monitor.scores(params, with_linear=True)},
           "random": monitor.scores(random, with_linear=True)}
 
 
 def pixel_baselines(pretrain_config, num_train: int, num_eval: int) -> dict:
   _, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
-  return {"pixels": monitor.pixels_scores()}
+  return {"pixels": monitor.pixels_scores(with_linear=True)}
 
 
 # ----------------------------------------------------------------------------------------------

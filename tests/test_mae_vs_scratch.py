@@ -14,8 +14,8 @@ from mae_jax.tools import mae_vs_scratch as study
 from tests.test_pretrain import REPO
 
 _TEST_SIZE = {"pretrain": {"model.name": "mae_vit_test_patch4", "total_steps": 4,
-                           "warmup_steps": 1, "batch_size": 32, "eval_every_steps": 2,
-                           "eval_batches": 1, "figure_every_steps": 0, "knn.every_steps": 2,
+                           "warmup_steps": 1, "batch_size": 32, "eval_every_steps": 0,
+                           "figure_every_steps": 0, "knn.every_steps": 2,
                            "knn.num_train": 64, "knn.num_eval": 32, "knn.linear_steps": 50,
                            "checkpoint_every_steps": 2},
               "finetune": {"model.name": "vit_test_patch4", "total_steps": 4, "warmup_steps": 1,

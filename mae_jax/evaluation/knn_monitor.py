@@ -53,7 +53,7 @@ class KnnMonitor:
     self.num_classes = data.num_classes(config.data)
     self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
     self._batches = {}
-    self._pixels_scores = None
+    self._pixels_scores = {}  # with_linear -> scores
 
   def _read(self, split: str | None, count: int) -> list:
     if split not in self._batches:  # read once, kept on device
@@ -99,9 +99,9 @@ class KnnMonitor:
     """The same scores of the raw pixels: same images, transform, k, temperature and linear
     classifier as the encoder's; computed once."""
     with_linear = self.cfg.linear_probe if with_linear is None else with_linear
-    if self._pixels_scores is None or (with_linear and "linear_top1" not in self._pixels_scores):
-      self._pixels_scores = self._score(self.pixels, with_linear)
-    return self._pixels_scores
+    if with_linear not in self._pixels_scores:
+      self._pixels_scores[with_linear] = self._score(self.pixels, with_linear)
+    return self._pixels_scores[with_linear]
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:
     every = self.cfg.every_steps

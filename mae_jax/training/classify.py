@@ -2,7 +2,8 @@
 main_linprobe.py), one loop for both: the config's `task` picks the model, optimizer and loss.
 
 - finetune: global-pool ViT (fc_norm), drop path, trainable position table, layer-wise lr decay,
-  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host.
+  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host;
+  `trainable_blocks=k` trains only the last k blocks and the head (partial fine-tuning).
 - linprobe: frozen encoder (no gradients are computed through it), cls token after the final norm,
   BatchNorm without affine + linear head, LARS; plain cross-entropy.
 Both evaluate top-1/top-5/loss on the eval split and keep the last and the best checkpoints.

@@ -3,16 +3,18 @@ r"""Linear probing of a frozen pre-trained MAE encoder (official main_linprobe.p
   python -m mae_jax.main --config=configs/linprobe.py:fashion_mnist --workdir=/tmp/lin \
       --config.init=/tmp/mae_fmnist
 
-Variants: fashion_mnist (default), vit_base, vit_large, vit_huge. Frozen encoder, cls token after
+Variants: fashion_mnist (default), fashion_mnist_cpu (28x28, the study's data), vit_base,
+vit_large, vit_huge. Frozen encoder, cls token after
 the final norm, BatchNorm (no affine) + linear head, LARS, blr 0.1, 90 epochs, 10 warm-up.
 """
 import ml_collections
 
 from mae_jax import data
 
-VARIANTS = ("fashion_mnist", "vit_base", "vit_large", "vit_huge")
+VARIANTS = ("fashion_mnist", "fashion_mnist_cpu", "vit_base", "vit_large", "vit_huge")
 _MODELS = {"vit_base": "vit_base_patch16", "vit_large": "vit_large_patch16",
-           "vit_huge": "vit_huge_patch14", "fashion_mnist": "vit_small_patch4"}
+           "vit_huge": "vit_huge_patch14", "fashion_mnist": "vit_small_patch4",
+           "fashion_mnist_cpu": "vit_small_patch4"}
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
@@ -46,7 +48,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 2
-  if variant == "fashion_mnist":
+  if variant in ("fashion_mnist", "fashion_mnist_cpu"):
     c.data = data.default_config("fashion_mnist")
     c.data.crop_scale = (0.08, 1.0)
     c.model.dtype = "float32"
@@ -59,4 +61,10 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.log_every_steps = 25
     c.eval_every_steps = 100      # a few points on the curve of a short run
     c.checkpoint_every_steps = 200
+  if variant == "fashion_mnist_cpu":
+    data.use_native_fashion_mnist(c.data)
+    c.data.crop_scale = (0.5, 1.0)
+    c.num_epochs = 5
+    c.warmup_epochs = 0.5
+    c.eval_every_steps = 234
   return c

@@ -4,7 +4,8 @@ r"""MAE pre-training (the paper's recipe for ViT-B/L/H on ImageNet; small varian
   python -m mae_jax.main --config=configs/pretrain.py:vit_large --workdir=gs://BUCKET/mae/vit_large \
       --config.data.manual_dir=gs://BUCKET/imagenet/manual
 
-Variants: fashion_mnist (default), tiny, vit_base, vit_large, vit_huge. Every field can be
+Variants: fashion_mnist (default), fashion_mnist_cpu (the study's recipe: 28x28, several epochs),
+tiny, vit_base, vit_large, vit_huge. Every field can be
 overridden with --config.KEY=VALUE; unknown keys and wrong types are refused.
 """
 import ml_collections
@@ -12,7 +13,7 @@ from ml_collections import config_dict
 
 from mae_jax import data
 
-VARIANTS = ("fashion_mnist", "tiny", "vit_base", "vit_large", "vit_huge")
+VARIANTS = ("fashion_mnist", "fashion_mnist_cpu", "tiny", "vit_base", "vit_large", "vit_huge")
 _OFFICIAL = {"vit_base": "mae_vit_base_patch16", "vit_large": "mae_vit_large_patch16",
              "vit_huge": "mae_vit_huge_patch14"}
 
@@ -50,6 +51,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.model.decoder_embed_dim = config_dict.placeholder(int)  # None: the named size's
   c.model.decoder_depth = config_dict.placeholder(int)
   c.model.decoder_num_heads = config_dict.placeholder(int)
+  c.model.img_size = config_dict.placeholder(int)  # None: the named size's (= data.image_size)
   c.model.dtype = "bfloat16"      # compute dtype; params and optimizer stay float32
   c.model.remat = False
 
@@ -76,12 +78,14 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.knn.k = 20
   c.knn.temperature = 0.07
   c.knn.feature = "cls"           # "cls" (as the linear probe) or "mean" of the patch tokens
+  c.knn.linear_probe = False      # also a linear classifier on the same features (linear_top1)
+  c.knn.linear_steps = 2000       # its Adam steps (batches of 1000)
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
 
   if variant == "vit_huge":
     c.mesh.data, c.mesh.fsdp = 1, -1  # 632M params + Adam: shard them over the whole slice
     c.model.remat = True
-  if variant in ("fashion_mnist", "tiny"):
+  if variant in ("fashion_mnist", "fashion_mnist_cpu", "tiny"):
     c.data.name = "fashion_mnist"
     c.data.image_size = 32
     c.model.dtype = "float32"     # CPUs gain nothing from bf16
@@ -103,6 +107,21 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = c.eval_every_steps = c.figure_every_steps = 250
     c.knn.every_steps = 250
     c.knn.num_train, c.knn.num_eval = 5000, 2000
+  if variant == "fashion_mnist_cpu":
+    # The study's pre-training (mae_jax.tools.mae_vs_scratch). The native 28x28 images with patch
+    # 4 (49 patches, no resize, nothing cropped away at eval) and gray statistics, so that the
+    # three identical channels stay one target.
+    data.use_native_fashion_mnist(c.data)
+    c.model.img_size = 28
+    c.batch_size = 256
+    c.total_steps = 1000          # 4.3 epochs
+    c.warmup_steps = 100
+    c.base_lr = 1.5e-3
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = c.eval_every_steps = c.figure_every_steps = 250
+    c.knn.every_steps = 250
+    c.knn.num_train, c.knn.num_eval = 10000, 2000
+    c.knn.linear_probe = True
   if variant == "tiny":
     c.model.name = "mae_vit_tiny_patch4"
   return c

@@ -77,3 +77,41 @@ def test_mismatched_init_is_refused(pretrained, tmp_path):
   config.model.name = "vit_small_patch4"
   with pytest.raises(ValueError, match="choose the classifier of the pre-trained size"):
     classify.train_and_evaluate(config, str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("trainable_blocks,trained", [
+    (0, {"fc_norm", "head"}), (1, {"blocks_1", "fc_norm", "head"}),
+    (-1, {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1", "fc_norm", "head"})])
+def test_partial_finetuning_trains_exactly_the_last_blocks(trainable_blocks, trained):
+  from mae_jax.training import sharding
+  config = _downstream(finetune_config, dict(total_steps=10, warmup_steps=1,
+                                             trainable_blocks=trainable_blocks, base_lr=1e-2),
+                       init="")
+  config.batch_size = 16
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  train_program, _ = classify.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
+  state = train_program.create_state()
+  before = jax.device_get(state["params"])
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((16, 32, 32, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 16).astype(np.int32)}
+  with jax.set_mesh(mesh):
+    for _ in range(3):
+      state, _ = train_program.train_step(state, batch)
+  after = jax.device_get(state["params"])
+  assert set(after) == set(trained) | set(before) - set(trained)
+  for name in before:
+    same = [a.tobytes() == b.tobytes() for a, b in zip(jax.tree_util.tree_leaves(before[name]),
+                                                       jax.tree_util.tree_leaves(after[name]))]
+    assert all(same) if name not in trained else not any(same), name
+  # The optimizer holds moments for the trained parameters only.
+  leaves = jax.tree_util.tree_flatten_with_path(state["opt"])[0]
+  named = {k.key for path, _ in leaves for k in path
+           if isinstance(getattr(k, "key", None), str) and k.key in before}
+  assert named == trained
+
+
+def test_partial_finetuning_refuses_more_blocks_than_the_model_has():
+  config = _downstream(finetune_config, dict(trainable_blocks=3), init="")
+  with pytest.raises(ValueError, match="config.trainable_blocks=3.*0 to 2"):
+    classify.check_config(config, 1, 8)

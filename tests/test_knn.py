@@ -81,9 +81,20 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   workdir = tmp_path / "run"
   pretrain.train_and_evaluate(config, str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  knn_steps = [r["step"] for r in records if "knn_top1" in r]
-  assert knn_steps == [2, 4]
-  assert all(0.0 <= r["knn_top1"] <= 1.0 for r in records if "knn_top1" in r)
+  knn_records = [r for r in records if "knn_top1" in r]
+  assert [r["step"] for r in knn_records] == [2, 4]
+  assert all(0.0 <= r["knn_top1"] <= 1.0 for r in knn_records)
+  # The raw-pixel baseline sits beside every encoder score, computed by the monitor: the same vote
+  # on the flattened normalised pixels of the same 50 train / 40 eval images.
+  pixels = [r["knn_top1_pixels"] for r in knn_records]
+  assert pixels[0] == pixels[1]
+  train_it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
+  eval_it = data.create_iterator(config.data, global_batch_size=64, mode="eval")
+  train_batch, eval_batch = jax.device_get(next(train_it)), jax.device_get(next(eval_it))
+  flat = lambda b, n: (np.asarray(b["image"][:n]).reshape(n, -1), np.asarray(b["label"][:n]))
+  expected = knn_accuracy(*flat(train_batch, 50), *flat(eval_batch, 40), 10, k=config.knn.k,
+                          temperature=config.knn.temperature)
+  assert pixels[0] == pytest.approx(expected, abs=1e-6)
 
   # 50 train / 40 eval examples from batches of 32: partial batches are cut to the count, and the
   # labels are those of the first examples of each split, in order.
@@ -91,12 +102,12 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   params = models.init_params(model, jax.random.key(0))
   monitor = knn_monitor.KnnMonitor(model, config, mesh)
-  features, labels = monitor._embed(params, "train", 50)  # pylint: disable=protected-access
+  features, labels = monitor.embed(params, "train", 50)
   assert features.shape == (50, model.embed_dim) and np.all(np.isfinite(features))
   it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
   first = np.asarray(jax.device_get(next(it)["label"]))[:50]
   np.testing.assert_array_equal(labels, first)
-  assert monitor._embed(params, None, 40)[0].shape == (40, model.embed_dim)  # pylint: disable=protected-access
+  assert monitor.embed(params, None, 40)[0].shape == (40, model.embed_dim)
 
 
 @pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])

@@ -1,38 +1,156 @@
-"""The MAE-vs-random-init comparison command, end to end on a tiny model and a few steps."""
+"""The study runner on a test-size model and a few steps: stages, baselines, resume, sweep,
+partial fine-tuning, and the default command end to end."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+from etils import epath
+
+from configs import finetune as finetune_configs
+from configs import pretrain as pretrain_configs
+from mae_jax.tools import mae_vs_scratch as study
 from tests.test_pretrain import REPO
 
-_TINY = {"pretrain": ["model.name=mae_vit_test_patch4", "total_steps=4", "warmup_steps=1",
-                      "batch_size=32", "eval_every_steps=2", "eval_batches=1",
-                      "figure_every_steps=0", "knn.every_steps=2", "knn.num_train=64",
-                      "knn.num_eval=32"],
-         "linprobe": ["model.name=vit_test_patch4", "total_steps=4", "warmup_steps=1",
-                      "batch_size=32", "eval_every_steps=2"],
-         "finetune": ["model.name=vit_test_patch4", "total_steps=4", "warmup_steps=1",
-                      "batch_size=32", "eval_every_steps=2"]}
+_TEST_SIZE = {"pretrain": {"model.name": "mae_vit_test_patch4", "total_steps": 4,
+                           "warmup_steps": 1, "batch_size": 32, "eval_every_steps": 0,
+                           "figure_every_steps": 0, "knn.every_steps": 2,
+                           "knn.num_train": 64, "knn.num_eval": 32, "knn.linear_steps": 50,
+                           "checkpoint_every_steps": 2},
+              "finetune": {"model.name": "vit_test_patch4", "total_steps": 4, "warmup_steps": 1,
+                           "batch_size": 32, "eval_every_steps": 2,
+                           "data.eval_split": "test[:256]"}}
+_EVAL = dict(eval_train=200, eval_test=100)
 
 
-def test_runs_every_stage_and_writes_table_json_and_plot(tmp_path):
-  workdir = tmp_path / "compare"
-  flags = [f"--{stage}.{o}" for stage, options in _TINY.items() for o in options]
-  subprocess.run([sys.executable, "-m", "mae_jax.tools.mae_vs_scratch", f"--workdir={workdir}",
-                  *flags], cwd=REPO, check=True, timeout=600)
-  summary = json.loads((workdir / "results.json").read_text())
-  assert summary["pretrain"]["steps"] == 4
-  assert sorted(summary["pretrain"]["knn_top1"]) == ["2", "4"]
-  assert 0.0 <= summary["pretrain"]["knn_top1_random_init"] <= 1.0
-  for run in ("linprobe_mae", "linprobe_random", "finetune_mae", "finetune_random"):
-    assert summary[run]["steps"] == 4
-    assert 0.0 <= summary[run]["final_top1"] <= summary[run]["best_top1"] <= 1.0
-  # The MAE runs start from the pre-training workdir, the random ones from nothing.
-  for task in ("linprobe", "finetune"):
-    inits = {init: json.loads((workdir / f"{task}_{init}" / "config.json").read_text())["init"]
-             for init in ("mae", "random")}
-    assert inits == {"mae": str(workdir / "pretrain"), "random": ""}
-  table = (workdir / "results.md").read_text().splitlines()
-  assert sum(line.startswith(("| linprobe", "| finetune")) for line in table) == 4
+def _configs():
+  pre = pretrain_configs.get_config("fashion_mnist_cpu")
+  ft = finetune_configs.get_config("fashion_mnist_cpu")
+  for config, overrides in ((pre, _TEST_SIZE["pretrain"]), (ft, _TEST_SIZE["finetune"])):
+    config.update_from_flattened_dict(overrides)
+  return pre, ft
+
+
+@pytest.fixture(scope="module")
+def default_study(tmp_path_factory):
+  workdir = epath.Path(tmp_path_factory.mktemp("study"))
+  results = study.run_study(workdir, *_configs(), **_EVAL)
+  return workdir, results
+
+
+def test_default_study_runs_every_stage_and_writes_results(default_study):
+  workdir, results = default_study
+  for stage in ("baselines", "pretrain", "frozen", "finetune_mae", "finetune_random"):
+    assert (workdir / stage / study.STAGE_FILE).exists(), stage
+    assert results[stage]["seconds"] > 0
+  assert json.loads((workdir / "results.json").read_text()) == results
+  # The raw-pixel baselines are computed and written beside the encoder's scores.
+  pixels = results["baselines"]["pixels"]
+  assert 0.3 < pixels["knn_top1"] <= 1.0 and 0.3 < pixels["linear_top1"] <= 1.0
+  for init in ("mae", "random"):
+    assert set(results["frozen"][init]) >= {"knn_top1", "linear_top1"}
+  monitor = results["pretrain"]["monitor"]
+  assert sorted(monitor["knn_top1"]) == sorted(monitor["linear_top1"]) == ["2", "4"]
+  assert set(monitor["knn_top1_pixels"].values()) == {monitor["knn_top1_pixels"]["2"]}
+  assert results["pretrain"]["steps"] == 4
+  for run in ("finetune_mae", "finetune_random"):
+    assert results[run]["steps"] == 4 and [s for s, _ in results[run]["curve"]] == [2, 4]
+    assert 0.0 <= results[run]["final_top1"] <= results[run]["best_top1"] <= 1.0
+  inits = {init: json.loads((workdir / f"finetune_{init}" / "config.json").read_text())["init"]
+           for init in ("mae", "random")}
+  assert inits == {"mae": str(workdir / "pretrain"), "random": ""}
+  table = (workdir / "results.md").read_text()
+  assert f"| baselines | raw pixels: k-NN / linear | {100 * pixels['knn_top1']:.2f} / " in table
+  assert "| finetune_mae |" in table and "| finetune_random |" in table and "min |" in table
   assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finished_stages_are_skipped_and_a_removed_one_reruns(default_study):
+  workdir, first = default_study
+  (workdir / "finetune_random" / study.STAGE_FILE).unlink()
+  again = study.run_study(workdir, *_configs(), **_EVAL)
+  for stage in ("baselines", "pretrain", "frozen", "finetune_mae"):
+    assert again[stage] == first[stage], stage  # read back, not run again
+  # The training had finished: its checkpoint is restored and no step runs again.
+  assert again["finetune_random"]["best_top1"] == first["finetune_random"]["best_top1"]
+
+
+def test_an_interrupted_stage_keeps_its_time_and_runs_again(tmp_path):
+  directory = epath.Path(tmp_path) / "stage"
+
+  def stopped():
+    raise study.Interrupted("stage")
+  with pytest.raises(study.Interrupted):
+    study.run_stage(directory, stopped)
+  assert not (directory / study.STAGE_FILE).exists()
+  (directory / study.ELAPSED_FILE).write_text("100.0")  # an earlier attempt's time
+  record = study.run_stage(directory, lambda: {"top1": 0.5})
+  assert record["top1"] == 0.5 and record["seconds"] >= 100.0
+  assert study.run_stage(directory, lambda: {"top1": 0.0}) == record  # finished: not run again
+
+
+def test_sweep_gives_each_value_its_own_stages(default_study):
+  workdir, first = default_study
+  results = study.run_study(workdir, *_configs(), budget=0.5,
+                            sweep="model.mask_ratio=0.5,0.9", **_EVAL)
+  assert results["baselines"] == first["baselines"]  # shared, computed once
+  assert list(results["sweep"]["values"]) == ["0.5", "0.9"]
+  for value in ("0.5", "0.9"):
+    root = workdir / "sweep" / f"model.mask_ratio={value}"
+    config = json.loads((root / "pretrain" / "config.json").read_text())
+    assert config["model"]["mask_ratio"] == float(value) and config["total_steps"] == 2
+    out = results["sweep"]["values"][value]
+    assert out["pretrain"]["steps"] == 2 and out["finetune_mae"]["steps"] == 2
+    assert json.loads((root / "finetune_mae" / "config.json").read_text())["init"] == str(
+        root / "pretrain")
+  assert "Sweep over model.mask_ratio" in (workdir / "results.md").read_text()
+  assert (workdir / "sweep.png").exists()
+
+
+def test_partial_finetuning_stages(default_study):
+  workdir, first = default_study
+  results = study.run_study(workdir, *_configs(), partial=["0", "all"], **_EVAL)
+  assert results["partial"]["all"] == first["finetune_mae"]
+  config = json.loads((workdir / "partial_0" / "config.json").read_text())
+  assert config["trainable_blocks"] == 0 and config["init"] == str(workdir / "pretrain")
+  assert results["partial"]["0"]["steps"] == 4
+  assert (workdir / "partial.png").exists()
+
+
+@pytest.mark.parametrize("spec", ["model.nope=1", "model.mask_ratio", "model=1"])
+def test_bad_sweep_is_refused_with_the_fix(spec):
+  with pytest.raises(ValueError, match="KEY=V1,V2"):
+    study.parse_sweep(spec, pretrain_configs.get_config("fashion_mnist_cpu"))
+
+
+def test_bad_partial_is_refused():
+  with pytest.raises(ValueError, match="0 to 6, or `all`"):
+    study.parse_partial(["7"], depth=6)
+
+
+def test_default_command_keeps_its_stages_and_best_top1(default_study):
+  # On the finished default study: the command finds every stage done and rewrites the results.
+  workdir, first = default_study
+  (workdir / "results.json").unlink()
+  flags = [f"--{stage}.{k}={v}" for stage, options in _TEST_SIZE.items()
+           for k, v in options.items()]
+  subprocess.run([sys.executable, "-m", "mae_jax.tools.mae_vs_scratch", f"--workdir={workdir}",
+                  *flags], cwd=REPO, check=True, timeout=600, env={**os.environ})
+  summary = json.loads((workdir / "results.json").read_text())
+  for run in ("finetune_mae", "finetune_random"):
+    assert summary[run]["best_top1"] == first[run]["best_top1"]
+
+
+def test_cpu_recipes_pass_the_config_checks():
+  from configs import linprobe as linprobe_configs
+  from mae_jax.training import classify, config_checks
+  pre = pretrain_configs.get_config("fashion_mnist_cpu")
+  config_checks.check_pretrain(pre, 1, 1)
+  assert (pre.data.image_size, pre.model.img_size, pre.data.eval_crop_pct) == (28, 28, 1.0)
+  for module in (finetune_configs, linprobe_configs):
+    config = module.get_config("fashion_mnist_cpu")
+    classify.check_config(config, 1, 1)
+    assert config.data.image_size == 28
+  ft = finetune_configs.get_config("fashion_mnist_cpu").data.finetune
+  assert (ft.mixup, ft.cutmix, ft.randaugment_layers, ft.reprob) == (0, 0, 0, 0)

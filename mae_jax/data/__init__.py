@@ -10,7 +10,8 @@
 The content of step k's global batch depends only on (seed, k, global_batch_size).
 """
 from mae_jax.data.config import (DATASETS, DEFAULT_EVAL_SPLITS, IMAGENET_MEAN, IMAGENET_STD,
-                                 KNOWN_SPLITS, check_config, default_config, resolve_split)
+                                 KNOWN_SPLITS, check_config, default_config, resolve_split,
+                                 use_native_fashion_mnist)
 from mae_jax.data.mixup import mixup_cutmix, smooth_labels
 from mae_jax.data.pipeline import (MODES, DataIterator, check_global_batch, create_dataset,
                                    create_iterator, default_sharding, epoch_permutation,
@@ -43,5 +44,5 @@ __all__ = [
     "epoch_permutation", "hide_accelerators_from_tf", "mixup_cutmix", "num_classes",
     "num_eval_steps", "num_examples", "open_source", "prepare_fashion_mnist",
     "prepare_imagenet2012", "resolve_split", "rows_for_process", "rows_for_sharding",
-    "smooth_labels", "split_info", "steps_per_epoch",
+    "smooth_labels", "split_info", "steps_per_epoch", "use_native_fashion_mnist",
 ]

@@ -8,6 +8,9 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Fashion-MNIST's own statistics on the [0, 1] scale (60k train images), the same for each channel.
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,) * 3, (0.3530,) * 3
+
 DATASETS = ("fashion_mnist", "imagenet2012", "image_folder")
 
 # Each dataset's held-out split, used where eval_split is "".
@@ -73,6 +76,14 @@ def default_config(name: str = "fashion_mnist") -> ml_collections.ConfigDict:
   c.strict = False     # True: an undecodable image stops the run instead of being skipped
   c.max_retries = 3    # non-strict: replacements tried for an undecodable image before a blank one
   return c
+
+
+def use_native_fashion_mnist(cfg) -> None:
+  """Fashion-MNIST as stored (the fashion_mnist_cpu recipes): 28x28, the whole image at eval (no
+  resize, no crop), gray mean and std, so the three identical channels stay identical."""
+  cfg.image_size = 28
+  cfg.eval_crop_pct = 1.0
+  cfg.mean, cfg.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
 def resolve_split(cfg, split: str | None = None, mode: str = "pretrain") -> str:

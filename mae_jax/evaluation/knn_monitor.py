@@ -3,14 +3,19 @@
 Every `config.knn.every_steps` steps the frozen encoder (no masking) embeds a fixed labelled subset
 of the train split and a fixed subset of the eval split, both with the eval transform, and the
 weighted k-NN vote of `knn.py` scores the eval subset. The images are read once and kept on device.
+The same vote on the flattened, normalised pixels of the same images (`knn_top1_pixels`, computed
+once) is the floor a useful encoder has to clear. With `knn.linear_probe` the same features also
+fit the linear classifier of `linear.py` (`linear_top1`, beside `linear_top1_pixels`): a probe
+curve over the run at no extra embedding cost.
 """
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from mae_jax import data
-from mae_jax.evaluation import knn
+from mae_jax.evaluation import knn, linear
 from mae_jax.training import sharding
 
 FEATURES = ("cls", "mean")  # cls token after the final norm (as the linear probe), or patch mean
@@ -23,6 +28,9 @@ def check_config(cfg: ml_collections.ConfigDict):
     if cfg.every_steps and cfg[key] < 1:
       raise ValueError(f"config.knn.{key}={cfg[key]} must be >= 1 when the k-NN monitor is on "
                        "(or set config.knn.every_steps=0).")
+  if cfg.linear_probe and cfg.linear_steps < 1:
+    raise ValueError(f"config.knn.linear_steps={cfg.linear_steps} must be >= 1 with "
+                     "knn.linear_probe=True.")
   if cfg.feature not in FEATURES:
     raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {FEATURES}.")
 
@@ -45,29 +53,65 @@ class KnnMonitor:
     self.num_classes = data.num_classes(config.data)
     self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
     self._batches = {}
+    self._pixels_scores = {}  # with_linear -> scores
 
-  def _embed(self, params, split: str | None, count: int):
-    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
+  def _read(self, split: str | None, count: int) -> list:
     if split not in self._batches:  # read once, kept on device
       it = data.create_iterator(self._data_cfg, split=split, global_batch_size=self._batch_size,
                                 seed=self._seed, sharding=sharding.batch_sharding(self.mesh),
                                 mode="eval")
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
+    return self._batches[split]
+
+  def embed(self, params, split: str | None, count: int):
+    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
+    batches = self._read(split, count)
     with jax.set_mesh(self.mesh):
-      outs = jax.device_get([self.features(params, b) for b in self._batches[split]])
+      outs = jax.device_get([self.features(params, b) for b in batches])
     features, labels, valid = (np.concatenate(x) for x in zip(*outs))
     return features[valid][:count], labels[valid][:count]
 
+  def pixels(self, split: str | None, count: int):
+    """The same examples as `embed`, their features the flattened normalised pixels."""
+    batches = jax.device_get([(b["image"], b["label"], b["mask"]) for b in self._read(split, count)])
+    images, labels, valid = (np.concatenate(x) for x in zip(*batches))
+    return images.reshape(len(images), -1)[valid][:count], labels[valid][:count]
+
+  def _score(self, embed, with_linear: bool) -> dict:
+    train = embed(self._data_cfg.train_split, self.cfg.num_train)
+    queries = embed(None, self.cfg.num_eval)
+    scores = {"knn_top1": knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
+                                           temperature=self.cfg.temperature)}
+    if with_linear:
+      scores["linear_top1"] = linear.linear_accuracy(*train, *queries, self.num_classes,
+                                                     steps=self.cfg.linear_steps)
+    return scores
+
+  def scores(self, params, with_linear: bool | None = None) -> dict:
+    """{'knn_top1'[, 'linear_top1']} of the encoder's features (linear: `knn.linear_probe`)."""
+    with_linear = self.cfg.linear_probe if with_linear is None else with_linear
+    return self._score(lambda split, count: self.embed(params, split, count), with_linear)
+
   def accuracy(self, params) -> float:
-    train = self._embed(params, self._data_cfg.train_split, self.cfg.num_train)
-    queries = self._embed(params, None, self.cfg.num_eval)
-    return knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
-                            temperature=self.cfg.temperature)
+    return self.scores(params, with_linear=False)["knn_top1"]
+
+  def pixels_scores(self, with_linear: bool | None = None) -> dict:
+    """The same scores of the raw pixels: same images, transform, k, temperature and linear
+    classifier as the encoder's; computed once."""
+    with_linear = self.cfg.linear_probe if with_linear is None else with_linear
+    if with_linear not in self._pixels_scores:
+      self._pixels_scores[with_linear] = self._score(self.pixels, with_linear)
+    return self._pixels_scores[with_linear]
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:
     every = self.cfg.every_steps
     if not every or (step % every and step != total_steps):
       return {}
-    metrics = {"knn_top1": self.accuracy(params)}
+    pixels = self.pixels_scores()
+    metrics = self.scores(params)
+    metrics.update({f"{k}_pixels": pixels[k] for k in metrics})
     writer.write_scalars(step, metrics)
+    logging.info("Step %d: %s.", step, ", ".join(
+        f"{k} {100 * metrics[k]:.2f}% (raw pixels {100 * metrics[k + '_pixels']:.2f}%)"
+        for k in metrics if not k.endswith("_pixels")))
     return metrics

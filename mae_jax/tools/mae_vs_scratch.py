@@ -1,42 +1,99 @@
-r"""Does MAE pay off? Pre-train, then linear-probe and fine-tune from the MAE encoder and, with the
-same recipe and budget, from a random initialisation; write a table and a plot of the curves.
+r"""Does MAE pay off here, and what does each choice buy? A small experiment runner on Fashion-MNIST.
 
-  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/mae_vs_scratch
+  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study            # the default study
+  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study --budget=3  # 3x the steps
+  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study --partial=0,1,2,all
+  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/mask_sweep --budget=0.5 \
+      --sweep=model.mask_ratio=0.25,0.5,0.75,0.9
 
-Stages (each in its own sub-directory, each resumed if interrupted, skipped if finished):
-  pretrain/             configs/pretrain.py:fashion_mnist   (--pretrain.KEY=VALUE to override)
-  linprobe_{mae,random} configs/linprobe.py:fashion_mnist   (--linprobe.KEY=VALUE)
-  finetune_{mae,random} configs/finetune.py:fashion_mnist   (--finetune.KEY=VALUE)
-Results: results.json, results.md (table) and curves.png in --workdir.
+Stages, each in its own sub-directory of --workdir; a finished one (its stage.json) is skipped,
+an interrupted one resumes from its checkpoints:
+  baselines        raw pixels, k-NN and linear classifier (the frozen protocol below), once
+  pretrain         configs/pretrain.py:fashion_mnist_cpu (--pretrain.KEY=VALUE); its k-NN monitor
+                   also fits the linear classifier: the curves over pre-training
+  frozen           the frozen encoder (cls token) after pre-training and at random init: k-NN
+                   (k=20, cosine, T=0.07) and the linear classifier of evaluation/linear.py on
+                   --eval_train train / --eval_test test images, the same images as the baselines
+  finetune_mae     configs/finetune.py:fashion_mnist_cpu from the pre-trained encoder
+  finetune_random  the same recipe and budget from a random initialisation
+  partial_K        --partial: fine-tune only the last K blocks (paper Fig. 9; `all` = finetune_mae)
+--sweep=KEY=V1,V2,... (a pre-training config key) gives each value its own directory
+sweep/KEY=V/ with its own pretrain, frozen and finetune_mae; the pixel baselines are shared.
+--budget scales the pre-training and fine-tuning steps. Results: results.json, results.md and
+plots (curves.png; sweep.png, partial.png when asked for) in --workdir.
 """
 import copy
 import json
 import os
+import time
 
 from absl import app, flags, logging
 from etils import epath
+import ml_collections
 from ml_collections import config_flags
 
 from mae_jax import tasks
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "configs")
-config_flags.DEFINE_config_file("pretrain", os.path.join(_CONFIGS, "pretrain.py:fashion_mnist"),
-                                "Pre-training config.", lock_config=True)
-config_flags.DEFINE_config_file("linprobe", os.path.join(_CONFIGS, "linprobe.py:fashion_mnist"),
-                                "Linear-probe config (its init is set here).", lock_config=True)
-config_flags.DEFINE_config_file("finetune", os.path.join(_CONFIGS, "finetune.py:fashion_mnist"),
-                                "Fine-tuning config (its init is set here).", lock_config=True)
+config_flags.DEFINE_config_file(
+    "pretrain", os.path.join(_CONFIGS, "pretrain.py:fashion_mnist_cpu"), "Pre-training config.",
+    lock_config=True)
+config_flags.DEFINE_config_file(
+    "finetune", os.path.join(_CONFIGS, "finetune.py:fashion_mnist_cpu"),
+    "Fine-tuning config (its init and trainable_blocks are set here).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where every stage and the results go.")
+flags.DEFINE_float("budget", 1.0, "Multiplies the pre-training and fine-tuning steps.")
+flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: pre-train (and probe, fine-tune) once per value "
+                    "of a pre-training config key, e.g. model.mask_ratio=0.25,0.5,0.75,0.9.")
+flags.DEFINE_list("partial", [], "Partial fine-tuning: numbers of last blocks to train, or `all`.")
+flags.DEFINE_integer("eval_train", 60000, "Train images of the frozen k-NN / linear protocol.")
+flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linear protocol.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
-DOWNSTREAM = ("linprobe", "finetune")
 INITS = ("mae", "random")
+STAGE_FILE = "stage.json"       # written when a stage finishes: its result and wall time
+ELAPSED_FILE = "elapsed_s"      # seconds spent in a stage's interrupted earlier attempts
 
 
-def read_metrics(workdir: epath.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
+# ----------------------------------------------------------------------------------------------
+# Stages: each runs in its own directory, once.
+class Interrupted(Exception):
+  """A training stage stopped on SIGTERM; the same command resumes it."""
+
+
+def run_stage(directory: epath.Path, fn) -> dict:
+  """`fn()`'s result, from `directory/stage.json` when the stage has finished before. The wall
+  time adds the seconds of interrupted attempts, so a resumed stage reports its whole cost."""
+  record = directory / STAGE_FILE
+  if record.exists():
+    return json.loads(record.read_text())
+  directory.mkdir(parents=True, exist_ok=True)
+  elapsed = directory / ELAPSED_FILE
+  before = float(elapsed.read_text()) if elapsed.exists() else 0.0
+  start, done = time.perf_counter(), False
+  try:
+    result = fn()
+    done = True
+  finally:
+    seconds = before + time.perf_counter() - start
+    if not done:
+      elapsed.write_text(str(seconds))
+  record.write_text(json.dumps({"seconds": round(seconds, 1), **result}, indent=2))
+  logging.info("Stage %s finished in %.0f s.", directory.name, seconds)
+  return json.loads(record.read_text())  # the same whether run now or read back
+
+
+def train(config, directory: epath.Path) -> dict:
+  """Runs (or resumes) a training task; its metrics log is what the summary reads."""
+  if tasks.run_task(config, str(directory)).get("preempted"):
+    raise Interrupted(directory.name)
+  return {}
+
+
+def read_metrics(directory: epath.Path) -> list[dict]:
+  path = directory / "metrics.jsonl"
   return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -46,61 +103,258 @@ def curve(records, key) -> tuple[list[int], list[float]]:
   return steps, [points[s] for s in steps]
 
 
-def summarise(workdir: epath.Path) -> dict:
-  """The numbers of every finished stage, read back from their metrics logs."""
-  pre = read_metrics(workdir / "pretrain")
-  steps, loss = curve(pre, "loss")
-  summary = {"pretrain": {"steps": steps[-1] if steps else 0, "first_loss": loss[0] if loss else None,
-                          "final_loss": loss[-1] if loss else None,
-                          "final_eval_loss": (curve(pre, "eval_loss")[1] or [None])[-1],
-                          "knn_top1": dict(zip(*curve(pre, "knn_top1")))}}
-  for task in DOWNSTREAM:
-    for init in INITS:
-      records = read_metrics(workdir / f"{task}_{init}")
-      top1 = curve(records, "eval_top1")[1]
-      summary[f"{task}_{init}"] = {
-          "steps": max((r["step"] for r in records), default=0),
-          "final_top1": top1[-1] if top1 else None,
-          "best_top1": max(top1) if top1 else None}
-  return summary
+def pretrain_summary(directory: epath.Path) -> dict:
+  records = read_metrics(directory)
+  steps, loss = curve(records, "loss")
+  eval_loss = curve(records, "eval_loss")[1]
+  monitor = {key: {str(k): v for k, v in zip(*curve(records, key))} for key in (
+      "knn_top1", "linear_top1", "knn_top1_pixels", "linear_top1_pixels")}
+  return {"steps": steps[-1] if steps else 0, "first_loss": loss[0] if loss else None,
+          "final_loss": loss[-1] if loss else None,
+          "final_eval_loss": eval_loss[-1] if eval_loss else None, "monitor": monitor}
 
 
+def classify_summary(directory: epath.Path) -> dict:
+  steps, top1 = curve(read_metrics(directory), "eval_top1")
+  return {"steps": steps[-1] if steps else 0, "final_top1": top1[-1] if top1 else None,
+          "best_top1": max(top1) if top1 else None, "curve": [list(p) for p in zip(steps, top1)]}
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen protocol: one k-NN and one linear classifier, for the encoder and for the pixels.
+def frozen_monitor(pretrain_config, num_train: int, num_eval: int):
+  from mae_jax.evaluation import knn_monitor  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import pretrain, sharding  # pylint: disable=import-outside-toplevel
+  config = copy.deepcopy(pretrain_config)
+  config.knn.num_train, config.knn.num_eval = num_train, num_eval
+  config.batch_size = 512        # embedding only: larger batches, fewer dispatches
+  model = pretrain.build_model(config.model)
+  mesh = sharding.make_mesh(config.mesh.data, 1)
+  return model, knn_monitor.KnnMonitor(model, config, mesh)
+
+
+def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num_eval: int):
+  """k-NN and linear top-1 of the pre-trained encoder (last checkpoint) and of a random init."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from mae_jax import export, models  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  model, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
+  on_mesh = lambda params: jax.device_put(params, sharding.replicated(monitor.mesh))
+  _, step, params = export.restore_pretrain_params(str(pretrain_dir))
+  params = on_mesh(params)
+  random = on_mesh(models.init_params(model, jax.random.key(pretrain_config.seed)))
+  return {"mae": {"step": step, **monitor.scores(params, with_linear=True)},
+          "random": monitor.scores(random, with_linear=True)}
+
+
+def pixel_baselines(pretrain_config, num_train: int, num_eval: int) -> dict:
+  _, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
+  return {"pixels": monitor.pixels_scores(with_linear=True)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs of the stages.
+def with_budget(config, budget: float, steps_per_epoch: int):
+  """A copy of `config` whose run is `budget` times as long (total_steps set explicitly)."""
+  config = copy.deepcopy(config)
+  total = config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+  config.total_steps = max(1, round(budget * total))
+  return config
+
+
+def finetune_config(base, init: str, trainable_blocks: int = -1):
+  config = copy.deepcopy(base)
+  config.init, config.trainable_blocks = init, trainable_blocks
+  return config
+
+
+def parse_sweep(spec: str, pretrain_config) -> tuple[str, list]:
+  """'model.mask_ratio=0.25,0.5' -> ('model.mask_ratio', [0.25, 0.5]), typed like the key."""
+  key, sep, values = spec.partition("=")
+  try:
+    current = pretrain_config
+    for part in key.split("."):
+      current = current[part]
+  except (KeyError, AttributeError):
+    current = None
+  if not sep or not values or current is None or isinstance(current, ml_collections.ConfigDict):
+    raise ValueError(f"--sweep={spec!r}: give KEY=V1,V2,... with KEY a pre-training config "
+                     "field, e.g. --sweep=model.mask_ratio=0.25,0.5,0.75,0.9.")
+  kind = type(current)
+  parse = (lambda v: v.lower() in ("1", "true")) if kind is bool else kind
+  return key, [parse(v) for v in values.split(",")]
+
+
+def parse_partial(values, depth: int) -> list[int]:
+  """['0', '2', 'all'] -> [0, 2, -1] (-1: every block, the full fine-tuning)."""
+  out = []
+  for v in values:
+    k = -1 if v == "all" else int(v) if v.isdigit() else None
+    if k is None or k > depth:
+      raise ValueError(f"--partial={','.join(values)}: each value is a number of last blocks, 0 "
+                       f"to {depth}, or `all`.")
+    out.append(k)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: float = 1.0,
+              sweep: str = "", partial=(), eval_train: int = 60000, eval_test: int = 10000) -> dict:
+  """Runs every stage the options ask for (skipping finished ones) and writes the results."""
+  from mae_jax import data  # pylint: disable=import-outside-toplevel
+  workdir.mkdir(parents=True, exist_ok=True)
+  pre_spe = data.steps_per_epoch(pretrain_config.data, None, pretrain_config.batch_size)
+  ft_spe = data.steps_per_epoch(finetune_base.data, None, finetune_base.batch_size)
+  pretrain_config = with_budget(pretrain_config, budget, pre_spe)
+  finetune_base = with_budget(finetune_base, budget, ft_spe)
+  results = {"budget": budget, "baselines": run_stage(
+      workdir / "baselines", lambda: pixel_baselines(pretrain_config, eval_train, eval_test))}
+
+  def pretrain_and_probe(root: epath.Path, config) -> dict:
+    out = {"pretrain": run_stage(root / "pretrain", lambda: (
+        train(config, root / "pretrain"), pretrain_summary(root / "pretrain"))[1])}
+    out["frozen"] = run_stage(root / "frozen", lambda: frozen_scores(
+        config, root / "pretrain", eval_train, eval_test))
+    return out
+
+  def finetune(root: epath.Path, name: str, config) -> dict:
+    return run_stage(root / name, lambda: (train(config, root / name),
+                                           classify_summary(root / name))[1])
+
+  init_dir = str(workdir / "pretrain")
+  if sweep:
+    key, values = parse_sweep(sweep, pretrain_config)
+    results["sweep"] = {"key": key, "values": {}}
+    for value in values:
+      root = workdir / "sweep" / f"{key}={value}"
+      config = copy.deepcopy(pretrain_config)
+      config.update_from_flattened_dict({key: value})
+      out = pretrain_and_probe(root, config)
+      out["finetune_mae"] = finetune(root, "finetune_mae",
+                                     finetune_config(finetune_base, str(root / "pretrain")))
+      results["sweep"]["values"][str(value)] = out
+  else:
+    results.update(pretrain_and_probe(workdir, pretrain_config))
+    from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
+    depth = vit_classifier.create_classifier(finetune_base.model.name, 1).depth
+    blocks = parse_partial(list(partial), depth)
+    if not blocks or -1 in blocks:
+      results["finetune_mae"] = finetune(workdir, "finetune_mae",
+                                         finetune_config(finetune_base, init_dir))
+    if not blocks:
+      results["finetune_random"] = finetune(workdir, "finetune_random",
+                                            finetune_config(finetune_base, ""))
+    if blocks:
+      results["partial"] = {
+          ("all" if k < 0 else str(k)): results["finetune_mae"] if k < 0 else finetune(
+              workdir, f"partial_{k}", finetune_config(finetune_base, init_dir, k))
+          for k in blocks}
+  results["total_seconds"] = round(sum(_stage_seconds(results)), 1)
+  write_results(workdir, results)
+  return results
+
+
+def _stage_seconds(tree):
+  if isinstance(tree, dict):
+    if "seconds" in tree:
+      yield tree["seconds"]
+      return
+    for value in tree.values():
+      yield from _stage_seconds(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting.
 def _pct(x):
   return "-" if x is None else f"{100 * x:.2f}"
 
 
-def markdown_table(summary: dict) -> str:
-  rows = ["| evaluation | init | steps | final top-1 (%) | best top-1 (%) |", "|---|---|---|---|---|"]
-  for task in DOWNSTREAM:
-    for init in INITS:
-      s = summary[f"{task}_{init}"]
-      rows.append(f"| {task} | {init} | {s['steps']} | {_pct(s['final_top1'])} | "
-                  f"{_pct(s['best_top1'])} |")
-  pre = summary["pretrain"]
-  knn = ", ".join(f"step {k}: {_pct(v)}" for k, v in pre["knn_top1"].items()) or "-"
-  rows += ["", f"Pre-training: {pre['steps']} steps, masked-patch loss {pre['first_loss']:.4f} -> "
-           f"{pre['final_loss']:.4f} (train), eval {pre['final_eval_loss']}; k-NN top-1 (%): "
-           f"{knn}; random-init encoder k-NN top-1 (%): {_pct(pre.get('knn_top1_random_init'))}."
-           if pre["final_loss"] is not None else ""]
+def _minutes(stage):
+  return f"{stage['seconds'] / 60:.1f} min" if stage and "seconds" in stage else "-"
+
+
+def markdown(results: dict) -> str:
+  pixels = results["baselines"]["pixels"]
+  rows = ["| stage | evaluation | top-1 (%) | wall time |", "|---|---|---|---|",
+          f"| baselines | raw pixels: k-NN / linear | {_pct(pixels['knn_top1'])} / "
+          f"{_pct(pixels['linear_top1'])} | {_minutes(results['baselines'])} |"]
+  if "pretrain" in results:
+    rows += _pretrain_rows(results)
+  for name in ("finetune_mae", "finetune_random"):
+    if name in results:
+      s = results[name]
+      rows.append(f"| {name} | best (final) top-1 after {s['steps']} steps | "
+                  f"{_pct(s['best_top1'])} ({_pct(s['final_top1'])}) | {_minutes(s)} |")
+  for k, s in results.get("partial", {}).items():
+    rows.append(f"| partial fine-tuning, last {k} blocks | best (final) top-1 after {s['steps']} "
+                f"steps | {_pct(s['best_top1'])} ({_pct(s['final_top1'])}) | {_minutes(s)} |")
+  text = "\n".join(rows) + f"\n\nTotal: {results['total_seconds'] / 60:.1f} min.\n"
+  if "pretrain" in results:
+    text += "\n" + _monitor_table(results["pretrain"])
+  if "sweep" in results:
+    text += "\n" + _sweep_table(results["sweep"])
+  return text
+
+
+def _pretrain_rows(results):
+  pre, frozen = results["pretrain"], results["frozen"]
+  loss = (f"masked-patch loss {pre['first_loss']:.4f} -> {pre['final_loss']:.4f}"
+          if pre["final_loss"] is not None else "")
+  return [f"| pretrain | {pre['steps']} steps, {loss} | | {_minutes(pre)} |",
+          f"| frozen | encoder (step {frozen['mae']['step']}): k-NN / linear | "
+          f"{_pct(frozen['mae']['knn_top1'])} / {_pct(frozen['mae']['linear_top1'])} | "
+          f"{_minutes(frozen)} |",
+          f"| frozen | random-init encoder: k-NN / linear | {_pct(frozen['random']['knn_top1'])} "
+          f"/ {_pct(frozen['random']['linear_top1'])} | |"]
+
+
+def _monitor_table(pre):
+  monitor = pre["monitor"]
+  rows = ["Along pre-training (the monitor's subset; raw pixels on the same images in the last "
+          "row):", "", "| step | k-NN top-1 (%) | linear top-1 (%) |", "|---|---|---|"]
+  for step, knn in monitor["knn_top1"].items():
+    rows.append(f"| {step} | {_pct(knn)} | {_pct(monitor['linear_top1'].get(step))} |")
+  pixels = lambda key: _pct(next(iter(monitor[key].values()), None))
+  rows.append(f"| raw pixels | {pixels('knn_top1_pixels')} | {pixels('linear_top1_pixels')} |")
   return "\n".join(rows) + "\n"
 
 
-def plot(workdir: epath.Path, path: epath.Path):
+def _sweep_table(sweep):
+  rows = [f"Sweep over {sweep['key']}:", "",
+          f"| {sweep['key']} | final loss | k-NN top-1 (%) | linear top-1 (%) | fine-tune best "
+          "top-1 (%) | wall time |", "|---|---|---|---|---|---|"]
+  for value, out in sweep["values"].items():
+    seconds = sum(_stage_seconds(out))
+    rows.append(f"| {value} | {out['pretrain']['final_loss']:.4f} | "
+                f"{_pct(out['frozen']['mae']['knn_top1'])} | "
+                f"{_pct(out['frozen']['mae']['linear_top1'])} | "
+                f"{_pct(out['finetune_mae']['best_top1'])} | {seconds / 60:.1f} min |")
+  return "\n".join(rows) + "\n"
+
+
+def write_results(workdir: epath.Path, results: dict):
+  (workdir / "results.json").write_text(json.dumps(results, indent=2))
+  (workdir / "results.md").write_text(markdown(results))
+  plots = {}
+  if "pretrain" in results:
+    plots["curves.png"] = _plot_curves
+  if "sweep" in results:
+    plots["sweep.png"] = _plot_sweep
+  if "partial" in results:
+    plots["partial.png"] = _plot_partial
+  for name, draw in plots.items():
+    _save_plot(workdir / name, draw, results)
+  logging.info("Results:\n%s\nWritten: %s", markdown(results), ", ".join(
+      str(workdir / n) for n in ["results.md", "results.json", *plots]))
+
+
+def _save_plot(path, draw, results):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  pre = read_metrics(workdir / "pretrain")
-  axes[0].plot(*curve(pre, "loss"), label="train")
-  axes[0].plot(*curve(pre, "eval_loss"), "o-", label="eval")
-  axes[0].set(title="MAE pre-training", xlabel="step", ylabel="masked-patch loss")
-  for ax, task in zip(axes[1:], DOWNSTREAM):
-    for init in INITS:
-      ax.plot(*curve(read_metrics(workdir / f"{task}_{init}"), "eval_top1"), "o-",
-              label=f"from {init}")
-    ax.set(title=task, xlabel="step", ylabel="eval top-1")
-  for ax in axes:
-    ax.legend()
+  fig = draw(plt, results)
+  for ax in fig.axes:
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   with path.open("wb") as f:
@@ -108,44 +362,66 @@ def plot(workdir: epath.Path, path: epath.Path):
   plt.close(fig)
 
 
-def random_init_knn(config) -> float:
-  """k-NN top-1 of an untrained encoder, the floor the pre-training k-NN curve starts from."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax import models  # pylint: disable=import-outside-toplevel
-  from mae_jax.evaluation import knn_monitor  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import pretrain, sharding  # pylint: disable=import-outside-toplevel
-  model = pretrain.build_model(config.model)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  params = models.init_params(model, jax.random.key(config.seed))
-  return knn_monitor.KnnMonitor(model, config, mesh).accuracy(params)
+def _plot_curves(plt, results):
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  monitor = results["pretrain"]["monitor"]
+  pixels = results["baselines"]["pixels"]
+  for key, label in (("knn_top1", "k-NN"), ("linear_top1", "linear")):
+    steps = [int(s) for s in monitor[key]]
+    line, = axes[0].plot(steps, list(monitor[key].values()), "o-", label=f"encoder, {label}")
+    pixel_value = next(iter(monitor[f"{key}_pixels"].values()), None)
+    if pixel_value is not None:
+      axes[0].axhline(pixel_value, ls="--", color=line.get_color(), label=f"raw pixels, {label}")
+  axes[0].set(title="Frozen encoder along pre-training (monitor subset)", xlabel="pre-training step",
+              ylabel="top-1")
+  frozen = results["frozen"]
+  names = ["raw pixels", "random init", "MAE"]
+  for i, key in enumerate(("knn_top1", "linear_top1")):
+    values = [pixels[key], frozen["random"][key], frozen["mae"][key]]
+    axes[1].bar([x + 0.4 * i for x in range(3)], values, width=0.4,
+                label="k-NN" if i == 0 else "linear")
+  axes[1].set_xticks([x + 0.2 for x in range(3)], names)
+  axes[1].set(title="Frozen features (full protocol)", ylabel="top-1")
+  for name in ("finetune_mae", "finetune_random"):
+    if name in results and results[name]["curve"]:
+      steps, top1 = zip(*results[name]["curve"])
+      axes[2].plot(steps, top1, "o-", label=name.replace("finetune_", "from "))
+  axes[2].set(title="Fine-tuning: accuracy against budget", xlabel="fine-tuning step",
+              ylabel="eval top-1")
+  return fig
+
+
+def _plot_sweep(plt, results):
+  sweep = results["sweep"]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  values = [float(v) for v in sweep["values"]]
+  outs = list(sweep["values"].values())
+  ax.plot(values, [o["frozen"]["mae"]["knn_top1"] for o in outs], "o-", label="k-NN")
+  ax.plot(values, [o["frozen"]["mae"]["linear_top1"] for o in outs], "o-", label="linear")
+  ax.plot(values, [o["finetune_mae"]["best_top1"] for o in outs], "o-", label="fine-tune")
+  ax.set(title=f"Sweep over {sweep['key']}", xlabel=sweep["key"], ylabel="top-1")
+  return fig
+
+
+def _plot_partial(plt, results):
+  fig, ax = plt.subplots(figsize=(6, 4))
+  names = list(results["partial"])
+  ax.plot(names, [results["partial"][k]["best_top1"] for k in names], "o-", label="fine-tune")
+  ax.set(title="Partial fine-tuning (paper Fig. 9)", xlabel="blocks fine-tuned",
+         ylabel="best eval top-1")
+  return fig
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   tasks.prepare_process()
-  workdir = epath.Path(os.path.abspath(FLAGS.workdir))
-  workdir.mkdir(parents=True, exist_ok=True)
-  stages = [("pretrain", FLAGS.pretrain)]
-  for task in DOWNSTREAM:
-    for init in INITS:
-      config = copy.deepcopy(FLAGS[task].value)  # one per stage: they differ in init
-      with config.unlocked():
-        config.init = str(workdir / "pretrain") if init == "mae" else ""
-      stages.append((f"{task}_{init}", config))
-  for name, config in stages:
-    if tasks.run_task(config, str(workdir / name)).get("preempted"):
-      logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", name)
-      return
-
-  summary = summarise(workdir)
-  if FLAGS.pretrain.knn.every_steps:
-    summary["pretrain"]["knn_top1_random_init"] = random_init_knn(FLAGS.pretrain)
-  (workdir / "results.json").write_text(json.dumps(summary, indent=2))
-  (workdir / "results.md").write_text(markdown_table(summary))
-  plot(workdir, workdir / "curves.png")
-  logging.info("Results:\n%s\nWritten: %s, %s, %s", markdown_table(summary),
-               workdir / "results.md", workdir / "results.json", workdir / "curves.png")
+  try:
+    run_study(epath.Path(os.path.abspath(FLAGS.workdir)), FLAGS.pretrain, FLAGS.finetune,
+              budget=FLAGS.budget, sweep=FLAGS.sweep, partial=FLAGS.partial,
+              eval_train=FLAGS.eval_train, eval_test=FLAGS.eval_test)
+  except Interrupted as stopped:
+    logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", stopped)
 
 
 if __name__ == "__main__":

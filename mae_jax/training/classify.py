@@ -2,7 +2,8 @@
 main_linprobe.py), one loop for both: the config's `task` picks the model, optimizer and loss.
 
 - finetune: global-pool ViT (fc_norm), drop path, trainable position table, layer-wise lr decay,
-  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host.
+  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host;
+  `trainable_blocks=k` trains only the last k blocks and the head (partial fine-tuning).
 - linprobe: frozen encoder (no gradients are computed through it), cls token after the final norm,
   BatchNorm without affine + linear head, LARS; plain cross-entropy.
 Both evaluate top-1/top-5/loss on the eval split and keep the last and the best checkpoints.
@@ -84,6 +85,9 @@ def check_config(config, num_processes: int, num_devices: int):
     raise FileNotFoundError(f"config.init={config.init} does not exist; give an exported "
                             "encoder, a pre-training workdir or an official .pth file.")
   classifier = vit_classifier.create_classifier(config.model.name, 1)  # raises on unknown names
+  if config.task == "finetune" and not -1 <= config.trainable_blocks <= classifier.depth:
+    raise ValueError(f"config.trainable_blocks={config.trainable_blocks}; use -1 (all blocks) or "
+                     f"a number of last blocks to train, 0 to {classifier.depth}.")
   patch = classifier.patch_size
   if config.data.image_size % patch:
     raise ValueError(f"config.data.image_size={config.data.image_size} is not divisible by the "
@@ -110,7 +114,18 @@ def _check_init_architecture(config, classifier):
 
 
 # ----------------------------------------------------------------------------------------------
-def make_steps(config, classifier, tx, schedule, shardings, mesh, num_classes):
+def trained_keys(config, param_names, depth: int) -> tuple[str, ...]:
+  """The top-level parameters the step updates. Fine-tuning with `trainable_blocks=k >= 0` (paper
+  Fig. 9, partial fine-tuning) trains the last k blocks and what follows them (fc_norm or norm,
+  head) and leaves the embedding and the other blocks exactly as loaded; -1 trains everything."""
+  k = config.trainable_blocks if config.task == "finetune" else -1
+  if k < 0:
+    return tuple(param_names)
+  frozen = {f"blocks_{i}" for i in range(depth - k)} | {"patch_embed", "cls_token", "pos_embed"}
+  return tuple(n for n in param_names if n not in frozen)
+
+
+def make_steps(config, classifier, tx, schedule, shardings, mesh, num_classes, trained):
   batch_spec = sharding.batch_sharding(mesh)
   replicated = sharding.replicated(mesh)
   ft = config.data.finetune
@@ -138,14 +153,20 @@ def make_steps(config, classifier, tx, schedule, shardings, mesh, num_classes):
           cutmix_alpha=ft.cutmix, switch_prob=ft.mixup_switch_prob, mix_prob=ft.mixup_prob,
           label_smoothing=ft.label_smoothing)
 
-    def loss_fn(params):
-      logits, updates = logits_fn(state, params, images, True, jax.random.fold_in(key, 1))
+    # Gradients of the trained parameters only: the frozen ones are carried over untouched, and
+    # no backward pass runs through the frozen blocks.
+    params = state["params"]
+    trainable = {k: params[k] for k in trained}
+
+    def loss_fn(trainable):
+      logits, updates = logits_fn(state, {**params, **trainable}, images, True,
+                                  jax.random.fold_in(key, 1))
       return optax.softmax_cross_entropy(logits, targets).mean(), updates
-    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grad_norm = optax.global_norm(grads)
-    new_updates, opt = tx.update(grads, state["opt"], state["params"])
-    new_state = dict(state, params=optax.apply_updates(state["params"], new_updates), opt=opt,
-                     step=step + 1)
+    new_updates, opt = tx.update(grads, state["opt"], trainable)
+    new_state = dict(state, params={**params, **optax.apply_updates(trainable, new_updates)},
+                     opt=opt, step=step + 1)
     if updates:
       new_state["batch_stats"] = updates["batch_stats"]
     return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step)}
@@ -187,9 +208,12 @@ def build_program(config, mesh, steps_per_epoch: int, num_classes: int,
       lambda: classifier.init(jax.random.key(0), _dummy_images(classifier))))["params"]
 
   if config.task == "finetune":
+    trained = trained_keys(config, logical, classifier.depth)
+
     def init():
       params = initial_params()
-      return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+      return {"params": params, "opt": tx.init({k: params[k] for k in trained}),
+              "step": jnp.zeros((), jnp.int32)}
     specs = {"params": logical}
   else:
     head = vit_classifier.LinearProbeHead(num_classes)
@@ -205,9 +229,10 @@ def build_program(config, mesh, steps_per_epoch: int, num_classes: int,
     replicate = lambda x: jax.sharding.PartitionSpec(*([None] * x.ndim))
     specs = {"encoder": {k: v for k, v in logical.items() if k != "head"},
              "params": jax.tree_util.tree_map(replicate, jax.eval_shape(init_head)["params"])}
+    trained = tuple(specs["params"])
   abstract, shardings = sharding.sharded_shapes(init, specs, mesh)
   train_step, eval_step = make_steps(config, classifier, tx, schedule, shardings, mesh,
-                                     num_classes)
+                                     num_classes, trained)
   return program.TrainProgram(
       mesh=mesh, model=classifier, init=init, abstract_state=abstract,
       state_shardings=shardings, train_step=train_step,

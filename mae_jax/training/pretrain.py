@@ -218,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop.
   watcher = loop.PreemptionWatcher()
-  pending, last, throttle = [], {}, loop.StepThrottle()
+  pending, last, knn_last, throttle = [], {}, {}, loop.StepThrottle()
   tick, tick_step = time.perf_counter(), start_step
   step = start_step
   try:
@@ -260,6 +260,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           evaluated.update(monitor.maybe_run(step, state["params"], writer, total_steps))
       if evaluated and is_chief:
         loop.append_jsonl(metrics_log, {"step": step, **evaluated})
+      if "knn_top1" in evaluated:
+        knn_last = {"step": step, **evaluated}
 
       if preempted:
         loop.save_for_preemption(manager, step, state)
@@ -280,6 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                  step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,
                  workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  if knn_last and is_chief:  # what the pre-training bought, against the pixels it started from
+    logging.info("Frozen encoder at step %d vs raw pixels (the same %d train / %d eval images): %s.",
+                 knn_last["step"], config.knn.num_train, config.knn.num_eval, ", ".join(
+                     f"{k} {100 * knn_last[k]:.2f}% vs {100 * knn_last[k + '_pixels']:.2f}%"
+                     for k in ("knn_top1", "linear_top1") if k in knn_last))
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

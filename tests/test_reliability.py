@@ -492,6 +492,18 @@ def test_bad_configs_are_refused_before_compute(variant_file, args, message,
 
 # ----------------------------------------------------------------------------------------------
 # A pod process dies
+def relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, step):
+  """The relaunch of a pod's run (here one process with the same 8 devices: batches and masks do
+  not depend on the number of processes) resumes from `step` and ends with the reference's
+  losses."""
+  with caplog.at_level(logging.INFO):
+    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+  assert f"Resumed from the checkpoint at step {step}." in caplog.text
+  got, (_, expected) = losses(workdir), reference
+  assert sorted(got) == list(range(1, TOTAL + 1))
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
+
+
 def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference, caches, tmp_path,
                                                                        caplog):
   workdir = tmp_path / "pod"
@@ -524,14 +536,7 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
   assert "Terminating process because the JAX distributed service detected fatal errors" in text
   assert "The following tasks are unhealthy (stopped sending heartbeats)" in text
   complete = steps_in(workdir / "checkpoints")
-  # The relaunch (here one process with the same 8 devices: batches and masks do not depend on
-  # the number of processes) resumes from the newest checkpoint the pod completed.
-  with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
-  assert f"Resumed from the checkpoint at step {max(complete)}." in caplog.text
-  got, (_, expected) = losses(workdir), reference
-  assert sorted(got) == list(range(1, TOTAL + 1))
-  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
+  relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, max(complete))
   print(f"process 1 of 2 killed after step {max(complete)} was saved: process 0 exited with "
         f"status {returncode} after {seconds:.1f} s (heartbeat timeout 10 s); the relaunch "
         f"resumed from step {max(complete)}")
@@ -562,12 +567,7 @@ def test_sigterm_to_a_whole_pod_saves_one_step_everywhere_and_the_relaunch_conti
     reference, caches, tmp_path, caplog):
   workdir = tmp_path / "pod"
   step = preempted_pod(workdir, caches, "all", preemption_trials.after_step(5), first_step=6)
-  with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
-  assert f"Resumed from the checkpoint at step {step}." in caplog.text
-  got, (_, expected) = losses(workdir), reference
-  assert sorted(got) == list(range(1, TOTAL + 1))
-  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=2e-5)
+  relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, step)
 
 
 def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(

@@ -249,21 +249,31 @@ def main(argv):
                         os.path.join(workdir, "checkpoints", str(step)))
       shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir)
       moment = once_resumed
-    result = preempt(args, workdir, FLAGS.target, moment)
+    try:
+      result = preempt(args, workdir, FLAGS.target, moment)
+    except RuntimeError as err:  # the pod ended, or never reached the moment: a failed trial
+      rows.append({"trial": trial, "error": str(err)})
+      print(json.dumps(rows[-1]), flush=True)
+      continue
     relaunch = subprocess.run(local_pod(args), cwd=REPO, env=_env(), capture_output=True,
                               text=True)
     result.update(relaunch_rc=relaunch.returncode,
                   loss_difference=max_relative_difference(losses(workdir), expected))
     rows.append(result)
     print(json.dumps({"trial": trial, **result}), flush=True)
+  failed = [r for r in rows if "error" in r]
+  rows = [r for r in rows if "error" not in r]
   ok = [r for r in rows if r["rc"] == 0 and len(set(r["saved"].values())) == 1
         and None not in r["saved"].values() and not r["left_behind"] and r["relaunch_rc"] == 0
         and r["loss_difference"] <= 2e-5]
-  print(f"{FLAGS.task}, SIGTERM to {FLAGS.target}: {len(ok)}/{len(rows)} trials saved the same "
-        f"step on every process, exited 0 and left nothing behind, and the relaunch's losses "
-        f"equal the unbroken run's (rtol 2e-5); seconds from SIGTERM to exit: "
-        f"{min(r['seconds'] for r in rows):.1f}-{max(r['seconds'] for r in rows):.1f}; logged "
-        f"steps lost: {sum(r['lost'] for r in rows)}. Runs in {root}.")
+  seconds = [r["seconds"] for r in rows] or [float("nan")]
+  failures = "".join(f" (trial {r['trial']}: {r['error']})" for r in failed)
+  print(f"{FLAGS.task}, SIGTERM to {FLAGS.target}: {len(ok)}/{len(rows) + len(failed)} trials "
+        f"saved the same step on every process, exited 0 and left nothing behind, and the "
+        f"relaunch's losses equal the unbroken run's (rtol 2e-5); seconds from SIGTERM to exit: "
+        f"{min(seconds):.1f}-{max(seconds):.1f}; logged steps lost: "
+        f"{sum(r['lost'] for r in rows)}; {len(failed)} ended before the signal{failures}. "
+        f"Runs in {root}.")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
 
   A step that cannot be read, or whose arrays differ from the checksums saved with them, is
   reported and the previous one tried; once one restores, the bad newer ones are moved aside
-  (never deleted). Checkpoints of another model raise CheckpointMismatchError."""
+  (never deleted), and the step resumed from is logged. Checkpoints of another model raise
+  CheckpointMismatchError."""
   read = lambda step: manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   steps = sorted(manager.all_steps(), reverse=True)
   step, state, bad = _newest_good(manager, steps, read, abstract_state, partial=False)
@@ -126,6 +127,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state):
     _move_aside(manager, bad_step)
   if bad:
     manager.reload()
+  if step is not None:
+    logging.info("Resumed from the checkpoint at step %d.", step)
   return step, state
 
 

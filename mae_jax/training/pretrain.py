@@ -190,10 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Checkpoint restore (automatic resume).
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
                                          config.keep_checkpoints)
-  restored_step, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  if restored is not None:
-    state = restored
-    logging.info("Resumed from the checkpoint at step %d.", restored_step)
+  _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))
 
   batch_sharding = sharding.batch_sharding(mesh)

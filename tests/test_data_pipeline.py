@@ -1,5 +1,6 @@
 """The pipeline on the embedded dataset (Fashion-MNIST from Debian's files): preparation, batches,
 per-process splits, determinism, resumption, global arrays, eval padding, errors, benchmark."""
+import copy
 import gzip
 import hashlib
 import os
@@ -217,6 +218,19 @@ def test_finetune_mode_adds_randaugment_and_erasing(cfg):
   pixels = fine["image"] * np.array(cfg.std) + np.array(cfg.mean)
   colour = np.abs(pixels[..., 0] - pixels[..., 1]).max(axis=(1, 2)) > 0.05
   assert 5 <= colour.sum() <= 40          # p = 0.25 of 64
+
+
+def test_finetune_without_per_image_ops_takes_the_batched_path_and_the_same_pixels(
+    cfg, monkeypatch):
+  light = copy.deepcopy(cfg)
+  light.finetune.randaugment_layers, light.finetune.reprob = 0, 0.0
+  assert pipeline.per_image_ops(cfg, "finetune") and not pipeline.per_image_ops(light, "finetune")
+  batched = _host_batches(light, 2, seed=0, global_batch_size=64, mode="finetune")
+  monkeypatch.setattr(pipeline, "per_image_ops", lambda *_: True)   # the per-image map
+  per_image = _host_batches(light, 2, seed=0, global_batch_size=64, mode="finetune")
+  for a, b in zip(batched, per_image):
+    for key in ("image", "label", "index"):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_input_benchmark_reports_images_per_second(cfg):

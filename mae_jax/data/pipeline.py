@@ -213,6 +213,13 @@ def _finish(cfg, mode: str, image, key) -> tf.Tensor:
   return image
 
 
+def per_image_ops(cfg, mode: str) -> bool:
+  """Whether the mode runs RandAugment or random erasing, which draw a key per image; without them
+  a whole step is normalised at once (a per-image map costs a 2-core host more than the crop)."""
+  ft = cfg.finetune
+  return mode == "finetune" and (ft.randaugment_layers > 0 or ft.reprob > 0)
+
+
 def _output(ex, image, label, skipped):
   return {"image": image, "label": tf.cast(label, tf.int32),
           "index": tf.cast(ex["index"], tf.int32), "mask": ex["valid"],
@@ -264,7 +271,7 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
       return ex
 
     ds = ds.map(crop_resize_step, num_parallel_calls=threads, deterministic=True)
-    if mode == "finetune":   # RandAugment and erasing are per image
+    if per_image_ops(cfg, mode):
       ds = ds.unbatch().map(
           lambda ex: _output(ex, _finish(cfg, mode, ex["image"], _example_key(
               seed, ex["step"], ex["row"])), ex["label"], 0),

@@ -102,12 +102,24 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   params = models.init_params(model, jax.random.key(0))
   monitor = knn_monitor.KnnMonitor(model, config, mesh)
-  features, labels = monitor.embed(params, "train", 50)
-  assert features.shape == (50, model.embed_dim) and np.all(np.isfinite(features))
+  features, labels = monitor.embed(params, "train", 50, knn_monitor.FEATURES)
+  dim, patches = model.embed_dim, model.num_patches
+  assert {f: v.shape for f, v in features.items()} == {
+      "cls": (50, dim), "mean": (50, dim), "tokens": (50, patches * dim)}
+  assert all(np.all(np.isfinite(v)) for v in features.values())
   it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
-  first = np.asarray(jax.device_get(next(it)["label"]))[:50]
-  np.testing.assert_array_equal(labels, first)
-  assert monitor.embed(params, None, 40)[0].shape == (40, model.embed_dim)
+  first = jax.device_get(next(it))
+  np.testing.assert_array_equal(labels, np.asarray(first["label"])[:50])
+  # One encoder pass gives all three: the cls token, the patch mean, the patch tokens in order.
+  tokens = np.asarray(model.apply({"params": params}, first["image"][:50], method=model.encode))
+  np.testing.assert_allclose(features["cls"], tokens[:, 0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features["mean"], tokens[:, 1:].mean(1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(features["tokens"], tokens[:, 1:].reshape(50, -1), rtol=1e-5,
+                             atol=1e-5)
+  assert monitor.embed(params, None, 40, ("cls",))[0]["cls"].shape == (40, dim)
+  by_feature = monitor.scores_by_feature(params, with_linear=False)
+  assert set(by_feature) == set(knn_monitor.FEATURES)
+  assert by_feature["cls"] == monitor.scores(params, with_linear=False)
 
 
 @pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])

@@ -49,7 +49,9 @@ def test_default_study_runs_every_stage_and_writes_results(default_study):
   pixels = results["baselines"]["pixels"]
   assert 0.3 < pixels["knn_top1"] <= 1.0 and 0.3 < pixels["linear_top1"] <= 1.0
   for init in ("mae", "random"):
-    assert set(results["frozen"][init]) >= {"knn_top1", "linear_top1"}
+    for feature in ("cls", "mean", "tokens"):
+      assert set(results["frozen"][init][feature]) == {"knn_top1", "linear_top1"}
+  assert results["frozen"]["mae"]["step"] == 4
   monitor = results["pretrain"]["monitor"]
   assert sorted(monitor["knn_top1"]) == sorted(monitor["linear_top1"]) == ["2", "4"]
   assert set(monitor["knn_top1_pixels"].values()) == {monitor["knn_top1_pixels"]["2"]}
@@ -63,6 +65,9 @@ def test_default_study_runs_every_stage_and_writes_results(default_study):
   table = (workdir / "results.md").read_text()
   assert f"| baselines | raw pixels: k-NN / linear | {100 * pixels['knn_top1']:.2f} / " in table
   assert "| finetune_mae |" in table and "| finetune_random |" in table and "min |" in table
+  tokens = results["frozen"]["mae"]["tokens"]
+  assert (f"| frozen | encoder (step 4), all patch tokens: k-NN / linear | "
+          f"{100 * tokens['knn_top1']:.2f} / {100 * tokens['linear_top1']:.2f} |") in table
   assert (workdir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

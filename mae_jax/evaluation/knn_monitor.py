@@ -18,7 +18,10 @@ from mae_jax import data
 from mae_jax.evaluation import knn, linear
 from mae_jax.training import sharding
 
-FEATURES = ("cls", "mean")  # cls token after the final norm (as the linear probe), or patch mean
+# The cls token after the final norm (what the linear probe reads), the mean of the patch tokens,
+# or every patch token in grid order (L * D values: a feature map that, like the pixels, keeps
+# where each thing is; pooling to one D-vector does not).
+FEATURES = ("cls", "mean", "tokens")
 
 
 def check_config(cfg: ml_collections.ConfigDict):
@@ -35,21 +38,31 @@ def check_config(cfg: ml_collections.ConfigDict):
     raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {FEATURES}.")
 
 
-def make_feature_step(model, mesh, feature: str):
-  """(features, labels, valid) of an eval batch, replicated so that every host can read them."""
-  def features(params, batch):
+def pool(tokens: jax.Array, feature: str) -> jax.Array:
+  """(B, 1 + L, D) encoder output -> (B, F) features of one of FEATURES."""
+  if feature == "cls":
+    return tokens[:, 0]
+  if feature == "mean":
+    return jnp.mean(tokens[:, 1:], axis=1)
+  return tokens[:, 1:].reshape(tokens.shape[0], -1)
+
+
+def make_feature_step(model, mesh, features: tuple[str, ...]):
+  """({feature: values}, labels, valid) of an eval batch from one encoder pass, replicated so that
+  every host can read them."""
+  def step(params, batch):
     tokens = model.apply({"params": params}, batch["image"], method=model.encode)
-    pooled = tokens[:, 0] if feature == "cls" else jnp.mean(tokens[:, 1:], axis=1)
-    return pooled.astype(jnp.float32), batch["label"], batch["mask"]
-  return jax.jit(features, out_shardings=sharding.replicated(mesh))
+    return ({f: pool(tokens, f).astype(jnp.float32) for f in features}, batch["label"],
+            batch["mask"])
+  return jax.jit(step, out_shardings=sharding.replicated(mesh))
 
 
 class KnnMonitor:
   """k-NN top-1 of the encoder's features on `config.knn.num_eval` eval images."""
 
   def __init__(self, model, config, mesh):
-    self.cfg, self.mesh = config.knn, mesh
-    self.features = make_feature_step(model, mesh, self.cfg.feature)
+    self.cfg, self.mesh, self._model = config.knn, mesh, model
+    self._feature_steps = {}  # features tuple -> jitted step
     self.num_classes = data.num_classes(config.data)
     self._data_cfg, self._batch_size, self._seed = config.data, config.batch_size, config.seed
     self._batches = {}
@@ -63,13 +76,16 @@ class KnnMonitor:
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
     return self._batches[split]
 
-  def embed(self, params, split: str | None, count: int):
-    """Features and labels of the first `count` examples of `split` (None: the eval split)."""
-    batches = self._read(split, count)
+  def embed(self, params, split: str | None, count: int, features: tuple[str, ...]):
+    """({feature: values}, labels) of the first `count` examples of `split` (None: eval split)."""
+    if features not in self._feature_steps:
+      self._feature_steps[features] = make_feature_step(self._model, self.mesh, features)
+    step = self._feature_steps[features]
     with jax.set_mesh(self.mesh):
-      outs = jax.device_get([self.features(params, b) for b in batches])
-    features, labels, valid = (np.concatenate(x) for x in zip(*outs))
-    return features[valid][:count], labels[valid][:count]
+      outs = jax.device_get([step(params, b) for b in self._read(split, count)])
+    valid = np.concatenate([v for _, _, v in outs])
+    labels = np.concatenate([l for _, l, _ in outs])[valid][:count]
+    return {f: np.concatenate([o[0][f] for o in outs])[valid][:count] for f in features}, labels
 
   def pixels(self, split: str | None, count: int):
     """The same examples as `embed`, their features the flattened normalised pixels."""
@@ -77,9 +93,7 @@ class KnnMonitor:
     images, labels, valid = (np.concatenate(x) for x in zip(*batches))
     return images.reshape(len(images), -1)[valid][:count], labels[valid][:count]
 
-  def _score(self, embed, with_linear: bool) -> dict:
-    train = embed(self._data_cfg.train_split, self.cfg.num_train)
-    queries = embed(None, self.cfg.num_eval)
+  def _score(self, train, queries, with_linear: bool) -> dict:
     scores = {"knn_top1": knn.knn_accuracy(*train, *queries, self.num_classes, k=self.cfg.k,
                                            temperature=self.cfg.temperature)}
     if with_linear:
@@ -87,10 +101,19 @@ class KnnMonitor:
                                                      steps=self.cfg.linear_steps)
     return scores
 
-  def scores(self, params, with_linear: bool | None = None) -> dict:
-    """{'knn_top1'[, 'linear_top1']} of the encoder's features (linear: `knn.linear_probe`)."""
+  def scores_by_feature(self, params, features=FEATURES, with_linear: bool | None = None) -> dict:
+    """{feature: {'knn_top1'[, 'linear_top1']}}, every feature from the same encoder passes."""
     with_linear = self.cfg.linear_probe if with_linear is None else with_linear
-    return self._score(lambda split, count: self.embed(params, split, count), with_linear)
+    features = tuple(features)
+    train, train_labels = self.embed(params, self._data_cfg.train_split, self.cfg.num_train,
+                                     features)
+    queries, query_labels = self.embed(params, None, self.cfg.num_eval, features)
+    return {f: self._score((train.pop(f), train_labels), (queries.pop(f), query_labels),
+                           with_linear) for f in features}
+
+  def scores(self, params, with_linear: bool | None = None) -> dict:
+    """{'knn_top1'[, 'linear_top1']} of `knn.feature` (linear: `knn.linear_probe`)."""
+    return self.scores_by_feature(params, (self.cfg.feature,), with_linear)[self.cfg.feature]
 
   def accuracy(self, params) -> float:
     return self.scores(params, with_linear=False)["knn_top1"]
@@ -100,7 +123,9 @@ class KnnMonitor:
     classifier as the encoder's; computed once."""
     with_linear = self.cfg.linear_probe if with_linear is None else with_linear
     if with_linear not in self._pixels_scores:
-      self._pixels_scores[with_linear] = self._score(self.pixels, with_linear)
+      self._pixels_scores[with_linear] = self._score(
+          self.pixels(self._data_cfg.train_split, self.cfg.num_train),
+          self.pixels(None, self.cfg.num_eval), with_linear)
     return self._pixels_scores[with_linear]
 
   def maybe_run(self, step, params, writer, total_steps) -> dict:

@@ -11,9 +11,10 @@ an interrupted one resumes from its checkpoints:
   baselines        raw pixels, k-NN and linear classifier (the frozen protocol below), once
   pretrain         configs/pretrain.py:fashion_mnist_cpu (--pretrain.KEY=VALUE); its k-NN monitor
                    also fits the linear classifier: the curves over pre-training
-  frozen           the frozen encoder (cls token) after pre-training and at random init: k-NN
-                   (k=20, cosine, T=0.07) and the linear classifier of evaluation/linear.py on
-                   --eval_train train / --eval_test test images, the same images as the baselines
+  frozen           the frozen encoder after pre-training and at random init: k-NN (k=20, cosine,
+                   T=0.07) and the linear classifier of evaluation/linear.py on --eval_train train
+                   / --eval_test test images, the same images as the baselines, for each feature:
+                   the cls token, the patch mean and all patch tokens (a spatial map, as pixels)
   finetune_mae     configs/finetune.py:fashion_mnist_cpu from the pre-trained encoder
   finetune_random  the same recipe and budget from a random initialisation
   partial_K        --partial: fine-tune only the last K blocks (paper Fig. 9; `all` = finetune_mae)
@@ -134,7 +135,8 @@ def frozen_monitor(pretrain_config, num_train: int, num_eval: int):
 
 
 def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num_eval: int):
-  """k-NN and linear top-1 of the pre-trained encoder (last checkpoint) and of a random init."""
+  """k-NN and linear top-1 of each feature of the pre-trained encoder (last checkpoint) and of a
+  random init."""
   import jax  # pylint: disable=import-outside-toplevel
   from mae_jax import export, models  # pylint: disable=import-outside-toplevel
   from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
@@ -143,8 +145,8 @@ def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num
   _, step, params = export.restore_pretrain_params(str(pretrain_dir))
   params = on_mesh(params)
   random = on_mesh(models.init_params(model, jax.random.key(pretrain_config.seed)))
-  return {"mae": {"step": step, **monitor.scores(params, with_linear=True)},
-          "random": monitor.scores(random, with_linear=True)}
+  return {"mae": {"step": step, **monitor.scores_by_feature(params, with_linear=True)},
+          "random": monitor.scores_by_feature(random, with_linear=True)}
 
 
 def pixel_baselines(pretrain_config, num_train: int, num_eval: int) -> dict:
@@ -296,16 +298,23 @@ def markdown(results: dict) -> str:
   return text
 
 
+FEATURE_NAMES = {"cls": "cls token", "mean": "patch mean", "tokens": "all patch tokens"}
+
+
 def _pretrain_rows(results):
   pre, frozen = results["pretrain"], results["frozen"]
   loss = (f"masked-patch loss {pre['first_loss']:.4f} -> {pre['final_loss']:.4f}"
           if pre["final_loss"] is not None else "")
-  return [f"| pretrain | {pre['steps']} steps, {loss} | | {_minutes(pre)} |",
-          f"| frozen | encoder (step {frozen['mae']['step']}): k-NN / linear | "
-          f"{_pct(frozen['mae']['knn_top1'])} / {_pct(frozen['mae']['linear_top1'])} | "
-          f"{_minutes(frozen)} |",
-          f"| frozen | random-init encoder: k-NN / linear | {_pct(frozen['random']['knn_top1'])} "
-          f"/ {_pct(frozen['random']['linear_top1'])} | |"]
+  rows = [f"| pretrain | {pre['steps']} steps, {loss} | | {_minutes(pre)} |"]
+  wall_time = _minutes(frozen)  # of the whole stage, on its first row
+  for feature, name in FEATURE_NAMES.items():
+    for init, label in (("mae", f"encoder (step {frozen['mae']['step']})"),
+                        ("random", "random-init encoder")):
+      scores = frozen[init][feature]
+      rows.append(f"| frozen | {label}, {name}: k-NN / linear | {_pct(scores['knn_top1'])} / "
+                  f"{_pct(scores['linear_top1'])} | {wall_time} |")
+      wall_time = ""
+  return rows
 
 
 def _monitor_table(pre):
@@ -321,14 +330,16 @@ def _monitor_table(pre):
 
 def _sweep_table(sweep):
   rows = [f"Sweep over {sweep['key']}:", "",
-          f"| {sweep['key']} | final loss | k-NN top-1 (%) | linear top-1 (%) | fine-tune best "
-          "top-1 (%) | wall time |", "|---|---|---|---|---|---|"]
+          f"| {sweep['key']} | final loss | k-NN / linear top-1, cls token (%) | k-NN / linear "
+          "top-1, all patch tokens (%) | fine-tune best top-1 (%) | wall time |",
+          "|---|---|---|---|---|---|"]
   for value, out in sweep["values"].items():
     seconds = sum(_stage_seconds(out))
-    rows.append(f"| {value} | {out['pretrain']['final_loss']:.4f} | "
-                f"{_pct(out['frozen']['mae']['knn_top1'])} | "
-                f"{_pct(out['frozen']['mae']['linear_top1'])} | "
-                f"{_pct(out['finetune_mae']['best_top1'])} | {seconds / 60:.1f} min |")
+    cls, tokens = out["frozen"]["mae"]["cls"], out["frozen"]["mae"]["tokens"]
+    rows.append(f"| {value} | {out['pretrain']['final_loss']:.4f} | {_pct(cls['knn_top1'])} / "
+                f"{_pct(cls['linear_top1'])} | {_pct(tokens['knn_top1'])} / "
+                f"{_pct(tokens['linear_top1'])} | {_pct(out['finetune_mae']['best_top1'])} | "
+                f"{seconds / 60:.1f} min |")
   return "\n".join(rows) + "\n"
 
 
@@ -375,12 +386,13 @@ def _plot_curves(plt, results):
   axes[0].set(title="Frozen encoder along pre-training (monitor subset)", xlabel="pre-training step",
               ylabel="top-1")
   frozen = results["frozen"]
-  names = ["raw pixels", "random init", "MAE"]
+  bars = [("raw pixels", pixels)] + [(f"{init}\n{feature}", frozen[init][feature])
+                                     for feature in FEATURE_NAMES for init in ("random", "mae")]
   for i, key in enumerate(("knn_top1", "linear_top1")):
-    values = [pixels[key], frozen["random"][key], frozen["mae"][key]]
-    axes[1].bar([x + 0.4 * i for x in range(3)], values, width=0.4,
+    axes[1].bar([x + 0.4 * i for x in range(len(bars))], [b[key] for _, b in bars], width=0.4,
                 label="k-NN" if i == 0 else "linear")
-  axes[1].set_xticks([x + 0.2 for x in range(3)], names)
+  axes[1].set_xticks([x + 0.2 for x in range(len(bars))], [name for name, _ in bars], fontsize=7)
+  axes[1].set_ylim(bottom=0.5)
   axes[1].set(title="Frozen features (full protocol)", ylabel="top-1")
   for name in ("finetune_mae", "finetune_random"):
     if name in results and results[name]["curve"]:
@@ -396,8 +408,10 @@ def _plot_sweep(plt, results):
   fig, ax = plt.subplots(figsize=(6, 4))
   values = [float(v) for v in sweep["values"]]
   outs = list(sweep["values"].values())
-  ax.plot(values, [o["frozen"]["mae"]["knn_top1"] for o in outs], "o-", label="k-NN")
-  ax.plot(values, [o["frozen"]["mae"]["linear_top1"] for o in outs], "o-", label="linear")
+  for feature in ("cls", "tokens"):
+    for key, label in (("knn_top1", "k-NN"), ("linear_top1", "linear")):
+      ax.plot(values, [o["frozen"]["mae"][feature][key] for o in outs], "o-",
+              label=f"{label}, {FEATURE_NAMES[feature]}")
   ax.plot(values, [o["finetune_mae"]["best_top1"] for o in outs], "o-", label="fine-tune")
   ax.set(title=f"Sweep over {sweep['key']}", xlabel=sweep["key"], ylabel="top-1")
   return fig

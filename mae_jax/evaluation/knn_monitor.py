@@ -20,8 +20,8 @@ from mae_jax.training import sharding
 
 # The cls token after the final norm (what the linear probe reads), the mean of the patch tokens,
 # or every patch token in grid order (L * D values: a feature map that, like the pixels, keeps
-# where each thing is; pooling to one D-vector does not).
-FEATURES = ("cls", "mean", "tokens")
+# where each thing is; pooling to one D-vector does not). Name -> label for tables and plots.
+FEATURES = {"cls": "cls token", "mean": "patch mean", "tokens": "all patch tokens"}
 
 
 def check_config(cfg: ml_collections.ConfigDict):
@@ -35,7 +35,7 @@ def check_config(cfg: ml_collections.ConfigDict):
     raise ValueError(f"config.knn.linear_steps={cfg.linear_steps} must be >= 1 with "
                      "knn.linear_probe=True.")
   if cfg.feature not in FEATURES:
-    raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {FEATURES}.")
+    raise ValueError(f"config.knn.feature={cfg.feature!r}; choose one of {tuple(FEATURES)}.")
 
 
 def pool(tokens: jax.Array, feature: str) -> jax.Array:

@@ -298,7 +298,9 @@ def markdown(results: dict) -> str:
   return text
 
 
-FEATURE_NAMES = {"cls": "cls token", "mean": "patch mean", "tokens": "all patch tokens"}
+def _feature_labels() -> dict:
+  from mae_jax.evaluation import knn_monitor  # pylint: disable=import-outside-toplevel
+  return knn_monitor.FEATURES
 
 
 def _pretrain_rows(results):
@@ -307,7 +309,7 @@ def _pretrain_rows(results):
           if pre["final_loss"] is not None else "")
   rows = [f"| pretrain | {pre['steps']} steps, {loss} | | {_minutes(pre)} |"]
   wall_time = _minutes(frozen)  # of the whole stage, on its first row
-  for feature, name in FEATURE_NAMES.items():
+  for feature, name in _feature_labels().items():
     for init, label in (("mae", f"encoder (step {frozen['mae']['step']})"),
                         ("random", "random-init encoder")):
       scores = frozen[init][feature]
@@ -387,7 +389,7 @@ def _plot_curves(plt, results):
               ylabel="top-1")
   frozen = results["frozen"]
   bars = [("raw pixels", pixels)] + [(f"{init}\n{feature}", frozen[init][feature])
-                                     for feature in FEATURE_NAMES for init in ("random", "mae")]
+                                     for feature in _feature_labels() for init in ("random", "mae")]
   for i, key in enumerate(("knn_top1", "linear_top1")):
     axes[1].bar([x + 0.4 * i for x in range(len(bars))], [b[key] for _, b in bars], width=0.4,
                 label="k-NN" if i == 0 else "linear")
@@ -411,7 +413,7 @@ def _plot_sweep(plt, results):
   for feature in ("cls", "tokens"):
     for key, label in (("knn_top1", "k-NN"), ("linear_top1", "linear")):
       ax.plot(values, [o["frozen"]["mae"][feature][key] for o in outs], "o-",
-              label=f"{label}, {FEATURE_NAMES[feature]}")
+              label=f"{label}, {_feature_labels()[feature]}")
   ax.plot(values, [o["finetune_mae"]["best_top1"] for o in outs], "o-", label="fine-tune")
   ax.set(title=f"Sweep over {sweep['key']}", xlabel=sweep["key"], ylabel="top-1")
   return fig

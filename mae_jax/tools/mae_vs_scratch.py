@@ -288,7 +288,8 @@ def markdown(results: dict) -> str:
       rows.append(f"| {name} | best (final) top-1 after {s['steps']} steps | "
                   f"{_pct(s['best_top1'])} ({_pct(s['final_top1'])}) | {_minutes(s)} |")
   for k, s in results.get("partial", {}).items():
-    rows.append(f"| partial fine-tuning, last {k} blocks | best (final) top-1 after {s['steps']} "
+    trained = "every block (= finetune_mae)" if k == "all" else f"the last {k} block(s)"
+    rows.append(f"| partial fine-tuning, {trained} | best (final) top-1 after {s['steps']} "
                 f"steps | {_pct(s['best_top1'])} ({_pct(s['final_top1'])}) | {_minutes(s)} |")
   text = "\n".join(rows) + f"\n\nTotal: {results['total_seconds'] / 60:.1f} min.\n"
   if "pretrain" in results:

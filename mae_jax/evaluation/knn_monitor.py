@@ -76,8 +76,9 @@ class KnnMonitor:
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
     return self._batches[split]
 
-  def embed(self, params, split: str | None, count: int, features: tuple[str, ...]):
+  def embed(self, params, split: str | None, count: int, features):
     """({feature: values}, labels) of the first `count` examples of `split` (None: eval split)."""
+    features = tuple(features)
     if features not in self._feature_steps:
       self._feature_steps[features] = make_feature_step(self._model, self.mesh, features)
     step = self._feature_steps[features]
@@ -104,7 +105,6 @@ class KnnMonitor:
   def scores_by_feature(self, params, features=FEATURES, with_linear: bool | None = None) -> dict:
     """{feature: {'knn_top1'[, 'linear_top1']}}, every feature from the same encoder passes."""
     with_linear = self.cfg.linear_probe if with_linear is None else with_linear
-    features = tuple(features)
     train, train_labels = self.embed(params, self._data_cfg.train_split, self.cfg.num_train,
                                      features)
     queries, query_labels = self.embed(params, None, self.cfg.num_eval, features)

@@ -516,7 +516,8 @@ if [ -n "${SAVE_ON_TERM:-}" ]; then trap 'echo saved > "$rec.term"; kill "$child
 if [ -n "${IGNORE_TERM:-}" ]; then trap '' TERM; fi
 sleep "${SLEEP:-0}" &
 child=$!
-echo "$$ $child" > "$rec.pids"
+# Written whole (renamed into place): the tests read it as soon as it exists.
+echo "$$ $child" > "$rec.pids.part" && mv "$rec.pids.part" "$rec.pids"
 wait
 """
 
@@ -530,6 +531,13 @@ def local_env(tmp_path):
     e = {k: v for k, v in os.environ.items() if k not in SETTINGS and k != "XLA_FLAGS"}
     e.update(LAUNCH_PYTHON=str(fake), REC_DIR=str(rec))
     return e, rec
+
+
+# Runs a command with SIGINT's default action, as from a terminal: under a shell that started
+# pytest in the background (a CI runner, `nohup ... &`) SIGINT is ignored, and bash cannot trap
+# a signal that was ignored when it started.
+WITH_SIGINT = [sys.executable, "-c", "import os, signal, sys; "
+               "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])"]
 
 
 def local(env, *args, timeout=60):
@@ -590,8 +598,9 @@ def test_local_failure_stops_the_others(local_env, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_local_signal_leaves_no_orphans(local_env, tmp_path, sig):
     env, rec = local_env
-    proc = subprocess.Popen(["bash", str(LOCAL), "--num_processes=2", "--grace_period=1",
-                             f"--log_dir={tmp_path}", "--"], env={**env, "SLEEP": "60"},
+    proc = subprocess.Popen([*WITH_SIGINT, "bash", str(LOCAL), "--num_processes=2",
+                             "--grace_period=1", f"--log_dir={tmp_path}", "--"],
+                            env={**env, "SLEEP": "60"},
                             stderr=subprocess.PIPE, text=True)
     try:
         for i in range(2):
@@ -637,7 +646,7 @@ def _start_local(env, run_dir, *args):
     rec.mkdir(parents=True)
     err = run_dir / "local.err"
     with open(err, "w") as f:
-        proc = subprocess.Popen(["bash", str(LOCAL), "--num_processes=2", *args,
+        proc = subprocess.Popen([*WITH_SIGINT, "bash", str(LOCAL), "--num_processes=2", *args,
                                  f"--log_dir={run_dir}", "--"], env={**env, "REC_DIR": str(rec)},
                                 stderr=f)
     for i in range(2):

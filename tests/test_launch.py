@@ -597,15 +597,9 @@ def test_local_failure_stops_the_others(local_env, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_local_signal_leaves_no_orphans(local_env, tmp_path, sig):
-    env, rec = local_env
-    proc = subprocess.Popen([*WITH_SIGINT, "bash", str(LOCAL), "--num_processes=2",
-                             "--grace_period=1", f"--log_dir={tmp_path}", "--"],
-                            env={**env, "SLEEP": "60"},
-                            stderr=subprocess.PIPE, text=True)
+    env, _ = local_env
+    proc, err, pids = _start_local({**env, "SLEEP": "60"}, tmp_path / "run", "--grace_period=1")
     try:
-        for i in range(2):
-            _wait_for(rec / f"proc_{i}.pids")
-        pids = [int(p) for i in range(2) for p in (rec / f"proc_{i}.pids").read_text().split()]
         assert all(_alive(p) for p in pids)
         proc.send_signal(sig)
         rc = proc.wait(timeout=15)
@@ -613,7 +607,7 @@ def test_local_signal_leaves_no_orphans(local_env, tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert rc != 0 and "stopping all 2 processes" in proc.stderr.read()
+    assert rc != 0 and "stopping all 2 processes" in err.read_text()
     assert not [p for p in pids if _alive(p)], "local.sh left processes behind"
 
 

@@ -3,9 +3,15 @@
 #   bash launch/setup_env.sh          # the package and the embedded Fashion-MNIST data
 #   bash launch/setup_env.sh --tpu    # also libtpu (jax[tpu]): runs on TPU VMs, and compiles
 #                                     # TPU programs anywhere (mae_jax.tools.scaling --topology)
-#   bash launch/setup_env.sh --test   # also torch (CPU build), transformers, pytest and libtpu
+#   bash launch/setup_env.sh --test   # also pytest, libtpu, and the tests' PyTorch reference
+# mae_jax goes into the active venv ($VIRTUAL_ENV, as launch/tpu.sh makes on TPU workers) when
+# its Python is 3.12 or newer, else into .venv here, made from the first Python 3.12+ found:
+# $PYTHON, python3.12, python3.13, python3, then pyenv's. Run the jobs with .venv/bin/python.
+# The PyTorch reference (--test): .venv-torch, Python 3.11 with the CPU build of torch 2.13 and
+# transformers, run as a separate process by the parity tests; or set MAE_JAX_TORCH_PYTHON to
+# any Python that has torch and transformers.
 set -euo pipefail
-usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 with_test=0
 with_tpu=0
 for arg in "$@"; do
@@ -30,15 +36,64 @@ if [ "${#debs[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
     || echo "warning: could not install ${debs[*]}; Fashion-MNIST then comes from TFDS's download" >&2
 fi
 
-pip_install() { python3 -m pip install -q --disable-pip-version-check "$@"; }
+# python_at MIN_MINOR MAX_MINOR: the first interpreter found of version 3.MIN..3.MAX.
+python_at() {
+  local cand candidates=()
+  [ -n "${PYTHON:-}" ] && [ "$1" -ge 12 ] && candidates+=("$PYTHON")
+  for m in $(seq "$1" "$2"); do candidates+=("python3.$m"); done
+  candidates+=(python3)
+  if command -v pyenv >/dev/null; then
+    for m in $(seq "$1" "$2"); do
+      candidates+=("$(pyenv root)"/versions/3."$m".*/bin/python3)
+    done
+  fi
+  for cand in "${candidates[@]}"; do
+    command -v "$cand" >/dev/null 2>&1 || continue
+    if "$cand" -c "import sys; sys.exit(not ((3, $1) <= sys.version_info[:2] <= (3, $2)))" 2>/dev/null; then
+      command -v "$cand"; return 0
+    fi
+  done
+  return 1
+}
+
+if [ -n "${VIRTUAL_ENV:-}" ] && "$VIRTUAL_ENV/bin/python" -c \
+    "import sys; sys.exit(sys.version_info < (3, 12))" 2>/dev/null; then
+  venv=$VIRTUAL_ENV
+else
+  venv=.venv
+  if [ ! -x "$venv/bin/python" ]; then
+    py=$(python_at 12 99) || {
+      echo "error: mae_jax needs Python 3.12 or newer (JAX 0.11 and later dropped 3.11), and none" \
+        "was found. Install one (apt-get install python3.12-venv, or uv python install 3.12) or" \
+        "name it: PYTHON=/path/to/python3.12 bash launch/setup_env.sh" >&2
+      exit 1
+    }
+    "$py" -m venv "$venv"
+  fi
+fi
+pip_install() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
 extras=()
-[ "$with_test" -eq 1 ] && extras+=(test torch)
+[ "$with_test" -eq 1 ] && extras+=(test)
 # libtpu of the jax version installed (the extra pins jax[tpu] to the same range as jax).
 [ "$with_tpu" -eq 1 ] && extras+=(tpu)
-# The CPU build of torch, pinned: a plain `torch` pulls several GB of CUDA wheels.
-[ "$with_test" -eq 1 ] && pip_install "torch==2.13.0"
 if [ "${#extras[@]}" -gt 0 ]; then
   pip_install -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
   pip_install -e .
 fi
+
+if [ "$with_test" -eq 1 ] && [ -z "${MAE_JAX_TORCH_PYTHON:-}" ]; then
+  if [ ! -x .venv-torch/bin/python ]; then
+    py311=$(python_at 11 11) || {
+      echo "error: the parity tests run PyTorch in a reference process on Python 3.11 (the Python" \
+        "torch's CPU build 2.13.0 is installed for here), and none was found. Install python3.11," \
+        "or set MAE_JAX_TORCH_PYTHON to a Python that has torch and transformers." >&2
+      exit 1
+    }
+    "$py311" -m venv .venv-torch
+  fi
+  # The CPU build, pinned: a plain `torch` pulls several GB of CUDA wheels.
+  .venv-torch/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 \
+    "transformers>=4.40" numpy safetensors
+fi
+echo "mae_jax installed in $venv ($("$venv/bin/python" -c 'import sys, jax; print("Python", sys.version.split()[0], "jax", jax.__version__)'))"

@@ -41,7 +41,7 @@
 #   --ref=REF                REPO_REF          setup: branch, tag or commit of --repo (HEAD)
 #   --remote-dir=DIR         REMOTE_DIR        the project on the workers (mae_jax, under ~)
 #   --venv=DIR               REMOTE_VENV       the venv on the workers (mae_jax_venv, under ~)
-#   --python-version=V       PYTHON_VERSION    setup: the venv's Python (3.12; jax needs 3.11+)
+#   --python-version=V       PYTHON_VERSION    setup: the venv's Python (3.12; jax needs 3.12+)
 #   --config=FILE:VARIANT    CONFIG            plan, run: e.g. configs/pretrain.py:vit_large
 #   --plan=false             PLAN=0            run: do not compile the plan first
 #   --force                  FORCE=1           run: start even if the plan does not fit
@@ -279,7 +279,7 @@ cmd_setup() {
   fi
   local q_py
   q_py=$(shell_quote "$python_version")
-  # uv gives a Python of the wanted version whatever the image ships (jax needs 3.11+).
+  # uv gives a Python of the wanted version whatever the image ships (jax needs 3.12+).
   local script="set -euo pipefail; cd \"\$HOME\"; $fetch"
   script+="; export PATH=\"\$HOME/.local/bin:\$PATH\""
   script+="; command -v uv >/dev/null || python3 -m pip install --user -q uv || curl -LsSf https://astral.sh/uv/install.sh | sh"

@@ -1,5 +1,28 @@
 """mae_jax: Masked Autoencoder pre-training of Vision Transformers in JAX/Flax."""
+import importlib.metadata as _metadata
+import sys as _sys
+
 from mae_jax.tpu import presence as _presence
+
+# The floors of setup.py, checked here too: an environment pip did not build (a copied venv, a
+# PYTHONPATH checkout) would otherwise fail later on a JAX API that moved. No jax import here.
+MIN_PYTHON, MIN_JAX = (3, 12), (0, 12)
+
+
+def _check_versions():
+  try:
+    jax_version = _metadata.version("jax")
+  except _metadata.PackageNotFoundError:
+    jax_version = "none"
+  jax_release = tuple(int(p) for p in jax_version.split(".")[:2] if p.isdigit())
+  if _sys.version_info[:2] < MIN_PYTHON or jax_release < MIN_JAX:
+    raise ImportError(
+        f"mae_jax needs Python >= {'.'.join(map(str, MIN_PYTHON))} and jax >= "
+        f"{'.'.join(map(str, MIN_JAX))} (found Python {_sys.version.split()[0]}, jax {jax_version}): "
+        f"bash launch/setup_env.sh makes such a venv in .venv.")
+
+
+_check_versions()
 
 _presence.skip_tpu_probe_without_tpu()
 

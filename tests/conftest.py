@@ -10,6 +10,7 @@ import atexit
 import gc
 import os
 import shutil
+import sys
 import tempfile
 
 _flags = os.environ.get("XLA_FLAGS", "").split()
@@ -23,6 +24,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mae_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # every program
+# The launch scripts run `python3`: the interpreter of the tests (a venv's), as on a TPU worker
+# whose venv is first on PATH.
+_bin = os.path.dirname(sys.executable)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+  os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -480,11 +480,11 @@ def test_setup_copies_checkout_then_installs_and_checks(env):
 
 def test_setup_from_git(env):
     tpu(env, "setup", *BASE, "--repo=https://github.com/me/mae_jax.git", "--ref=launch",
-        "--python-version=3.11")
+        "--python-version=3.13")
     install, check = calls(env)
     _, script = remote_command(install)
     assert "git clone --quiet https://github.com/me/mae_jax.git" in script
-    assert "fetch --quiet origin launch" in script and "uv venv --seed --python 3.11" in script
+    assert "fetch --quiet origin launch" in script and "uv venv --seed --python 3.13" in script
     assert "launch/check_devices.py" in remote_command(check)[1]
 
 

@@ -4,8 +4,10 @@ r"""Interleaved train-step timing of several code revisions, XLA flag sets and P
       --run=before=jax@HEAD~1 --run=after=jax@HEAD --run=torch=torch
 
 Each --run is NAME=KIND[@GIT_REV][:XLA_FLAGS] with KIND jax (our compiled step, float32) or
-torch (HF ViTMAEForPreTraining + AdamW, as in mae_jax.tools.compare_torch). A revision is
-exported with `git archive` to a temporary directory, so old and new code run side by side.
+torch (HF ViTMAEForPreTraining + AdamW, as in mae_jax.tools.compare_torch: run from the working
+tree in the PyTorch reference interpreter, $MAE_JAX_TORCH_PYTHON or .venv-torch, and timed inside
+that process). A revision is exported with `git archive` to a temporary directory, so old and new
+code run side by side.
 Every run lives in its own worker process (XLA flags are read once per process); the driver asks
 them for one step each in turn, round after round, so load changes on a shared machine hit all
 of them alike. Prints per-round times, medians and, for every run, the median of its per-round
@@ -36,20 +38,22 @@ if kind == "jax":
   step = timing.StepRunner(config)
   flops = step.flops_per_device()
 else:
-  import torch
   from mae_jax import models
   from mae_jax.tools.compare_torch import TorchStep
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
-  step = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size, "sdpa", True)
+  step = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size, "sdpa", True,
+                   len(os.sched_getaffinity(0)))
   flops = 0.0
 for _ in range(int(sys.argv[4])):
   step()
 print(json.dumps({"flops": flops}), flush=True)
 for _ in sys.stdin:
-  cpu, start = time.process_time(), time.perf_counter()
-  step()
-  print(json.dumps({"t": time.perf_counter() - start, "cpu": time.process_time() - cpu}),
-        flush=True)
+  if kind == "jax":
+    cpu, start = time.process_time(), time.perf_counter()
+    step()
+    t, cpu = time.perf_counter() - start, time.process_time() - cpu
+  else:  # timed inside the reference interpreter's process
+    t, cpu = step()
+  print(json.dumps({"t": t, "cpu": cpu}), flush=True)
 """
 
 
@@ -59,6 +63,8 @@ def parse_run(text: str):
   kind, _, rev = spec.partition("@")
   if kind not in ("jax", "torch"):
     raise SystemExit(f"--run {text!r}: kind must be jax or torch")
+  if kind == "torch" and rev:
+    raise SystemExit(f"--run {text!r}: torch runs from the working tree, without a revision")
   return name, kind, rev, xla_flags
 
 

@@ -26,8 +26,8 @@ Every key and shape is checked before anything is converted; a mismatch raises o
 lists the missing keys, unexpected keys and wrong shapes, with a guess at the checkpoint's size.
 
 The dict-level functions (`from_official`, `to_official`, `from_hf_state_dict`) are pure
-functions on numpy arrays. PyTorch is needed only to read or write `.pth` files and is imported
-lazily. `.pth` files are read without running code from them (see `mae_jax.safe_load`).
+functions on numpy arrays (torch tensors are taken too). No PyTorch is needed: `.pth` files are read
+and written by `mae_jax.pth`, and read without running code from them (see `mae_jax.safe_load`).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from mae_jax import models, safe_load
+from mae_jax import models, pth, safe_load
 from mae_jax.models import pos_embed as pos_embed_lib
 from mae_jax.models.mae import MaskedAutoencoder
 from mae_jax.safe_load import UnsafeCheckpointError
@@ -571,7 +571,8 @@ def from_hf_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 # Files.
 # -------------------------------------------------------------------------------------------------
 def read_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, np.ndarray]:
-  """The flat state_dict of a `.pth`/`.pt`/`.bin` (its ['model'] entry if any) or `.safetensors`.
+  """The flat state_dict of a `.pth`/`.pt`/`.bin` (its ['model'] entry if any) or `.safetensors`,
+  arrays in their stored dtype (bfloat16 as ml_dtypes.bfloat16).
 
   Pickled files are read without running code from them: one that needs more than tensors, plain
   values and argparse.Namespace raises UnsafeCheckpointError, unless `allow_unsafe_pickle=True`
@@ -608,7 +609,8 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
   """Writes params under official names; the format follows the suffix.
 
   `.pth`/`.pt`: `{"model": state_dict}` of torch tensors, as the released files and main_*.py expect
-  (`model.load_state_dict(torch.load(f)["model"])`). `.safetensors`: the flat state_dict.
+  (`model.load_state_dict(torch.load(f)["model"])`), written without PyTorch (`mae_jax.pth`).
+  `.safetensors`: the flat state_dict.
   Returns the state_dict written. `encoder_only` as in `to_official`.
   """
   path = os.fspath(path)
@@ -617,8 +619,7 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
     save_file(state_dict, path, metadata={"format": "pt"})
   elif path.endswith((".pth", ".pt")):
-    torch = safe_load.import_torch()
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, path)
+    pth.save({"model": state_dict}, path)
   else:
     raise ValueError(f"save_official: {path!r} must end in .pth, .pt or .safetensors.")
   return state_dict

@@ -1,10 +1,10 @@
 """Reading checkpoint files from elsewhere without running their code or leaving their directory.
 
 A `.pth`/`.pt`/`.bin` file is a pickle, and unpickling can call any Python function the file
-names (`os.system` included). So these files are read with `torch.load(weights_only=True)`,
-which builds tensors and plain values only, plus the one class the official MAE training
-checkpoints hold (`argparse.Namespace`, their `args`). Anything else is refused with
-UnsafeCheckpointError unless the caller opts in with `allow_unsafe_pickle=True`.
+names (`os.system` included). So these files are read by `mae_jax.pth`, an unpickler that builds
+tensors (as numpy arrays) and plain values only, plus the one class the official MAE training
+checkpoints hold (`argparse.Namespace`, their `args`); no PyTorch is needed. Anything else is
+refused with UnsafeCheckpointError unless the caller opts in with `allow_unsafe_pickle=True`.
 
 `check_torch_file` finds such a file from its pickle alone, before a job computes anything.
 
@@ -13,31 +13,17 @@ msgpack params (`flax.serialization.msgpack_restore` builds dicts, lists and num
 refuses object arrays from a buffer) and `config.json`. Files of an exported or converted directory
 are read only from inside it (`file_in`).
 """
-import argparse
 import logging
 import os
-import pickle
 import shlex
 
-# What `misc.save_model` of the official main_pretrain.py / main_finetune.py pickles besides
-# tensors and plain values: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace}.
-OFFICIAL_GLOBALS = (argparse.Namespace,)
+from mae_jax import pth
 
 _LOG = logging.getLogger(__name__)
 
 
 class UnsafeCheckpointError(ValueError):
   """A checkpoint that could run code, or reach outside its directory, when loaded."""
-
-
-def import_torch():
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError("Reading or writing .pth checkpoints needs PyTorch: "
-                      "pip install torch==2.13.0 (the CPU build is enough). "
-                      ".safetensors files need no PyTorch.") from e
-  return torch
 
 
 def _refusal(path: str, found: str) -> UnsafeCheckpointError:
@@ -56,41 +42,30 @@ def _refusal(path: str, found: str) -> UnsafeCheckpointError:
 
 
 def torch_load(path: str, allow_unsafe_pickle: bool = False):
-  """The object a `.pth`/`.pt`/`.bin` file holds, read without running code from it.
+  """The object a `.pth`/`.pt`/`.bin` file holds (tensors as numpy arrays), read without running
+  code from it.
 
   Raises UnsafeCheckpointError when the file needs more than tensors, plain values and
-  OFFICIAL_GLOBALS; with `allow_unsafe_pickle=True` such a file is unpickled in full instead
-  (it can run any code), with a warning naming the file.
+  argparse.Namespace; with `allow_unsafe_pickle=True` such a file is unpickled in full instead
+  (it can run any code; torch objects other than tensors then need PyTorch), with a warning naming
+  the file.
   """
-  torch = import_torch()
   try:
-    with torch.serialization.safe_globals(list(OFFICIAL_GLOBALS)):
-      return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    # torch wraps the unpickler's own message (which names the global) in generic advice.
-    found = str(e.__context__ or e).split(" Please use")[0].strip()
-  except RuntimeError as e:
-    if "weights_only" not in str(e):  # a damaged file, not a refusal
-      raise
-    found = str(e).split(". ")[0]  # a TorchScript archive, which holds code
-  if not allow_unsafe_pickle:
-    raise _refusal(path, f"torch.load(weights_only=True) says: {found}")
+    return pth.load(path)
+  except pth.UnsafePickle as e:
+    if not allow_unsafe_pickle:
+      raise _refusal(path, e.found) from None
   _LOG.warning("allow_unsafe_pickle: unpickling %s in full, which runs any code it holds.", path)
-  return torch.load(path, map_location="cpu", weights_only=False)
+  return pth.load(path, any_global=True)
 
 
 def check_torch_file(path: str) -> None:
-  """Raises UnsafeCheckpointError when a `.pth`/`.pt`/`.bin` names globals beyond the allow-list,
-  from a scan of its pickle: no tensor is read, so a job can refuse the file before any compute.
-  `torch_load` checks again as it reads; files in the legacy (non-zip) format only there."""
-  torch = import_torch()
+  """Raises UnsafeCheckpointError when a `.pth`/`.pt`/`.bin` needs more than `torch_load` allows,
+  from a scan of its pickle: no tensor is read, so a job can refuse the file before any compute."""
   try:
-    with torch.serialization.safe_globals(list(OFFICIAL_GLOBALS)):
-      unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-  except (ValueError, RuntimeError):  # not a torch.save zip: torch_load checks (or fails) on it
-    return
-  if unsafe:
-    raise _refusal(path, f"its pickle names {', '.join(sorted(unsafe))}")
+    pth.scan(path)
+  except pth.UnsafePickle as e:
+    raise _refusal(path, e.found) from None
 
 
 def file_in(directory: str, name: str) -> str:

@@ -50,6 +50,25 @@ def pytest_sessionfinish(session):
 
 
 @pytest.fixture(scope="session")
+def torch_ref():
+  """A worker of the PyTorch reference interpreter running tests/torch_side.py (see
+  tests/torch_reference.py); fails the test, saying how to create one, when there is none."""
+  from tests import torch_reference  # pylint: disable=import-outside-toplevel
+  worker = torch_reference.start()
+  yield worker
+  worker.close()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+  """Every test that takes `torch_ref` is marked torch_reference: -m "not torch_reference" runs
+  the suite without the reference interpreter."""
+  for item in items:
+    if "torch_ref" in getattr(item, "fixturenames", ()):
+      item.add_marker(pytest.mark.torch_reference)
+
+
+@pytest.fixture(scope="session")
 def pretrained(tmp_path_factory):
   """A tiny pre-training workdir (6 steps, one checkpoint), shared by the downstream tests."""
   from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel

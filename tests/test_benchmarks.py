@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import jax
-import pytest
 
 from configs import pretrain as pretrain_config
 from mae_jax import models
+from mae_jax.tools import torch_worker
 from mae_jax.training import flops, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,10 +27,10 @@ def small_config(model="mae_vit_small_patch4", batch_size=64):
   return c
 
 
-def run_tool(module, *args):
+def run_tool(module, *args, env=None):
   """The JSON line a tool prints last."""
   out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True,
-                       text=True, timeout=600)
+                       text=True, timeout=600, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -70,14 +70,17 @@ def test_hand_flop_count_by_part():
   assert 3.1 < large_m / large < 3.4
 
 
-def test_compare_torch_runs_side_by_side():
-  pytest.importorskip("torch")
-  pytest.importorskip("transformers")
+def test_compare_torch_runs_side_by_side(torch_ref):
+  """Its torch half in the reference interpreter the tests use, timed there."""
+  env = dict(os.environ, **{torch_worker.ENV_VAR: torch_ref.python})
   result = run_tool("mae_jax.tools.compare_torch", "--model=mae_vit_test_patch4", "--batch_size=8",
-                    "--steps=2", "--warmup=0", "--matmul_size=128")
+                    "--steps=2", "--warmup=0", "--matmul_size=128", env=env)
   assert result["ours_images_per_sec"] > 0 and result["torch_images_per_sec"] > 0
   assert result["ratio"] > 0 and len(result["torch_step_times_s"]) == 2
   assert result["torch_attn_implementation"] == "sdpa"
+  assert result["torch_python"] == torch_ref.python
+  assert result["versions"]["torch"] == torch_ref.versions["torch"]
+  assert set(result["timing"]) == {"ours", "torch"}
   assert abs(result["final_loss"]["ours"] - result["final_loss"]["torch"]) < 1.0
 
 

@@ -1,12 +1,15 @@
 """Checkpoint conversion: parity with Hugging Face's PyTorch ViTMAE, exact round trips, errors.
 
 The parity tests load the same random weights into transformers' ViTMAEForPreTraining (a PyTorch
-MAE written independently of this project) and, through official key names and our converter, into
-our model; both get the same images and masking noise. Two geometries: a small one, and
-mae_vit_base_patch16 at full depth (12 + 8 blocks, 224 px) with mask ratio 0.6.
+MAE written independently of this project, run in the reference interpreter: tests/torch_side.py)
+and, through official key names and our converter, into our model; both get the same images and
+masking noise. Two geometries: a small one, and mae_vit_base_patch16 at full depth (12 + 8 blocks,
+224 px) with mask ratio 0.6.
 """
+import argparse
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -196,44 +199,57 @@ def test_classifier_checkpoint_round_trip(head):
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_files_round_trip(tmp_path, suffix):
-  if suffix == ".pth":
-    torch = pytest.importorskip("torch")
   model = tiny()
   state = random_official(model, "full")
   params = convert.from_official(state, model)
   path = str(tmp_path / f"mae{suffix}")
   convert.save_official(params, model, path)
   assert_same_state(convert.read_state_dict(path), state)
-  if suffix == ".pth":  # the release layout: {"model": state_dict} of tensors
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(raw) == {"model"} and isinstance(raw["model"]["cls_token"], torch.Tensor)
   assert_same_state(convert.to_official(convert.load_official(path, model), model), state)
   convert.save_official(params, model, path, encoder_only=True)
   assert sorted(convert.read_state_dict(path)) == sorted(convert.official_shapes(model, "encoder"))
 
 
-def test_training_checkpoint_with_args_loads_without_unsafe_unpickling(tmp_path):
-  torch = pytest.importorskip("torch")
-  import argparse  # pylint: disable=import-outside-toplevel
+def test_saved_pth_is_what_torch_load_reads(tmp_path, torch_ref):
+  """The release layout, {"model": state_dict} of tensors, bit for bit through
+  torch.load(weights_only=True)."""
+  model = tiny()
+  state = random_official(model, "full")
+  path = str(tmp_path / "mae.pth")
+  convert.save_official(convert.from_official(state, model), model, path)
+  raw = torch_ref.call("load", path=path)  # tensors come back as numpy arrays
+  assert set(raw) == {"model"}
+  assert_same_state(raw["model"], state)
+
+
+def test_training_checkpoint_with_args_loads_without_unsafe_unpickling(tmp_path, torch_ref, caplog):
   model = tiny()
   state = random_official(model, "full")
   path = str(tmp_path / "checkpoint-399.pth")
-  torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()},
-              "epoch": 399, "args": argparse.Namespace(model="mae_vit_test_patch4")}, path)
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")  # the weights_only=False fallback warns
+  torch_ref.call("save", path=path, obj={"model": state, "epoch": 399,
+                                         "args": argparse.Namespace(model="mae_vit_test_patch4")})
+  with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+    warnings.simplefilter("error")
     params = convert.load_official(path, model)
+  assert not caplog.records  # the allow_unsafe_pickle fallback warns
   assert_same_state(convert.to_official(params, model), state)
 
 
-def test_pth_without_torch_says_how_to_install(tmp_path, monkeypatch):
-  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+def test_pth_needs_no_torch_but_unpickling_torch_objects_does(tmp_path, torch_ref, monkeypatch):
   model = tiny()
-  with pytest.raises(ImportError, match=r"pip install torch==2\.13\.0"):
-    convert.read_state_dict(str(tmp_path / "missing.pth"))
-  path = str(tmp_path / "mae.safetensors")  # safetensors needs no torch
-  convert.save_official(convert.from_official(random_official(model), model), model, path)
-  assert "decoder_pred.weight" in convert.read_state_dict(path)
+  state = random_official(model)
+  with_module = str(tmp_path / "with_module.pth")  # a whole nn.Linear besides the state_dict
+  torch_ref.call("save_with_module", path=with_module, obj={"model": state})
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+  for suffix in (".pth", ".safetensors"):
+    path = str(tmp_path / f"mae{suffix}")
+    convert.save_official(convert.from_official(state, model), model, path)
+    assert_same_state(convert.read_state_dict(path), state)
+  with pytest.raises(convert.UnsafeCheckpointError,
+                     match=r"its pickle names torch\.nn\.modules\.linear\.Linear"):
+    convert.read_state_dict(with_module)
+  with pytest.raises(ImportError, match=r"in full needs PyTorch: pip install torch==2\.13\.0"):
+    convert.read_state_dict(with_module, allow_unsafe_pickle=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,49 +350,16 @@ def test_cli_round_trip(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Parity with transformers' ViTMAEForPreTraining.
 # ---------------------------------------------------------------------------------------------
-def _randomize(hf_model, torch, seed):
-  """Random values for every trained tensor (HF's init zeroes some), fixed tables left alone."""
-  generator = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, param in hf_model.named_parameters():
-      if name.endswith(("position_embeddings", "decoder_pos_embed")):
-        continue
-      noise = torch.randn(param.shape, generator=generator)
-      if param.ndim == 1 and "norm" in name:  # LayerNorm: around weight 1, bias 0
-        param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
-      else:
-        param.copy_(0.05 * noise)
-
-
 @functools.lru_cache(maxsize=None)
-def _hf_model(label):
-  """(geometry, HF model with random weights, its state_dict under official names), built once."""
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  geometry = GEOMETRIES[label]
-  torch.manual_seed(0)
-  config = transformers.ViTMAEConfig(layer_norm_eps=1e-6, hidden_act="gelu",
-                                     attn_implementation="eager", **geometry["hf"])
-  hf = transformers.ViTMAEForPreTraining(config).eval()
-  assert hf.config._attn_implementation == "eager"  # pylint: disable=protected-access
-  # HF's own code fills the fixed sin-cos tables (a fresh model leaves them zero): the
-  # embeddings skip it when the patch projection is marked initialised, so unmark it.
-  hf.vit.embeddings.patch_embeddings.projection._is_hf_initialized = False
-  hf.vit.embeddings.initialize_weights()
-  hf.decoder.initialize_weights(hf.vit.embeddings.patch_embeddings.num_patches)
-  _randomize(hf, torch, seed=1)
-  official = convert.from_hf_state_dict(hf.state_dict())
-  return geometry, hf, official
+def _hf_official(torch_ref, label):
+  """The HF model's random weights (built once in the reference worker) under official names."""
+  state = torch_ref.call("hf_state_dict", config=GEOMETRIES[label]["hf"])
+  return convert.from_hf_state_dict(state)
 
 
 @pytest.fixture(params=list(GEOMETRIES))
-def hf_setup(request):
-  return (request.param,) + _hf_model(request.param)
-
-
-@pytest.fixture
-def hf_small():
-  return _hf_model("small")
+def hf_setup(request, torch_ref):
+  return request.param, GEOMETRIES[request.param], _hf_official(torch_ref, request.param)
 
 
 def _ours(geometry, **overrides):
@@ -390,13 +373,17 @@ def _inputs(model, batch=2, seed=0):
   return images, noise
 
 
+def _nchw(images):
+  return np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+
+
 def _rel_error(ours, theirs):
-  theirs = theirs.detach().numpy().astype(np.float64)
+  theirs = np.asarray(theirs, np.float64)
   return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
 
 
 def test_hf_fixed_tables_equal_ours(hf_setup):
-  _, geometry, _, official = hf_setup
+  _, geometry, official = hf_setup
   tables = convert.fixed_tables(_ours(geometry))
   for name in ("pos_embed", "decoder_pos_embed"):
     assert official[name].shape == tables[name].shape
@@ -405,41 +392,31 @@ def test_hf_fixed_tables_equal_ours(hf_setup):
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_parity_with_hf_vitmae(hf_setup, norm_pix_loss):
-  import torch  # pylint: disable=import-outside-toplevel
-  label, geometry, hf, official = hf_setup
+def test_parity_with_hf_vitmae(hf_setup, norm_pix_loss, torch_ref):
+  label, geometry, official = hf_setup
   model = _ours(geometry, norm_pix_loss=norm_pix_loss)
   params = convert.from_official(official, model, kind="full")
   images, noise = _inputs(model)
-  hf.config.norm_pix_loss = norm_pix_loss
-  with torch.no_grad():
-    out = hf(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), noise=torch.from_numpy(noise))
+  out = torch_ref.call("hf_pretraining", config=geometry["hf"], images=_nchw(images), noise=noise,
+                       norm_pix_loss=norm_pix_loss)
   loss, pred, mask = jax.jit(lambda p, x, n: model.apply({"params": p}, x, noise=n))(
       params, images, noise)
-  np.testing.assert_array_equal(np.asarray(mask), out.mask.numpy())
+  np.testing.assert_array_equal(np.asarray(mask), out["mask"])
   assert mask.sum() == 2 * (model.num_patches - int(model.num_patches * (1 - model.mask_ratio)))
-  errors = {"loss": _rel_error(loss, out.loss), "pred": _rel_error(pred, out.logits)}
+  errors = {"loss": _rel_error(loss, out["loss"]), "pred": _rel_error(pred, out["logits"])}
   print(f"\n[{label}, norm_pix_loss={norm_pix_loss}] max relative error vs HF: {errors}")
   assert max(errors.values()) < MAX_REL_ERROR, errors
 
 
-def test_encoder_features_match_hf_unmasked(hf_small):
-  import torch  # pylint: disable=import-outside-toplevel
-  geometry, hf, official = hf_small
+def test_encoder_features_match_hf_unmasked(torch_ref):
+  geometry = GEOMETRIES["small"]
   model = _ours(geometry)
-  params = convert.from_official(official, model)
+  params = convert.from_official(_hf_official(torch_ref, "small"), model)
   images, _ = _inputs(model)
-  ordered = torch.arange(model.num_patches, dtype=torch.float32).expand(2, -1)
-  old_ratio = hf.vit.embeddings.config.mask_ratio
-  hf.vit.embeddings.config.mask_ratio = 0.0  # HF always masks; ratio 0 + ordered noise = none
-  try:
-    with torch.no_grad():
-      out = hf.vit(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), noise=ordered)
-  finally:
-    hf.vit.embeddings.config.mask_ratio = old_ratio
-  assert out.mask.sum() == 0
+  out = torch_ref.call("hf_encode_unmasked", config=geometry["hf"], images=_nchw(images))
+  assert out["mask"].sum() == 0
   features = model.apply({"params": params}, images, method=model.encode)
-  error = _rel_error(features, out.last_hidden_state)
+  error = _rel_error(features, out["last_hidden_state"])
   print(f"\n[small] encode() max relative error vs HF: {error:.3g}")
   assert error < MAX_REL_ERROR
 
@@ -452,21 +429,18 @@ _LEGACY_HF_NAMES = (  # transformers < 5 module names, still in hub checkpoints
     ("mlp.fc2", "output.dense"))
 
 
-def test_hf_legacy_names_convert_the_same(hf_small, tmp_path):
-  transformers = pytest.importorskip("transformers")
-  _, hf, official = hf_small
+def test_hf_legacy_names_convert_the_same(torch_ref, tmp_path):
+  config = GEOMETRIES["small"]["hf"]
+  official = _hf_official(torch_ref, "small")
   legacy = {}
-  for key, value in hf.state_dict().items():
+  for key, value in torch_ref.call("hf_state_dict", config=config).items():
     for new, old in _LEGACY_HF_NAMES:
       key = key.replace(new, old)
-    legacy[key] = value.clone()
+    legacy[key] = value
   assert_same_state(convert.from_hf_state_dict(legacy), official)
   # transformers itself reads these names as the same model.
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-  hf.config.save_pretrained(tmp_path)
-  save_file(legacy, str(tmp_path / "model.safetensors"))
-  reloaded = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path)
-  assert_same_state(convert.from_hf_state_dict(reloaded.state_dict()), official)
+  reloaded = torch_ref.call("hf_reload", config=config, directory=str(tmp_path), state=legacy)
+  assert_same_state(convert.from_hf_state_dict(reloaded), official)
   # load_official reads HF files directly.
   model = _ours(GEOMETRIES["small"])
   assert_same_state(

@@ -1,9 +1,9 @@
-"""LARS of the official linear probe (MoCo v3): steps by hand and a torch re-implementation."""
+"""LARS of the official linear probe (MoCo v3): steps by hand and a torch re-implementation (run in
+the PyTorch reference interpreter)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from mae_jax.training.lars import lars
 
@@ -71,33 +71,8 @@ def test_torch_one_dim_rule_and_mask_override():
   np.testing.assert_allclose(new["qkv"]["kernel"], -1.0)
 
 
-def test_matches_torch_reimplementation():
-  torch = pytest.importorskip("torch")
-
-  class TorchLARS(torch.optim.Optimizer):  # MoCo v3 / official util/lars.py, re-typed
-    def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, trust_coefficient=0.001):
-      super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                    trust_coefficient=trust_coefficient))
-
-    @torch.no_grad()
-    def step(self):
-      for g in self.param_groups:
-        for p in g["params"]:
-          dp = p.grad
-          if p.ndim > 1:
-            dp = dp.add(p, alpha=g["weight_decay"])
-            param_norm, update_norm = torch.norm(p), torch.norm(dp)
-            one = torch.ones_like(param_norm)
-            q = torch.where(param_norm > 0.0,
-                            torch.where(update_norm > 0, g["trust_coefficient"] * param_norm
-                                        / update_norm, one), one)
-            dp = dp.mul(q)
-          state = self.state[p]
-          if "mu" not in state:
-            state["mu"] = torch.zeros_like(p)
-          state["mu"].mul_(g["momentum"]).add_(dp)
-          p.add_(state["mu"], alpha=-g["lr"])
-
+def test_matches_torch_reimplementation(torch_ref):
+  """The official util/lars.py re-typed in torch (tests/torch_side.py), step for step."""
   rng = np.random.default_rng(1)
   init = {"kernel": rng.normal(size=(6, 5)).astype(np.float32),
           "bias": rng.normal(size=(5,)).astype(np.float32)}
@@ -105,18 +80,13 @@ def test_matches_torch_reimplementation():
            for _ in range(5)]
   lrs, wd = [0.1, 0.4, 0.8, 0.6, 0.2], 1e-2
 
-  tparams = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in init.items()}
-  topt = TorchLARS(tparams.values(), lr=lrs[0], weight_decay=wd)
+  theirs = torch_ref.call("lars", init=init, grads=grads, lrs=lrs, weight_decay=wd)
   opt = lars(lambda count: jnp.asarray(lrs)[count], weight_decay=wd)
   params = jax.tree.map(jnp.asarray, init)
   state, update = opt.init(params), jax.jit(opt.update)
-  for lr, g in zip(lrs, grads):
-    for group in topt.param_groups:
-      group["lr"] = lr
-    for k, p in tparams.items():
-      p.grad = torch.from_numpy(g[k])
-    topt.step()
+  for g in grads:
     updates, state = update(jax.tree.map(jnp.asarray, g), state, params)
     params = optax.apply_updates(params, updates)
-  for k, p in tparams.items():
-    np.testing.assert_allclose(params[k], p.detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
+  assert sorted(theirs) == sorted(init)
+  for k, p in theirs.items():
+    np.testing.assert_allclose(params[k], p, rtol=1e-5, atol=1e-6, err_msg=k)

@@ -1,4 +1,5 @@
-"""Layer-wise lr decay and the fine-tuning weight-decay mask: official rule and torch."""
+"""Layer-wise lr decay and the fine-tuning weight-decay mask: official rule and torch (run in the
+PyTorch reference interpreter)."""
 import re
 
 import flax
@@ -53,30 +54,8 @@ def test_weight_decay_mask():
   assert not mask["blocks_0/attn/qkv/bias"] and not mask["pos_embed"] and not mask["cls_token"]
 
 
-# Official util/lr_decay.py param_groups_lrd, written on torch names for the reference below.
-def _torch_layer_id(name, num_layers):
-  if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
-    return 0
-  if name.startswith("blocks"):
-    return int(name.split(".")[1]) + 1
-  return num_layers
-
-
-def _torch_param_groups(named, weight_decay, layer_decay, depth):
-  num_layers = depth + 1
-  groups = {}
-  for name, p in named.items():
-    no_decay = p.ndim == 1 or name in ("pos_embed", "cls_token")
-    layer = _torch_layer_id(name, num_layers)
-    key = (layer, no_decay)
-    groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
-                            "lr_scale": layer_decay ** (num_layers - layer)})
-    groups[key]["params"].append(p)
-  return list(groups.values())
-
-
-def test_adamw_layer_decay_matches_torch_param_groups():
-  torch = pytest.importorskip("torch")
+def test_adamw_layer_decay_matches_torch_param_groups(torch_ref):
+  """Against torch AdamW over the official param_groups_lrd (tests/torch_side.py)."""
   depth, ld, wd = 2, 0.5, 0.05
   rng = np.random.default_rng(0)
   shapes = {"cls_token": (1, 1, 4), "pos_embed": (1, 5, 4), "patch_embed/kernel": (2, 2, 3, 4),
@@ -96,18 +75,14 @@ def test_adamw_layer_decay_matches_torch_param_groups():
     if key.endswith("kernel"):
       return (-1, shape[-1])
     return shape
-  named = {re.sub(r"^blocks_(\d+)", r"blocks.\1", k).replace("/", "."):
-           torch.nn.Parameter(torch.from_numpy(v.reshape(torch_shape(k, v.shape)).copy()))
-           for k, v in init.items()}
+
+  def torch_layout(flat):
+    return {re.sub(r"^blocks_(\d+)", r"blocks.\1", k).replace("/", "."):
+            v.reshape(torch_shape(k, v.shape)) for k, v in flat.items()}
+  named = torch_layout(init)
   assert "blocks.0.attn.qkv.bias" in named and named["blocks.0.attn.qkv.bias"].ndim == 1
-  torch_opt = torch.optim.AdamW(_torch_param_groups(named, wd, ld, depth), lr=lrs[0],
-                                betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
-  for step, g in enumerate(grads):
-    for group in torch_opt.param_groups:
-      group["lr"] = lrs[step] * group["lr_scale"]  # official lr_sched.adjust_learning_rate
-    for k, p in zip(init, named.values()):
-      p.grad = torch.from_numpy(g[k].reshape(p.shape).copy())
-    torch_opt.step()
+  theirs = torch_ref.call("adamw_layer_decay", named=named, grads=list(map(torch_layout, grads)),
+                          lrs=lrs, weight_decay=wd, layer_decay=ld, depth=depth)
 
   def unflat(flat):
     return flax.traverse_util.unflatten_dict({tuple(k.split("/")): jnp.asarray(v)
@@ -124,8 +99,9 @@ def test_adamw_layer_decay_matches_torch_param_groups():
     return _flat(params)
 
   ours = run(wd)
-  for k, p in zip(init, named.values()):
-    np.testing.assert_allclose(np.asarray(ours[k]).reshape(-1), p.detach().numpy().reshape(-1),
+  assert list(theirs) == list(named)
+  for k, p in zip(init, theirs.values()):
+    np.testing.assert_allclose(np.asarray(ours[k]).reshape(-1), p.reshape(-1),
                                rtol=1e-6, atol=1e-6, err_msg=k)
   # The comparison is sensitive to the (scaled) weight-decay term.
   without = run(0.0)

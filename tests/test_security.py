@@ -1,6 +1,7 @@
 """A checkpoint file never runs code: a crafted .pth is refused by every reader (Python API and
 command lines) unless the explicit opt-in is given, official training checkpoints still load, and
-exported directories are read only from inside themselves."""
+exported directories are read only from inside themselves. The .pth files are written by torch.save
+in the PyTorch reference interpreter (tests/torch_side.py); mae_jax reads them without torch."""
 import argparse
 import logging
 import os
@@ -20,22 +21,7 @@ from mae_jax.tools import convert as convert_tool
 from mae_jax.tools import visualize
 from tests.test_convert import assert_same_state, random_official, tiny
 from tests.test_export import MODEL, REPO, run_tool
-
-torch = pytest.importorskip("torch")
-
-
-class RunsCommand:
-  """Unpickling this calls os.system(command): what a crafted checkpoint does."""
-
-  def __init__(self, command):
-    self.command = command
-
-  def __reduce__(self):
-    return os.system, (self.command,)
-
-
-def tensors(state):
-  return {k: torch.from_numpy(v) for k, v in state.items()}
+from tests.torch_reference import assert_same_tree, from_reference
 
 
 @pytest.fixture(name="state")
@@ -43,18 +29,18 @@ def fixture_state():
   return random_official(tiny(), "full")
 
 
-def write_crafted(folder, state, name, **save_options):
+def write_crafted(torch_ref, folder, state, name, legacy=False):
   """(path, marker): a loadable official checkpoint whose pickle also creates `marker`."""
   marker = str(folder / "code-ran")
   path = str(folder / name)
-  torch.save({"model": tensors(state), "extra": RunsCommand(f"touch {shlex.quote(marker)}")}, path,
-             **save_options)
+  torch_ref.call("save_running", path=path, obj={"model": state},
+                 command=f"touch {shlex.quote(marker)}", legacy=legacy)
   return path, marker
 
 
 @pytest.fixture(name="crafted")
-def fixture_crafted(tmp_path, state):
-  return write_crafted(tmp_path, state, "mae_visualize_vit_test.pth")
+def fixture_crafted(tmp_path, state, torch_ref):
+  return write_crafted(torch_ref, tmp_path, state, "mae_visualize_vit_test.pth")
 
 
 def assert_refusal(message, path):
@@ -66,7 +52,7 @@ def assert_refusal(message, path):
 
 def test_python_api_refuses_a_pickle_that_runs_code(crafted, tmp_path, monkeypatch):
   path, marker = crafted
-  # torch's own switch for skipping weights_only does not reach an explicit weights_only=True.
+  # torch's switch for skipping weights_only has no say here either.
   monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
   loaders = {
       "read_state_dict": lambda: convert.read_state_dict(path),
@@ -87,44 +73,44 @@ def test_python_api_refuses_a_pickle_that_runs_code(crafted, tmp_path, monkeypat
     export.check_official_pickle(path)  # the scan before any compute, no tensor read
   export.check_official_pickle(path, allow_unsafe_pickle=True)
   assert not os.path.exists(marker)
+  assert "torch" not in sys.modules  # all of it without PyTorch
 
 
-@pytest.mark.filterwarnings("ignore:.*looks like a TorchScript archive")
-def test_the_legacy_pth_format_and_torchscript_are_refused_too(tmp_path, state):
-  path, marker = write_crafted(tmp_path, state, "legacy.pth",
-                               _use_new_zipfile_serialization=False)
-  export.check_official_pickle(path)  # the pickle scan reads zip files only ...
-  with pytest.raises(convert.UnsafeCheckpointError) as error:  # ... the load refuses it
+def test_the_legacy_pth_format_and_torchscript_are_refused_too(tmp_path, state, torch_ref):
+  path, marker = write_crafted(torch_ref, tmp_path, state, "legacy.pth", legacy=True)
+  with pytest.raises(convert.UnsafeCheckpointError, match="its pickle names posix.system"):
+    export.check_official_pickle(path)  # the scan reads the legacy format too
+  with pytest.raises(convert.UnsafeCheckpointError) as error:
     convert.load_official(path, tiny())
   assert_refusal(str(error.value), path)
   assert not os.path.exists(marker)
 
   scripted = str(tmp_path / "scripted.pth")
-  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
-  with pytest.raises(convert.UnsafeCheckpointError, match="with TorchScript archives"):
-    convert.read_state_dict(scripted)
+  torch_ref.call("save_torchscript", path=scripted)
+  for read in (convert.read_state_dict, export.check_official_pickle):
+    with pytest.raises(convert.UnsafeCheckpointError, match="it is a TorchScript archive"):
+      read(scripted)
+  with pytest.raises(ValueError, match="a program, not a state_dict"):  # nothing to opt into
+    convert.read_state_dict(scripted, allow_unsafe_pickle=True)
 
 
-def test_an_official_training_checkpoint_loads_without_the_opt_in(tmp_path, state, caplog):
+def test_an_official_training_checkpoint_loads_without_the_opt_in(tmp_path, state, caplog,
+                                                                  torch_ref):
   """misc.save_model's layout: model, optimizer, epoch, scaler and the argparse args."""
-  weight = torch.nn.Parameter(torch.ones(3, 2))
-  optimizer = torch.optim.AdamW([weight], lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
-  weight.sum().backward()
-  optimizer.step()
   args = argparse.Namespace(model=MODEL, batch_size=64, epochs=400, blr=1.5e-4, lr=None,
                             mask_ratio=0.75, norm_pix_loss=True, input_size=32, device="cuda",
                             output_dir="./output_dir", resume="", distributed=False)
-  scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-            "growth_interval": 2000, "_growth_tracker": 12}
   path = str(tmp_path / "checkpoint-399.pth")
-  torch.save({"model": tensors(state), "optimizer": optimizer.state_dict(), "epoch": 399,
-              "scaler": scaler, "args": args}, path)
+  torch_ref.call("save_training_checkpoint", path=path, model=state, args=args)
   export.check_official_pickle(path)  # fine-tuning from it passes the check before compute
   with caplog.at_level(logging.WARNING):
     params = convert.load_official(path, tiny())
   assert_same_state(convert.to_official(params, tiny()), state)
   assert not caplog.records  # no opt-in taken
-  assert argparse.Namespace not in torch.serialization.get_safe_globals()  # allowed in scope only
+  # Every entry as torch.load(weights_only=True) reads it: AdamW's state, the scaler, the args.
+  checkpoint = safe_load.torch_load(path)
+  assert checkpoint["args"] == args and checkpoint["epoch"] == 399
+  assert_same_tree(checkpoint, from_reference(torch_ref.call("load", path=path)))
 
 
 def test_the_opt_in_runs_the_pickle_and_says_so(crafted, state, caplog):

@@ -173,18 +173,16 @@ def test_drop_path_rates_and_determinism(pooled_params):
   np.testing.assert_allclose(remat.apply({"params": params}, images), off, atol=1e-5)
 
 
-def test_interpolate_pos_embed_matches_torch_bicubic():
-  torch = pytest.importorskip("torch")
+def test_interpolate_pos_embed_matches_torch_bicubic(torch_ref):
   rng = np.random.default_rng(0)
   old, dim = 4, 6
   table = rng.normal(size=(1, 1 + old * old, dim)).astype(np.float32)
   for new in (7, 3, 8, (5, 2)):
     rows, cols = (new, new) if isinstance(new, int) else new
     got = np.asarray(interpolate_pos_embed(table, new))
-    grid = torch.from_numpy(table[:, 1:]).reshape(1, old, old, dim).permute(0, 3, 1, 2)
-    ref = torch.nn.functional.interpolate(grid, size=(rows, cols), mode="bicubic",
-                                          align_corners=False)
-    ref = ref.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).numpy()
+    grid = np.ascontiguousarray(table[:, 1:].reshape(1, old, old, dim).transpose(0, 3, 1, 2))
+    ref = torch_ref.call("interpolate_bicubic", grid=grid, size=(rows, cols))
+    ref = ref.transpose(0, 2, 3, 1).reshape(1, rows * cols, dim)
     assert got.shape == (1, 1 + rows * cols, dim)
     np.testing.assert_array_equal(got[:, :1], table[:, :1])
     np.testing.assert_allclose(got[:, 1:], ref, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE, in one process.
+r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE.
 
   python -m mae_jax.tools.compare_torch --model=mae_vit_base_patch16 --batch_size=8 --steps=10
   python -m mae_jax.tools.compare_torch --model=mae_vit_tiny_patch4 --batch_size=256 --steps=20
@@ -6,13 +6,15 @@ r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE,
 Both run the same full train step, in float32, on the same batch size: forward with random masking
 (ratio 0.75), norm-pix loss, backward and AdamW (0.9, 0.95, wd 0.05, no decay on biases and norms).
 The reference is transformers' ViTMAEForPreTraining in eager PyTorch (not torch.compile) with
-torch.optim.AdamW. On a shared machine absolute times drift with the load, so the steps are
-interleaved (ours, torch, matmul probe, ours, torch, ...) and medians are reported: `ratio` is
-the median of the per-round wall-time ratios torch / ours (> 1: ours is faster);
-`cpu_time_ratio` is the same for the CPU seconds each step used, which time spent descheduled
-by other load does not inflate. The matmul probe measures this machine's reachable peak in the
-same rounds, for MFU. Needs torch and transformers
-(`pip install torch==2.13.0 transformers`).
+torch.optim.AdamW. It runs in the PyTorch reference interpreter (mae_jax.tools.torch_worker:
+$MAE_JAX_TORCH_PYTHON or .venv-torch; this environment cannot import torch), in a process of its
+own that times each of its steps itself, around the step alone: the pipe to it is not counted.
+On a shared machine absolute times drift with the load, so the steps are interleaved (ours, torch,
+matmul probe, ours, torch, ...; one process idles while the other steps) and medians are
+reported: `ratio` is the median of the per-round wall-time ratios torch / ours (> 1: ours is
+faster); `cpu_time_ratio` is the same for the CPU seconds each step used in its process, which time
+spent descheduled by other load does not inflate. The matmul probe measures this machine's
+reachable peak in the same rounds, for MFU. `timing` in the output says how each number was taken.
 """
 import json
 import os
@@ -25,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from mae_jax import models
+from mae_jax.tools import torch_worker
 from mae_jax.training import flops, timing
 
 flags.DEFINE_string("model", "mae_vit_base_patch16", "Named model size (models.MODELS).")
@@ -39,47 +42,48 @@ flags.DEFINE_integer("matmul_size", 2048, "Square matmul of the peak probe run i
 FLAGS = flags.FLAGS
 
 
+TORCH_SIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
+TIMING = {
+    "ours": "time.perf_counter / time.process_time (all threads of this process) around one call "
+            "of the compiled step, blocked until its outputs are ready",
+    "torch": "time.perf_counter / time.process_time (all threads of the reference interpreter's "
+             "process) around one step there: masking noise, forward, backward, AdamW step, "
+             "zero_grad, loss to float; the pipe to that process is not counted",
+}
+
+
+def hf_config(model) -> dict:
+  """transformers.ViTMAEConfig arguments for the geometry of our `model`."""
+  return dict(
+      image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans,
+      hidden_size=model.embed_dim, num_hidden_layers=model.depth,
+      num_attention_heads=model.num_heads, intermediate_size=int(model.embed_dim * model.mlp_ratio),
+      decoder_hidden_size=model.decoder_embed_dim, decoder_num_hidden_layers=model.decoder_depth,
+      decoder_num_attention_heads=model.decoder_num_heads,
+      decoder_intermediate_size=int(model.decoder_embed_dim * model.mlp_ratio),
+      mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss, layer_norm_eps=1e-6,
+      hidden_act="gelu", qkv_bias=True)
+
+
 class TorchStep:
-  """HF ViTMAEForPreTraining with torch.optim.AdamW: one call = one full train step."""
+  """HF ViTMAEForPreTraining with torch.optim.AdamW in the reference interpreter: one call = one
+  full train step there, returning its (wall, CPU) seconds as timed there."""
 
   def __init__(self, model, batch_size: int, attn_implementation: str, fused_adamw: bool,
-               base_lr: float = 1.5e-4, seed: int = 0):
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-    self.torch = torch
-    torch.manual_seed(seed)
-    config = transformers.ViTMAEConfig(
-        image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans,
-        hidden_size=model.embed_dim, num_hidden_layers=model.depth,
-        num_attention_heads=model.num_heads,
-        intermediate_size=int(model.embed_dim * model.mlp_ratio),
-        decoder_hidden_size=model.decoder_embed_dim,
-        decoder_num_hidden_layers=model.decoder_depth,
-        decoder_num_attention_heads=model.decoder_num_heads,
-        decoder_intermediate_size=int(model.decoder_embed_dim * model.mlp_ratio),
-        mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss, layer_norm_eps=1e-6,
-        hidden_act="gelu", qkv_bias=True, attn_implementation=attn_implementation)
-    self.model = transformers.ViTMAEForPreTraining(config).train()
-    self.attn_implementation = self.model.config._attn_implementation  # pylint: disable=protected-access
-    trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-    no_decay = lambda n, p: p.ndim <= 1 or n.endswith(".bias")
-    groups = [{"params": [p for n, p in trainable if not no_decay(n, p)], "weight_decay": 0.05},
-              {"params": [p for n, p in trainable if no_decay(n, p)], "weight_decay": 0.0}]
-    self.optimizer = torch.optim.AdamW(groups, lr=base_lr * batch_size / 256, betas=(0.9, 0.95),
-                                       eps=1e-8, fused=fused_adamw or None)
-    generator = torch.Generator().manual_seed(seed)
-    self.images = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size,
-                              generator=generator)
-    self.noise_shape = (batch_size, model.num_patches)
+               threads: int):
+    self.worker = torch_worker.Worker(TORCH_SIDE)
+    self.info = self.worker.call("build", config=hf_config(model), batch_size=batch_size,
+                                 attn_implementation=attn_implementation,
+                                 fused_adamw=fused_adamw, threads=threads)
     self.loss = None
 
-  def __call__(self):
-    noise = self.torch.rand(self.noise_shape)
-    loss = self.model(pixel_values=self.images, noise=noise).loss
-    loss.backward()
-    self.optimizer.step()
-    self.optimizer.zero_grad(set_to_none=True)
-    self.loss = float(loss.detach())
+  def __call__(self) -> tuple[float, float]:
+    result = self.worker.call("step")
+    self.loss = result["loss"]
+    return result["wall_s"], result["cpu_s"]
+
+  def close(self) -> None:
+    self.worker.close()
 
 
 def load_average() -> float:
@@ -89,23 +93,23 @@ def load_average() -> float:
 def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch_threads: int = 0,
             attn_implementation: str = "sdpa", fused_adamw: bool = True, remat: bool = False,
             matmul_size: int = 2048) -> dict:
-  import torch  # pylint: disable=import-outside-toplevel
   xla_threads = len(os.sched_getaffinity(0))  # the PJRT CPU client's intra-op pool: one per core
-  torch.set_num_threads(torch_threads or xla_threads)
   load_before = load_average()
   config = timing.float32_config(model_name, batch_size, remat=remat)
   ours = timing.StepRunner(config, total_steps=warmup + steps + 1)
   theirs = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size,
-                     attn_implementation, fused_adamw)
-  for _ in range(warmup + 1):
-    ours()
-    theirs()
-
-  ours_s, torch_s, peaks = [], [], []
-  for _ in range(steps):
-    ours_s.append(timing.timed_with_cpu(ours))
-    torch_s.append(timing.timed_with_cpu(theirs))
-    peaks.append(flops.measure_matmul_flops(matmul_size, repeats=3))
+                     attn_implementation, fused_adamw, torch_threads or xla_threads)
+  try:
+    for _ in range(warmup + 1):
+      ours()
+      theirs()
+    ours_s, torch_s, peaks = [], [], []
+    for _ in range(steps):
+      ours_s.append(timing.timed_with_cpu(ours))
+      torch_s.append(theirs())
+      peaks.append(flops.measure_matmul_flops(matmul_size, repeats=3))
+  finally:
+    theirs.close()
   (ours_s, ours_cpu), (torch_s, torch_cpu) = np.array(ours_s).T, np.array(torch_s).T
   flops_per_step = ours.flops_per_device()
   peak = float(np.median(peaks))
@@ -120,16 +124,19 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
       "ours_cpu_s": float(np.median(ours_cpu)), "torch_cpu_s": float(np.median(torch_cpu)),
       "ours_step_times_s": [round(float(t), 4) for t in ours_s],
       "torch_step_times_s": [round(float(t), 4) for t in torch_s],
+      "timing": TIMING,
       "flops_per_image": flops_per_step / batch_size,
       "peak_flops": peak, "peak_source": f"{matmul_size}^2 float32 matmul, median of the rounds",
       "ours_mfu": flops_per_step / float(np.median(ours_s)) / peak,
       "torch_mfu_same_flops": flops_per_step / float(np.median(torch_s)) / peak,
-      "xla_cpu_threads": xla_threads, "torch_threads": torch.get_num_threads(),
-      "torch_attn_implementation": theirs.attn_implementation, "torch_fused_adamw": fused_adamw,
+      "xla_cpu_threads": xla_threads, "torch_threads": theirs.info["threads"],
+      "torch_attn_implementation": theirs.info["attn_implementation"],
+      "torch_fused_adamw": fused_adamw, "torch_python": theirs.worker.python,
       "remat": remat, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "load_average_1min": [round(load_before, 2), round(load_average(), 2)],
-      "versions": {"jax": jax.__version__, "torch": torch.__version__,
-                   "transformers": sys.modules["transformers"].__version__},
+      "versions": {"jax": jax.__version__, "python": sys.version.split()[0],
+                   "torch": theirs.info["torch"], "transformers": theirs.info["transformers"],
+                   "torch_python": theirs.worker.versions["python"]},
       "final_loss": {"ours": float(ours.metrics["loss"]), "torch": theirs.loss},
   }
 

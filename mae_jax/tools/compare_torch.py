@@ -3,7 +3,8 @@ r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE.
   python -m mae_jax.tools.compare_torch --model=mae_vit_base_patch16 --batch_size=8 --steps=10
   python -m mae_jax.tools.compare_torch --model=mae_vit_tiny_patch4 --batch_size=256 --steps=20
 
-Both run the same full train step, in float32, on the same batch size: forward with random masking
+Both run the same full train step, on the same batch size, in float32 or (`--dtype=bfloat16`)
+computing in bfloat16 over float32 parameters (ours: `model.dtype`; torch: CPU autocast): forward with random masking
 (ratio 0.75), norm-pix loss, backward and AdamW (0.9, 0.95, wd 0.05, no decay on biases and norms).
 The reference is transformers' ViTMAEForPreTraining in eager PyTorch (not torch.compile) with
 torch.optim.AdamW. It runs in the PyTorch reference interpreter (mae_jax.tools.torch_worker:
@@ -38,6 +39,8 @@ flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = XLA's CPU t
 flags.DEFINE_string("attn_implementation", "sdpa", "HF attention: sdpa (fastest here) or eager.")
 flags.DEFINE_bool("fused_adamw", True, "torch AdamW(fused=True), its fastest CPU update.")
 flags.DEFINE_bool("remat", False, "Our step with rematerialised blocks.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype of both steps; parameters and AdamW stay float32.")
 flags.DEFINE_integer("matmul_size", 2048, "Square matmul of the peak probe run in every round.")
 FLAGS = flags.FLAGS
 
@@ -70,11 +73,11 @@ class TorchStep:
   full train step there, returning its (wall, CPU) seconds as timed there."""
 
   def __init__(self, model, batch_size: int, attn_implementation: str, fused_adamw: bool,
-               threads: int):
+               threads: int, dtype: str = "float32"):
     self.worker = torch_worker.Worker(TORCH_SIDE)
     self.info = self.worker.call("build", config=hf_config(model), batch_size=batch_size,
                                  attn_implementation=attn_implementation,
-                                 fused_adamw=fused_adamw, threads=threads)
+                                 fused_adamw=fused_adamw, threads=threads, dtype=dtype)
     self.loss = None
 
   def __call__(self) -> tuple[float, float]:
@@ -92,13 +95,14 @@ def load_average() -> float:
 
 def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch_threads: int = 0,
             attn_implementation: str = "sdpa", fused_adamw: bool = True, remat: bool = False,
-            matmul_size: int = 2048) -> dict:
+            matmul_size: int = 2048, dtype: str = "float32") -> dict:
   xla_threads = len(os.sched_getaffinity(0))  # the PJRT CPU client's intra-op pool: one per core
   load_before = load_average()
   config = timing.float32_config(model_name, batch_size, remat=remat)
+  config.model.dtype = dtype
   ours = timing.StepRunner(config, total_steps=warmup + steps + 1)
   theirs = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size,
-                     attn_implementation, fused_adamw, torch_threads or xla_threads)
+                     attn_implementation, fused_adamw, torch_threads or xla_threads, dtype)
   try:
     for _ in range(warmup + 1):
       ours()
@@ -114,7 +118,7 @@ def compare(model_name: str, batch_size: int, steps: int, warmup: int = 2, torch
   flops_per_step = ours.flops_per_device()
   peak = float(np.median(peaks))
   return {
-      "model": model_name, "batch_size": batch_size, "dtype": "float32", "rounds": steps,
+      "model": model_name, "batch_size": batch_size, "dtype": dtype, "rounds": steps,
       "ours_images_per_sec": batch_size / float(np.median(ours_s)),
       "torch_images_per_sec": batch_size / float(np.median(torch_s)),
       "ratio": float(np.median(torch_s / ours_s)),
@@ -145,7 +149,7 @@ def main(argv):
   del argv
   print(json.dumps(compare(FLAGS.model, FLAGS.batch_size, FLAGS.steps, FLAGS.warmup,
                            FLAGS.torch_threads, FLAGS.attn_implementation, FLAGS.fused_adamw,
-                           FLAGS.remat, FLAGS.matmul_size)))
+                           FLAGS.remat, FLAGS.matmul_size, FLAGS.dtype)))
 
 
 if __name__ == "__main__":

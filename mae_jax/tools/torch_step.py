@@ -12,9 +12,11 @@ _STEP = {}  # what `build` made, for the `step` calls that follow
 
 
 def build(config: dict, batch_size: int, attn_implementation: str, fused_adamw: bool,
-          threads: int, base_lr: float = 1.5e-4, seed: int = 0) -> dict:
+          threads: int, base_lr: float = 1.5e-4, seed: int = 0, dtype: str = "float32") -> dict:
   """The model (ViTMAEConfig(**config)), its AdamW (0.9, 0.95, wd 0.05 but not on biases and
-  norms) and a fixed random batch; returns what was built, as torch reports it."""
+  norms) and a fixed random batch; returns what was built, as torch reports it. `dtype`
+  "bfloat16": the forward under CPU autocast (parameters and AdamW stay float32), torch's mixed
+  precision, as our `model.dtype` computes in bfloat16 over float32 parameters."""
   torch.set_num_threads(threads)
   torch.manual_seed(seed)
   model = transformers.ViTMAEForPreTraining(
@@ -30,7 +32,8 @@ def build(config: dict, batch_size: int, attn_implementation: str, fused_adamw: 
       optimizer=torch.optim.AdamW(groups, lr=base_lr * batch_size / 256, betas=(0.9, 0.95),
                                   eps=1e-8, fused=fused_adamw or None),
       images=torch.randn(batch_size, config["num_channels"], size, size, generator=generator),
-      noise_shape=(batch_size, (size // config["patch_size"]) ** 2))
+      noise_shape=(batch_size, (size // config["patch_size"]) ** 2),
+      autocast=dtype == "bfloat16")
   attn_implementation = model.config._attn_implementation  # pylint: disable=protected-access
   return {"attn_implementation": attn_implementation, "threads": torch.get_num_threads(),
           "torch": str(torch.__version__), "transformers": transformers.__version__}
@@ -42,7 +45,8 @@ def step() -> dict:
   model, optimizer = _STEP["model"], _STEP["optimizer"]
   cpu, start = time.process_time(), time.perf_counter()
   noise = torch.rand(_STEP["noise_shape"])
-  loss = model(pixel_values=_STEP["images"], noise=noise).loss
+  with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_STEP["autocast"]):
+    loss = model(pixel_values=_STEP["images"], noise=noise).loss
   loss.backward()
   optimizer.step()
   optimizer.zero_grad(set_to_none=True)

@@ -272,7 +272,7 @@ cmd_setup() {
     export COPYFILE_DISABLE=1  # no macOS ._ files in the tarball
     run_cmd tar -C "$root" -czf "$bundle" --exclude=.git --exclude=__pycache__ \
       --exclude='*.pyc' --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./workdirs \
-      --exclude=./build --exclude=./.whl .
+      --exclude=./build --exclude=./.whl --exclude=./.venv --exclude=./.venv-torch .
     tpu_vm scp "$bundle" "$name:mae_jax_bundle.tgz" "--worker=${worker:-all}"
     run_cmd "${TPU_VM_CMD[@]}" ${gcloud_args[@]+"${gcloud_args[@]}"}
     fetch="mkdir -p $q_dir; tar -xzf \"\$HOME\"/mae_jax_bundle.tgz -C $q_dir; rm -f \"\$HOME\"/mae_jax_bundle.tgz"

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_config
-from configs import linprobe as linprobe_config
 from mae_jax import export, models
+from mae_jax.configs import finetune as finetune_config
+from mae_jax.configs import linprobe as linprobe_config
 from mae_jax.training import classify
 
 # `pretrained`, the tiny pre-training workdir, is a session fixture in conftest.py.

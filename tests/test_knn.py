@@ -124,7 +124,7 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])
 def test_monitor_config_errors_name_the_field(field, value):
-  from configs import pretrain as pretrain_config
+  from mae_jax.configs import pretrain as pretrain_config
   from mae_jax.evaluation import knn_monitor
   cfg = pretrain_config.get_config("fashion_mnist").knn
   cfg[field] = value

@@ -8,8 +8,8 @@ import sys
 import pytest
 from etils import epath
 
-from configs import finetune as finetune_configs
-from configs import pretrain as pretrain_configs
+from mae_jax.configs import finetune as finetune_configs
+from mae_jax.configs import pretrain as pretrain_configs
 from mae_jax.tools import mae_vs_scratch as study
 from tests.test_pretrain import REPO
 
@@ -148,7 +148,7 @@ def test_default_command_keeps_its_stages_and_best_top1(default_study):
 
 
 def test_cpu_recipes_pass_the_config_checks():
-  from configs import linprobe as linprobe_configs
+  from mae_jax.configs import linprobe as linprobe_configs
   from mae_jax.training import classify, config_checks
   pre = pretrain_configs.get_config("fashion_mnist_cpu")
   config_checks.check_pretrain(pre, 1, 1)

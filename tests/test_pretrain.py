@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain as pretrain_config
+from mae_jax.configs import pretrain as pretrain_config
 from mae_jax.training import pretrain, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

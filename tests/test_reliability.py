@@ -287,7 +287,7 @@ def test_a_reader_of_a_damaged_latest_step_takes_the_previous_and_moves_nothing(
 
 def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step(
     reference, params_before_last, tmp_path, caplog):
-  from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
+  from mae_jax.configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from mae_jax import export, load_encoder  # pylint: disable=import-outside-toplevel
   from mae_jax.tools import visualize  # pylint: disable=import-outside-toplevel
   workdir = _reader_workdir(reference, tmp_path, _cut_short)

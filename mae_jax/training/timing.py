@@ -14,7 +14,7 @@ from mae_jax.training import flops, optimizer, pretrain, sharding
 def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):
   """The pre-training config of a named model as the timing tools run it: float32, mask 0.75,
   norm-pix loss, data parallel over every device, images of the model's size."""
-  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
   c = pretrain_config.get_config("tiny")
   c.variant = "timing"
   c.model.name = model_name

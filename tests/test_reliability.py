@@ -547,7 +547,8 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 def preempted_pod(workdir, caches, target, moment, first_step):
   """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
   (the same step saved by both, no earlier than `first_step`) and returns that step."""
-  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment)
+  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
+                                     launcher=os.path.join(REPO, "launch", "local.sh"))
   logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
                  for i in range(2))
   # Exit 0: every process ended by itself, before local.sh's SIGKILL.

@@ -21,11 +21,11 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
 from mae_jax.tools import preemption_trials
-from mae_jax.training import checkpointing, classify, config_checks, pretrain
+from mae_jax.training import checkpointing, classify, config_checks, pretrain, sharding, trainer
 from tests.test_pretrain import losses, tiny_config
+from tests.test_trainer import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A restore that fails on a damaged file abandons orbax's other pending array reads; when they are
@@ -82,19 +82,15 @@ def wait_for_step(workdir, step, proc, timeout=300):
 def reference(tmp_path_factory, caches):
   """The unbroken run every fault is compared with: its workdir and {step: loss}."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  pretrain.train_and_evaluate(run_config(caches), workdir)
+  trainer.run(run_config(caches), workdir)
   return workdir, losses(workdir)
 
 
 def restore_target(**overrides):
-  """The train state of RUN as pretrain.train_and_evaluate builds it, as a restore target."""
+  """The train state of RUN as the trainer builds it, as a restore target."""
   config = tiny_config(**{**RUN, **overrides})
-  model = pretrain.build_model(config.model)
-  schedule, _ = pretrain.schedule_from_config(config, 1000)
-  tx = pretrain.optimizer_from_config(config, schedule)
-  mesh = pretrain.sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  state, _ = pretrain.create_train_state(model, tx, mesh, config.seed)
-  return checkpointing.abstract_like(state)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  return pretrain.build_program(config, mesh, steps_per_epoch=1000).sharded_abstract_state()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +146,7 @@ def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
   assert not any(n.startswith("6.") for n in os.listdir(checkpoints))  # the partial is gone
   # 3. Once more, to the end (in this process: the command line is the same run).
   with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+    trainer.run(run_config(caches), str(workdir))
   resumed_from = max(complete)
   assert f"Resumed from the checkpoint at step {resumed_from}." in caplog.text
   assert "cannot be restored" not in caplog.text
@@ -424,16 +420,6 @@ def test_a_config_or_log_rewrite_that_fails_leaves_the_old_file_whole(tmp_path, 
 
 # ----------------------------------------------------------------------------------------------
 # Bad configuration: refused by the checks that run before any compute, naming field and fix.
-def _parse(variant_file, args):
-  """The config as `mae_jax.main` gets it from its command line (locked: typos fail)."""
-  argv = ["main", f"--config={os.path.join(REPO, variant_file)}", *args]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
-
-
 @pytest.fixture(scope="module")
 def pretrained_elsewhere(tmp_path_factory):
   """A pre-training workdir of mae_vit_test_patch4, as far as a fine-tuning config can tell."""
@@ -454,8 +440,8 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
     (PRETRAIN, ["--config.batch_size=many"], "--config.batch_size=many: invalid literal for int"),
     (PRETRAIN, ["--config.model.norm_pix_loss=maybe"], "--config.model.norm_pix_loss=maybe"),
     (PRETRAIN, PT + ["--config.data.image_size=30"],
-     "image_size=30 is not divisible by the patch size 4 of mae_vit_test_patch4; set "
-     "--config.data.image_size=32"),
+     "image_size=30 is not divisible by the patch size 4 of config.model.name="
+     "mae_vit_test_patch4; set --config.data.image_size=32"),
     (PRETRAIN, PT + ["--config.data.image_size=28"], "set --config.data.image_size=32"),
     (PRETRAIN, PT + ["--config.model.mask_ratio=1.0"],
      "config.model: mask_ratio must be in [0, 1)"),
@@ -471,7 +457,8 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
     (PRETRAIN, PT + ["--config.grad_accum_steps=3"], "grad_accum_steps=3 must give a micro-batch"),
     (PRETRAIN, PT + ["--config.base_lr=0"], "config.base_lr must be > 0"),
     (PRETRAIN, PT + ["--config.log_every_steps=0"], "config.log_every_steps must be positive"),
-    (FINETUNE, FT + ["--config.batch_size=60"], "batch_size=60 must be divisible by the 8 devices"),
+    (FINETUNE, FT + ["--config.batch_size=60"],
+     "batch_size=60 is not divisible by the mesh's 8x1 devices; use a multiple of 8"),
     (FINETUNE, FT + ["--config.data.image_size=30"],
      "image_size=30 is not divisible by the patch size 4 of config.model.name=vit_test_patch4"),
     (FINETUNE, FT + ["--config.init=/nonexistent/encoder"], "config.init=/nonexistent/encoder does "
@@ -483,10 +470,8 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
 def test_bad_configs_are_refused_before_compute(variant_file, args, message,
                                                 pretrained_elsewhere):
   args = [a.format(pretrained=pretrained_elsewhere) for a in args]
-  check = {"pretrain": config_checks.check_pretrain, "finetune": classify.check_config}
   with pytest.raises((ValueError, AttributeError, FileNotFoundError, flags.Error)) as err:
-    config = _parse(variant_file, args)
-    check[config.task](config, 1, 8)
+    config_checks.check(parse(variant_file, args), 1, 8)
   assert message in str(err.value)
 
 
@@ -497,7 +482,7 @@ def relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, step):
   not depend on the number of processes) resumes from `step` and ends with the reference's
   losses."""
   with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+    trainer.run(run_config(caches), str(workdir))
   assert f"Resumed from the checkpoint at step {step}." in caplog.text
   got, (_, expected) = losses(workdir), reference
   assert sorted(got) == list(range(1, TOTAL + 1))

@@ -26,16 +26,9 @@ _RECIPES = {"vit_base": ("vit_base_patch16", 100, 5e-4, 0.65, 0.1),
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
-  variant = variant or "fashion_mnist"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown finetune variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+  c = common.add_init_fields(common.base_config("finetune", variant, VARIANTS))
+  variant = c.variant
   name, epochs, blr, layer_decay, drop_path = _RECIPES[variant]
-  c = common.add_trainer_fields(ml_collections.ConfigDict())
-  c.task = "finetune"
-  c.variant = variant
-  c.init = ""                   # pre-trained encoder; "" = random init
-  c.init_model = ""             # MAE size of an official .pth given as init
-  c.init_allow_unsafe_pickle = False  # True reads an init .pth that can run code: trusted only
   c.batch_size = 1024
   c.num_epochs = epochs
   c.warmup_epochs = 5.0

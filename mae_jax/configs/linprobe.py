@@ -19,15 +19,8 @@ _MODELS = {"vit_base": "vit_base_patch16", "vit_large": "vit_large_patch16",
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
-  variant = variant or "fashion_mnist"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown linprobe variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-  c = common.add_trainer_fields(ml_collections.ConfigDict())
-  c.task = "linprobe"
-  c.variant = variant
-  c.init = ""
-  c.init_model = ""             # MAE size of an official .pth given as init
-  c.init_allow_unsafe_pickle = False  # True reads an init .pth that can run code: trusted only
+  c = common.add_init_fields(common.base_config("linprobe", variant, VARIANTS))
+  variant = c.variant
   c.batch_size = 16384
   c.num_epochs = 90
   c.warmup_epochs = 10.0

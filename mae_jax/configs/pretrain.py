@@ -20,12 +20,8 @@ _OFFICIAL = {"vit_base": "mae_vit_base_patch16", "vit_large": "mae_vit_large_pat
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
-  variant = variant or "fashion_mnist"
-  if variant not in VARIANTS:
-    raise ValueError(f"Unknown pretrain variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
-  c = common.add_trainer_fields(ml_collections.ConfigDict())
-  c.task = "pretrain"
-  c.variant = variant
+  c = common.base_config("pretrain", variant, VARIANTS)
+  variant = c.variant
 
   # Paper recipe (Table 8, PRETRAIN.md): batch 4096, lr = blr * batch / 256, AdamW(0.9, 0.95),
   # wd 0.05, 40 warm-up epochs, cosine to 0, 800 epochs, mask 0.75, norm-pix loss.

@@ -48,7 +48,6 @@ flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linea
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
-INITS = ("mae", "random")
 STAGE_FILE = "stage.json"       # written when a stage finishes: its result and wall time
 ELAPSED_FILE = "elapsed_s"      # seconds spent in a stage's interrupted earlier attempts
 

@@ -61,7 +61,7 @@ class Evaluator(Protocol):
 class Task:
   """One task (pre-training, fine-tuning, probing) as the trainer runs it."""
   program: TrainProgram
-  evaluators: tuple = ()
+  evaluators: tuple[Evaluator, ...] = ()
   input_mode: str = "pretrain"    # the train iterator's augmentation (mae_jax.data.MODES)
   # (evaluation, name of its best value in the log): workdir/best keeps that checkpoint.
   keep_best: tuple[str, str] | None = None

@@ -1,8 +1,9 @@
 """Faults a long run meets: kill -9 (also during an async save), a damaged checkpoint, a full or
 read-only disk, bad configuration, a pod process that dies, a pod preempted (SIGTERM to all of it
 or to one process). Nothing is lost beyond the steps since the last checkpoint, and every failure
-explains itself. (SIGTERM to one host and the non-finite guard are in test_pretrain.py, bad
-images in test_data_*.py; more preemption trials at random moments:
+explains itself. (SIGTERM to one host is in test_pretrain.py, the non-finite guard and an
+unwritable workdir in test_trainer.py, bad images in test_data_*.py; more preemption trials at
+random moments:
 `python -m mae_jax.tools.preemption_trials`.)
 
 Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.

@@ -37,9 +37,9 @@ class _ResolvingParser:
     return getattr(self._parser, name)
 
 
-def DEFINE_config_file(name: str, default: str | None = None, help_string: str = "",  # pylint: disable=invalid-name
-                       flag_values: flags.FlagValues = flags.FLAGS, lock_config: bool = True,
-                       **kwargs):
+def DEFINE_config_file(  # pylint: disable=invalid-name
+    name: str, default: str | None = None, help_string: str = "",
+    flag_values: flags.FlagValues = flags.FLAGS, lock_config: bool = True, **kwargs):
   """`ml_collections.config_flags.DEFINE_config_file` (locked by default: typos fail) whose path
   may name a packaged config as `configs/<task>.py[:VARIANT]`."""
   holder = config_flags.DEFINE_config_file(

@@ -72,10 +72,10 @@ class CheckpointManager(ocp.CheckpointManager):
       raise _save_error(self, self._saving_step, err) from err
 
   def reached_preemption(self, step):
-    """Never asks JAX: the train loop alone does, once per step (preemption.PreemptionWatcher), and saves
-    with force=True when told to. JAX keeps only the last number it was asked about, and orbax
-    would ask with checkpoint steps from its save and finalize threads, moving the agreed stop to
-    a point the loop has passed or will not reach for a long time."""
+    """Never asks JAX: the trainer alone does, once per step (preemption.PreemptionWatcher), and
+    saves with force=True when told to. JAX keeps only the last number it was asked about, and
+    orbax would ask with checkpoint steps from its save and finalize threads, moving the agreed
+    stop to a point the loop has passed or will not reach for a long time."""
     del step
     return False
 

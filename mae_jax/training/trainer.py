@@ -113,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   step_flops, peak_flops))
         pending, tick, tick_step = [], time.perf_counter(), step
       record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
-      if best:
+      if best is not None:
         record.update(best.update(step, record, state, guard))
       if record:
         writer.write_scalars(step, record)
@@ -137,13 +137,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     watcher.close()
     writer.flush()
     manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
-    if best:
+    if best is not None:
       best.close()
   if is_chief:
+    kept = "" if best is None else (f" (last), {workdir / 'best'} (best {best.logged_as} "
+                                    f"{best.value:.4f})")
     logging.info("Done at step %d: %s. Checkpoints: %s%s  TensorBoard: %s  Metrics: %s  "
-                 "Config: %s", step, last, workdir / "checkpoints",
-                 f" (last), {workdir / 'best'} (best {best.logged_as} {best.value:.4f})"
-                 if best else "", workdir / "tensorboard", log.path, workdir / "config.json")
+                 "Config: %s", step, last, workdir / "checkpoints", kept, workdir / "tensorboard",
+                 log.path, workdir / "config.json")
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   return {"step": step, **last, "preempted": watcher.preempted}
 

@@ -432,6 +432,7 @@ def pretrained_elsewhere(tmp_path_factory):
 
 PRETRAIN = "configs/pretrain.py:tiny"
 FINETUNE = "configs/finetune.py:fashion_mnist"
+LINPROBE = "configs/linprobe.py:fashion_mnist"
 FT = ["--config.model.name=vit_test_patch4", "--config.mesh.data=8", "--config.batch_size=64"]
 PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
 
@@ -464,6 +465,12 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
      "image_size=30 is not divisible by the patch size 4 of config.model.name=vit_test_patch4"),
     (FINETUNE, FT + ["--config.init=/nonexistent/encoder"], "config.init=/nonexistent/encoder does "
      "not exist"),
+    (FINETUNE, FT + ["--config.model.name=vit_nope"], "config.model: Unknown classifier 'vit_nope'"),
+    # The checks every task shares.
+    (FINETUNE, FT + ["--config.max_consecutive_nonfinite=0"],
+     "config.max_consecutive_nonfinite must be positive"),
+    (LINPROBE, FT + ["--config.base_lr=0"], "config.base_lr must be > 0"),
+    (LINPROBE, FT + ["--config.model.dtype=float8"], "config.model.dtype='float8'; choose one of"),
     (FINETUNE, ["--config.model.name=vit_small_patch4", "--config.mesh.data=8",
                 "--config.init={pretrained}"],
      "holds a 2-block, 32-wide, patch-4 encoder but config.model.name=vit_small_patch4 is"),

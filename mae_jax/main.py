@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
+
 from mae_jax import configs, tasks  # pylint: disable=g-import-not-at-top
 
 configs.DEFINE_config_file("config", None, "Config file (path[:variant]); configs/<task>.py names "

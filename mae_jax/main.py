@@ -10,11 +10,11 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
-from ml_collections import config_flags
 
-from mae_jax import tasks  # pylint: disable=g-import-not-at-top
+from mae_jax import configs, tasks  # pylint: disable=g-import-not-at-top
 
-config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+configs.DEFINE_config_file("config", None, "Config file (path[:variant]); configs/<task>.py names "
+                           "the packaged ones from any directory.")
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and figures go (local or gs://).")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator_address).")

@@ -45,10 +45,5 @@ def prepare_process(coordinator_address=None, num_processes=None, process_id=Non
 
 def run_task(config, workdir: str) -> dict:
   """Runs (or resumes) the config's task in `workdir`; returns its last metrics."""
-  if config.task == "pretrain":
-    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
-    return pretrain.train_and_evaluate(config, workdir)
-  if config.task in ("finetune", "linprobe"):
-    from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
-    return classify.train_and_evaluate(config, workdir)
-  raise ValueError(f"Unknown task {config.task!r} in the config.")
+  from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  return trainer.run(config, workdir)

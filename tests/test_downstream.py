@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import finetune as finetune_config
-from configs import linprobe as linprobe_config
 from mae_jax import export, models
-from mae_jax.training import classify
+from mae_jax.configs import finetune as finetune_config
+from mae_jax.configs import linprobe as linprobe_config
+from mae_jax.training import classify, config_checks, trainer
 
 # `pretrained`, the tiny pre-training workdir, is a session fixture in conftest.py.
 
@@ -48,7 +48,7 @@ def test_export_and_load_encoder_give_the_pretrained_features(pretrained, tmp_pa
 def test_linear_probe_learns_above_chance_and_keeps_the_encoder_frozen(pretrained, tmp_path):
   config = _downstream(linprobe_config, dict(total_steps=60, warmup_steps=5, eval_every_steps=60,
                                              base_lr=25.0), pretrained)
-  result = classify.train_and_evaluate(config, str(tmp_path / "probe"))
+  result = trainer.run(config, str(tmp_path / "probe"))
   # 10 classes: chance is 0.1, and over 10,000 eval images its spread is about 0.003.
   assert result["eval_top1"] > 0.15
   # The encoder in the probe's checkpoint is the pre-trained one, bit for bit.
@@ -64,7 +64,7 @@ def test_finetune_trains_evaluates_and_keeps_best(pretrained, tmp_path):
   config = _downstream(finetune_config, dict(total_steps=20, warmup_steps=2, eval_every_steps=10),
                        pretrained)
   workdir = tmp_path / "ft"
-  result = classify.train_and_evaluate(config, str(workdir))
+  result = trainer.run(config, str(workdir))
   assert 0.0 <= result["eval_top1"] <= result["eval_top5"] <= 1.0
   assert result["eval_top1"] > 0.15
   assert os.listdir(workdir / "best")
@@ -76,7 +76,7 @@ def test_mismatched_init_is_refused(pretrained, tmp_path):
   config = _downstream(finetune_config, dict(total_steps=2), pretrained)
   config.model.name = "vit_small_patch4"
   with pytest.raises(ValueError, match="choose the classifier of the pre-trained size"):
-    classify.train_and_evaluate(config, str(tmp_path / "bad"))
+    trainer.run(config, str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("trainable_blocks,trained", [
@@ -114,4 +114,4 @@ def test_partial_finetuning_trains_exactly_the_last_blocks(trainable_blocks, tra
 def test_partial_finetuning_refuses_more_blocks_than_the_model_has():
   config = _downstream(finetune_config, dict(trainable_blocks=3), init="")
   with pytest.raises(ValueError, match="config.trainable_blocks=3.*0 to 2"):
-    classify.check_config(config, 1, 8)
+    config_checks.check(config, 1, 8)

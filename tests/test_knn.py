@@ -74,12 +74,12 @@ def test_k_larger_than_train_set_uses_all():
 
 def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   from mae_jax.evaluation import knn_monitor
-  from mae_jax.training import pretrain, sharding
+  from mae_jax.training import pretrain, sharding, trainer
   from tests.test_pretrain import tiny_config
   config = tiny_config(**{"total_steps": 4, "knn.every_steps": 2, "knn.num_train": 50,
                           "knn.num_eval": 40})
   workdir = tmp_path / "run"
-  pretrain.train_and_evaluate(config, str(workdir))
+  trainer.run(config, str(workdir))
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   knn_records = [r for r in records if "knn_top1" in r]
   assert [r["step"] for r in knn_records] == [2, 4]
@@ -124,7 +124,7 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])
 def test_monitor_config_errors_name_the_field(field, value):
-  from configs import pretrain as pretrain_config
+  from mae_jax.configs import pretrain as pretrain_config
   from mae_jax.evaluation import knn_monitor
   cfg = pretrain_config.get_config("fashion_mnist").knn
   cfg[field] = value

@@ -8,8 +8,8 @@ import sys
 import pytest
 from etils import epath
 
-from configs import finetune as finetune_configs
-from configs import pretrain as pretrain_configs
+from mae_jax.configs import finetune as finetune_configs
+from mae_jax.configs import pretrain as pretrain_configs
 from mae_jax.tools import mae_vs_scratch as study
 from tests.test_pretrain import REPO
 
@@ -148,14 +148,14 @@ def test_default_command_keeps_its_stages_and_best_top1(default_study):
 
 
 def test_cpu_recipes_pass_the_config_checks():
-  from configs import linprobe as linprobe_configs
-  from mae_jax.training import classify, config_checks
+  from mae_jax.configs import linprobe as linprobe_configs
+  from mae_jax.training import config_checks
   pre = pretrain_configs.get_config("fashion_mnist_cpu")
-  config_checks.check_pretrain(pre, 1, 1)
+  config_checks.check(pre, 1, 1)
   assert (pre.data.image_size, pre.model.img_size, pre.data.eval_crop_pct) == (28, 28, 1.0)
   for module in (finetune_configs, linprobe_configs):
     config = module.get_config("fashion_mnist_cpu")
-    classify.check_config(config, 1, 1)
+    config_checks.check(config, 1, 1)
     assert config.data.image_size == 28
   ft = finetune_configs.get_config("fashion_mnist_cpu").data.finetune
   assert (ft.mixup, ft.cutmix, ft.randaugment_layers, ft.reprob) == (0, 0, 0, 0)

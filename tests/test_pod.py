@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from mae_jax.training import pretrain
+from mae_jax.training import trainer
 from tests.test_pretrain import losses, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def launch(workdir):
 
 def test_two_process_pod_matches_one_process_and_resumes(tmp_path):
   single = str(tmp_path / "single")
-  pretrain.train_and_evaluate(tiny_config(total_steps=6, checkpoint_every_steps=3), single)
+  trainer.run(tiny_config(total_steps=6, checkpoint_every_steps=3), single)
   pod = str(tmp_path / "pod")
   result = launch(pod)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

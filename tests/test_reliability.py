@@ -1,8 +1,9 @@
 """Faults a long run meets: kill -9 (also during an async save), a damaged checkpoint, a full or
 read-only disk, bad configuration, a pod process that dies, a pod preempted (SIGTERM to all of it
 or to one process). Nothing is lost beyond the steps since the last checkpoint, and every failure
-explains itself. (SIGTERM to one host and the non-finite guard are in test_pretrain.py, bad
-images in test_data_*.py; more preemption trials at random moments:
+explains itself. (SIGTERM to one host is in test_pretrain.py, the non-finite guard and an
+unwritable workdir in test_trainer.py, bad images in test_data_*.py; more preemption trials at
+random moments:
 `python -m mae_jax.tools.preemption_trials`.)
 
 Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.
@@ -21,11 +22,11 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
-from ml_collections import config_flags
 
 from mae_jax.tools import preemption_trials
-from mae_jax.training import checkpointing, classify, config_checks, pretrain
+from mae_jax.training import checkpointing, classify, config_checks, pretrain, sharding, trainer
 from tests.test_pretrain import losses, tiny_config
+from tests.test_trainer import parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A restore that fails on a damaged file abandons orbax's other pending array reads; when they are
@@ -82,19 +83,15 @@ def wait_for_step(workdir, step, proc, timeout=300):
 def reference(tmp_path_factory, caches):
   """The unbroken run every fault is compared with: its workdir and {step: loss}."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  pretrain.train_and_evaluate(run_config(caches), workdir)
+  trainer.run(run_config(caches), workdir)
   return workdir, losses(workdir)
 
 
 def restore_target(**overrides):
-  """The train state of RUN as pretrain.train_and_evaluate builds it, as a restore target."""
+  """The train state of RUN as the trainer builds it, as a restore target."""
   config = tiny_config(**{**RUN, **overrides})
-  model = pretrain.build_model(config.model)
-  schedule, _ = pretrain.schedule_from_config(config, 1000)
-  tx = pretrain.optimizer_from_config(config, schedule)
-  mesh = pretrain.sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  state, _ = pretrain.create_train_state(model, tx, mesh, config.seed)
-  return checkpointing.abstract_like(state)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  return pretrain.build_program(config, mesh, steps_per_epoch=1000).sharded_abstract_state()
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +147,7 @@ def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
   assert not any(n.startswith("6.") for n in os.listdir(checkpoints))  # the partial is gone
   # 3. Once more, to the end (in this process: the command line is the same run).
   with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+    trainer.run(run_config(caches), str(workdir))
   resumed_from = max(complete)
   assert f"Resumed from the checkpoint at step {resumed_from}." in caplog.text
   assert "cannot be restored" not in caplog.text
@@ -287,7 +284,7 @@ def test_a_reader_of_a_damaged_latest_step_takes_the_previous_and_moves_nothing(
 
 def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step(
     reference, params_before_last, tmp_path, caplog):
-  from configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
+  from mae_jax.configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
   from mae_jax import export, load_encoder  # pylint: disable=import-outside-toplevel
   from mae_jax.tools import visualize  # pylint: disable=import-outside-toplevel
   workdir = _reader_workdir(reference, tmp_path, _cut_short)
@@ -424,16 +421,6 @@ def test_a_config_or_log_rewrite_that_fails_leaves_the_old_file_whole(tmp_path, 
 
 # ----------------------------------------------------------------------------------------------
 # Bad configuration: refused by the checks that run before any compute, naming field and fix.
-def _parse(variant_file, args):
-  """The config as `mae_jax.main` gets it from its command line (locked: typos fail)."""
-  argv = ["main", f"--config={os.path.join(REPO, variant_file)}", *args]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
-                                  sys_argv=argv)
-  values(argv)
-  return values.config
-
-
 @pytest.fixture(scope="module")
 def pretrained_elsewhere(tmp_path_factory):
   """A pre-training workdir of mae_vit_test_patch4, as far as a fine-tuning config can tell."""
@@ -445,6 +432,7 @@ def pretrained_elsewhere(tmp_path_factory):
 
 PRETRAIN = "configs/pretrain.py:tiny"
 FINETUNE = "configs/finetune.py:fashion_mnist"
+LINPROBE = "configs/linprobe.py:fashion_mnist"
 FT = ["--config.model.name=vit_test_patch4", "--config.mesh.data=8", "--config.batch_size=64"]
 PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
 
@@ -454,8 +442,8 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
     (PRETRAIN, ["--config.batch_size=many"], "--config.batch_size=many: invalid literal for int"),
     (PRETRAIN, ["--config.model.norm_pix_loss=maybe"], "--config.model.norm_pix_loss=maybe"),
     (PRETRAIN, PT + ["--config.data.image_size=30"],
-     "image_size=30 is not divisible by the patch size 4 of mae_vit_test_patch4; set "
-     "--config.data.image_size=32"),
+     "image_size=30 is not divisible by the patch size 4 of config.model.name="
+     "mae_vit_test_patch4; set --config.data.image_size=32"),
     (PRETRAIN, PT + ["--config.data.image_size=28"], "set --config.data.image_size=32"),
     (PRETRAIN, PT + ["--config.model.mask_ratio=1.0"],
      "config.model: mask_ratio must be in [0, 1)"),
@@ -471,11 +459,18 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
     (PRETRAIN, PT + ["--config.grad_accum_steps=3"], "grad_accum_steps=3 must give a micro-batch"),
     (PRETRAIN, PT + ["--config.base_lr=0"], "config.base_lr must be > 0"),
     (PRETRAIN, PT + ["--config.log_every_steps=0"], "config.log_every_steps must be positive"),
-    (FINETUNE, FT + ["--config.batch_size=60"], "batch_size=60 must be divisible by the 8 devices"),
+    (FINETUNE, FT + ["--config.batch_size=60"],
+     "batch_size=60 is not divisible by the mesh's 8x1 devices; use a multiple of 8"),
     (FINETUNE, FT + ["--config.data.image_size=30"],
      "image_size=30 is not divisible by the patch size 4 of config.model.name=vit_test_patch4"),
     (FINETUNE, FT + ["--config.init=/nonexistent/encoder"], "config.init=/nonexistent/encoder does "
      "not exist"),
+    (FINETUNE, FT + ["--config.model.name=vit_nope"], "config.model: Unknown classifier 'vit_nope'"),
+    # The checks every task shares.
+    (FINETUNE, FT + ["--config.max_consecutive_nonfinite=0"],
+     "config.max_consecutive_nonfinite must be positive"),
+    (LINPROBE, FT + ["--config.base_lr=0"], "config.base_lr must be > 0"),
+    (LINPROBE, FT + ["--config.model.dtype=float8"], "config.model.dtype='float8'; choose one of"),
     (FINETUNE, ["--config.model.name=vit_small_patch4", "--config.mesh.data=8",
                 "--config.init={pretrained}"],
      "holds a 2-block, 32-wide, patch-4 encoder but config.model.name=vit_small_patch4 is"),
@@ -483,10 +478,8 @@ PT = [f"--config.{k}={v}" for k, v in RUN.items() if k != "total_steps"]
 def test_bad_configs_are_refused_before_compute(variant_file, args, message,
                                                 pretrained_elsewhere):
   args = [a.format(pretrained=pretrained_elsewhere) for a in args]
-  check = {"pretrain": config_checks.check_pretrain, "finetune": classify.check_config}
   with pytest.raises((ValueError, AttributeError, FileNotFoundError, flags.Error)) as err:
-    config = _parse(variant_file, args)
-    check[config.task](config, 1, 8)
+    config_checks.check(parse(variant_file, args), 1, 8)
   assert message in str(err.value)
 
 
@@ -497,7 +490,7 @@ def relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, step):
   not depend on the number of processes) resumes from `step` and ends with the reference's
   losses."""
   with caplog.at_level(logging.INFO):
-    pretrain.train_and_evaluate(run_config(caches), str(workdir))
+    trainer.run(run_config(caches), str(workdir))
   assert f"Resumed from the checkpoint at step {step}." in caplog.text
   got, (_, expected) = losses(workdir), reference
   assert sorted(got) == list(range(1, TOTAL + 1))
@@ -547,7 +540,8 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 def preempted_pod(workdir, caches, target, moment, first_step):
   """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
   (the same step saved by both, no earlier than `first_step`) and returns that step."""
-  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment)
+  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
+                                     launcher=os.path.join(REPO, "launch", "local.sh"))
   logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
                  for i in range(2))
   # Exit 0: every process ended by itself, before local.sh's SIGKILL.

@@ -8,7 +8,6 @@ once) is the floor a useful encoder has to clear. With `knn.linear_probe` the sa
 fit the linear classifier of `linear.py` (`linear_top1`, beside `linear_top1_pixels`): a probe
 curve over the run at no extra embedding cost.
 """
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -128,15 +127,14 @@ class KnnMonitor:
           self.pixels(None, self.cfg.num_eval), with_linear)
     return self._pixels_scores[with_linear]
 
-  def maybe_run(self, step, params, writer, total_steps) -> dict:
-    every = self.cfg.every_steps
-    if not every or (step % every and step != total_steps):
-      return {}
+  @property
+  def every_steps(self) -> int:
+    return self.cfg.every_steps
+
+  def __call__(self, state) -> dict:
+    """As an evaluator of the trainer: the scores of the encoder, each beside the raw pixels'
+    (`knn_top1_pixels`, ...)."""
     pixels = self.pixels_scores()
-    metrics = self.scores(params)
+    metrics = self.scores(state["params"])
     metrics.update({f"{k}_pixels": pixels[k] for k in metrics})
-    writer.write_scalars(step, metrics)
-    logging.info("Step %d: %s.", step, ", ".join(
-        f"{k} {100 * metrics[k]:.2f}% (raw pixels {100 * metrics[k + '_pixels']:.2f}%)"
-        for k in metrics if not k.endswith("_pixels")))
     return metrics

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from mae_jax.models import pos_embed
-from mae_jax.models.vit import Block, PatchEmbed, check_divisible, layer_norm, logical, xavier_uniform, zeros
+from mae_jax.models.vit import (Block, PatchEmbed, PatchGrid, check_divisible, layer_norm, logical,
+                                xavier_uniform, zeros)
 
 Dtype = Any
 
@@ -71,7 +72,7 @@ def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array
   return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-class MaskedAutoencoder(nn.Module):
+class MaskedAutoencoder(nn.Module, PatchGrid):
   """Asymmetric ViT encoder-decoder: the encoder sees only the visible patches plus cls.
 
   Call with images (B, H, W, C), already normalised, and optional `noise` (B, L); without noise the
@@ -95,27 +96,17 @@ class MaskedAutoencoder(nn.Module):
   remat: bool = False              # recompute block activations in the backward pass
 
   def __post_init__(self):
-    fix = "choose sizes that divide"
-    check_divisible("img_size", self.img_size, "patch_size", self.patch_size, fix)
-    check_divisible("embed_dim", self.embed_dim, "num_heads", self.num_heads, fix)
+    self.check_geometry()
     check_divisible("decoder_embed_dim", self.decoder_embed_dim, "decoder_num_heads",
-                    self.decoder_num_heads, fix)
-    for name in ("embed_dim", "decoder_embed_dim"):
-      check_divisible(name, getattr(self, name), "4 (2-D sin-cos table)", 4, "use a multiple of 4")
+                    self.decoder_num_heads, "choose sizes that divide")
+    check_divisible("decoder_embed_dim", self.decoder_embed_dim, "4 (2-D sin-cos table)", 4,
+                    "use a multiple of 4")
     if not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}.")
     if num_visible(self.num_patches, self.mask_ratio) < 1:
       raise ValueError(f"mask_ratio {self.mask_ratio} leaves no visible patch out of "
                        f"{self.num_patches}; lower it.")
     super().__post_init__()
-
-  @property
-  def grid_size(self) -> int:
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
 
   def setup(self):
     block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
@@ -147,12 +138,6 @@ class MaskedAutoencoder(nn.Module):
   def decoder_pos_embed(self):
     return jnp.asarray(pos_embed.sincos_2d(self.decoder_embed_dim, self.grid_size))[None]
 
-  def _check_images(self, images):
-    expected = (self.img_size, self.img_size, self.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images must be (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
-                       f"NHWC, got {tuple(images.shape)}.")
-
   def _run(self, blocks, x):
     for blk in blocks:
       x = blk(x, True)
@@ -164,7 +149,7 @@ class MaskedAutoencoder(nn.Module):
 
   def forward_encoder(self, images, noise):
     """Returns (latent (B, 1 + len_keep, D), mask, ids_restore)."""
-    self._check_images(images)
+    self.check_images(images)
     x = self.patch_embed(images) + self.pos_embed()[:, 1:].astype(self.dtype)
     len_keep = num_visible(self.num_patches, self.mask_ratio)
     if self.encoder_mask_tokens:
@@ -203,6 +188,6 @@ class MaskedAutoencoder(nn.Module):
 
   def encode(self, images):
     """Encoder features of the full, unmasked image: (B, 1 + L, D) after the final norm."""
-    self._check_images(images)
+    self.check_images(images)
     x = self.patch_embed(images) + self.pos_embed()[:, 1:].astype(self.dtype)
     return self.norm(self._run(self.blocks, self._prepend_cls(x)))

@@ -198,3 +198,30 @@ class Block(nn.Module):
 def check_divisible(what: str, value: int, by_what: str, by: int, fix: str):
   if by <= 0 or value % by:
     raise ValueError(f"{what} ({value}) must be divisible by {by_what} ({by}); {fix}.")
+
+
+class PatchGrid:
+  """The image geometry of the MAE and of the classifier: square `img_size` images with `in_chans`
+  channels cut into a grid of `patch_size` patches, tokens of `embed_dim` split over `num_heads`
+  (the fields of the module that mixes this in)."""
+
+  def check_geometry(self):
+    """Raises for sizes that do not divide, at construction, before any parameter exists."""
+    fix = "choose sizes that divide"
+    check_divisible("img_size", self.img_size, "patch_size", self.patch_size, fix)
+    check_divisible("embed_dim", self.embed_dim, "num_heads", self.num_heads, fix)
+    check_divisible("embed_dim", self.embed_dim, "4 (2-D sin-cos table)", 4, "use a multiple of 4")
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_size ** 2
+
+  def check_images(self, images):
+    expected = (self.img_size, self.img_size, self.in_chans)
+    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+      raise ValueError(f"images must be (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
+                       f"NHWC, got {tuple(images.shape)}.")

@@ -17,7 +17,7 @@ import numpy as np
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models.mae import MaskedAutoencoder
 from mae_jax.models.registry import MODELS as MAE_MODELS
-from mae_jax.models.vit import Block, PatchEmbed, check_divisible, layer_norm, logical, zeros
+from mae_jax.models.vit import Block, PatchEmbed, PatchGrid, layer_norm, logical, zeros
 
 Dtype = Any
 
@@ -30,7 +30,7 @@ def torch_trunc_normal(std: float, lower: float = -2.0, upper: float = 2.0):
   return init
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nn.Module, PatchGrid):
   """ViT classifier. Call with NHWC images; returns float32 logits (B, num_classes).
 
   `global_pool=True` (the official fine-tuning default): mean of the patch tokens -> `fc_norm` ->
@@ -52,23 +52,12 @@ class VisionTransformer(nn.Module):
   remat: bool = False
 
   def __post_init__(self):
-    fix = "choose sizes that divide"
-    check_divisible("img_size", self.img_size, "patch_size", self.patch_size, fix)
-    check_divisible("embed_dim", self.embed_dim, "num_heads", self.num_heads, fix)
-    check_divisible("embed_dim", self.embed_dim, "4 (2-D sin-cos table)", 4, "use a multiple of 4")
+    self.check_geometry()
     if not 0.0 <= self.drop_path < 1.0:
       raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}.")
     if self.num_classes < 1:
       raise ValueError(f"num_classes must be positive, got {self.num_classes}.")
     super().__post_init__()
-
-  @property
-  def grid_size(self) -> int:
-    return self.img_size // self.patch_size
-
-  @property
-  def num_patches(self) -> int:
-    return self.grid_size ** 2
 
   def setup(self):
     block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
@@ -91,15 +80,9 @@ class VisionTransformer(nn.Module):
         kernel_init=logical(torch_trunc_normal(self.head_init_std), ("embed", "classes")),
         bias_init=logical(zeros, ("classes",)))
 
-  def _check_images(self, images):
-    expected = (self.img_size, self.img_size, self.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-      raise ValueError(f"images must be (batch, {expected[0]}, {expected[1]}, {expected[2]}) "
-                       f"NHWC, got {tuple(images.shape)}.")
-
   def forward_features(self, images, deterministic: bool = True):
     """Tokens after the last block, before any final norm: (B, 1 + L, D)."""
-    self._check_images(images)
+    self.check_images(images)
     x = self.patch_embed(images)
     cls = jnp.broadcast_to(self.cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)

@@ -17,12 +17,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
-
+from mae_jax import configs
 from mae_jax.training import flops, timing
 
-config_flags.DEFINE_config_file("config", None, "Pre-training config (path[:variant]).",
-                                lock_config=True)
+configs.DEFINE_config_file("config", None, "Pre-training config (path[:variant]).")
 flags.DEFINE_integer("steps", 10, "Timed steps.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 flags.DEFINE_float("peak_flops", 0.0, "Peak FLOP/s per device for MFU; 0 = measure a matmul.")

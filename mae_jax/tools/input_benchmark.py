@@ -20,10 +20,10 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from ml_collections import config_flags
+from mae_jax import configs
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (optional).",
-                                          lock_config=False)
+_CONFIG = configs.DEFINE_config_file("config", None, "Experiment config (optional).",
+                                     lock_config=False)
 _DATASET = flags.DEFINE_enum(
     "dataset", None, ["fashion_mnist", "imagenet2012", "image_folder", "fake_jpeg"],
     "Dataset (default: the config's, else fashion_mnist).")

@@ -31,18 +31,13 @@ import time
 from absl import app, flags, logging
 from etils import epath
 import ml_collections
-from ml_collections import config_flags
 
-from mae_jax import tasks
+from mae_jax import configs, tasks
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))), "configs")
-config_flags.DEFINE_config_file(
-    "pretrain", os.path.join(_CONFIGS, "pretrain.py:fashion_mnist_cpu"), "Pre-training config.",
-    lock_config=True)
-config_flags.DEFINE_config_file(
-    "finetune", os.path.join(_CONFIGS, "finetune.py:fashion_mnist_cpu"),
-    "Fine-tuning config (its init and trainable_blocks are set here).", lock_config=True)
+configs.DEFINE_config_file("pretrain", "configs/pretrain.py:fashion_mnist_cpu",
+                           "Pre-training config.")
+configs.DEFINE_config_file("finetune", "configs/finetune.py:fashion_mnist_cpu",
+                           "Fine-tuning config (its init and trainable_blocks are set here).")
 flags.DEFINE_string("workdir", None, "Where every stage and the results go.")
 flags.DEFINE_float("budget", 1.0, "Multiplies the pre-training and fine-tuning steps.")
 flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: pre-train (and probe, fine-tune) once per value "
@@ -53,7 +48,6 @@ flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linea
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
-INITS = ("mae", "random")
 STAGE_FILE = "stage.json"       # written when a stage finishes: its result and wall time
 ELAPSED_FILE = "elapsed_s"      # seconds spent in a stage's interrupted earlier attempts
 

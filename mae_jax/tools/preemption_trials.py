@@ -1,9 +1,10 @@
 r"""Preemption of a local pod at random moments: the trials behind README's fault table.
 
   python -m mae_jax.tools.preemption_trials --trials=6 [--target=all|one] \
-      [--task=pretrain|finetune] [--seed=0] [--workdir=DIR]
+      [--task=pretrain|finetune] [--seed=0] [--workdir=DIR] [--launcher=launch/local.sh]
 
-Each trial starts launch/local.sh (2 processes x 4 CPU devices, a test-size model) on a fresh
+A tool for a checkout of the repository, run from its root (or --launcher=PATH/launch/local.sh):
+each trial starts launch/local.sh (2 processes x 4 CPU devices, a test-size model) on a fresh
 workdir and sends SIGTERM at a random moment, the trials taking turns: after a random logged step;
 as the async save of a random checkpoint step begins; as a pod resumed from a random checkpoint of
 the unbroken run starts, before its first step. It waits for the pod to end and relaunches the
@@ -26,7 +27,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCHER = os.path.join("launch", "local.sh")  # the repository's, relative to its root
 _SAVED = re.compile(r"Preempted: checkpoint saved at step (\d+)")
 
 # The run of each task: a test-size model, a checkpoint every 5 steps (so that a signal often
@@ -56,9 +57,12 @@ def main_args(task: str, workdir: str, cache_dir: str) -> list[str]:
 GRACE_S = 120
 
 
-def local_pod(args) -> list[str]:
-  return ["bash", os.path.join(REPO, "launch", "local.sh"), "--num_processes=2",
-          "--devices_per_process=4", f"--grace_period={GRACE_S}", "--", *args]
+def local_pod(args, launcher: str) -> tuple[list[str], str]:
+  """(command, directory to run it in: the checkout that holds `launcher`)."""
+  launcher = os.path.abspath(launcher)
+  return (["bash", launcher, "--num_processes=2", "--devices_per_process=4",
+           f"--grace_period={GRACE_S}", "--", *args],
+          os.path.dirname(os.path.dirname(launcher)))
 
 
 def _env():
@@ -156,13 +160,16 @@ def once_resumed(workdir, pod, timeout):
   return "as the pod resumed, before its first step"
 
 
-def preempt(args, workdir, target: str, moment, timeout: float = 600) -> dict:
-  """Runs the pod of `args` (mae_jax.main's arguments; --workdir=workdir among them), sends
-  SIGTERM to `target` ("all": local.sh and every process, "one": process 1) at `moment` (one of
-  the moments above) and waits for the pod to end. Returns what happened."""
+def preempt(args, workdir, target: str, moment, launcher: str = LAUNCHER,
+            timeout: float = 600) -> dict:
+  """Runs the pod of `args` (mae_jax.main's arguments; --workdir=workdir among them) with
+  `launcher` (local.sh), sends SIGTERM to `target` ("all": local.sh and every process, "one":
+  process 1) at `moment` (one of the moments above) and waits for the pod to end. Returns what
+  happened."""
   os.makedirs(workdir, exist_ok=True)
+  command, checkout = local_pod(args, launcher)
   with open(os.path.join(workdir, "local_sh.log"), "w") as log:
-    pod = subprocess.Popen(local_pod(args), cwd=REPO, env=_env(), stdout=log,
+    pod = subprocess.Popen(command, cwd=checkout, env=_env(), stdout=log,
                            stderr=subprocess.STDOUT)
   pids = {}
   try:
@@ -215,6 +222,7 @@ def define_flags():
   flags.DEFINE_enum("task", "pretrain", sorted(RUNS), "The training loop to preempt.")
   flags.DEFINE_integer("seed", 0, "Seed of the random moments.")
   flags.DEFINE_string("workdir", None, "Where the runs go (default: a new temporary folder).")
+  flags.DEFINE_string("launcher", LAUNCHER, "The repository's launch/local.sh.")
 
 
 def main(argv):
@@ -227,7 +235,7 @@ def main(argv):
   reference = os.path.join(root, f"unbroken_{FLAGS.task}")
   if not os.path.exists(os.path.join(reference, "metrics.jsonl")):
     subprocess.run([sys.executable, "-m", "mae_jax.main", *main_args(FLAGS.task, reference, cache)],
-                   cwd=REPO, check=True, capture_output=True, env=dict(
+                   check=True, capture_output=True, env=dict(
                        os.environ, JAX_PLATFORMS="cpu",
                        XLA_FLAGS="--xla_force_host_platform_device_count=8"))
   expected = losses(reference)
@@ -250,13 +258,13 @@ def main(argv):
       shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir)
       moment = once_resumed
     try:
-      result = preempt(args, workdir, FLAGS.target, moment)
+      result = preempt(args, workdir, FLAGS.target, moment, FLAGS.launcher)
     except RuntimeError as err:  # the pod ended, or never reached the moment: a failed trial
       rows.append({"trial": trial, "error": str(err)})
       print(json.dumps(rows[-1]), flush=True)
       continue
-    relaunch = subprocess.run(local_pod(args), cwd=REPO, env=_env(), capture_output=True,
-                              text=True)
+    command, checkout = local_pod(args, FLAGS.launcher)
+    relaunch = subprocess.run(command, cwd=checkout, env=_env(), capture_output=True, text=True)
     result.update(relaunch_rc=relaunch.returncode,
                   loss_difference=max_relative_difference(losses(workdir), expected))
     rows.append(result)

@@ -14,7 +14,6 @@ temporary directory is removed when the next run starts). On top of orbax:
     the directory and the fix; the steps already saved stay as they are.
 """
 import errno
-import json
 import logging
 import re
 import time
@@ -73,10 +72,10 @@ class CheckpointManager(ocp.CheckpointManager):
       raise _save_error(self, self._saving_step, err) from err
 
   def reached_preemption(self, step):
-    """Never asks JAX: the train loop alone does, once per step (loop.PreemptionWatcher), and saves
-    with force=True when told to. JAX keeps only the last number it was asked about, and orbax
-    would ask with checkpoint steps from its save and finalize threads, moving the agreed stop to
-    a point the loop has passed or will not reach for a long time."""
+    """Never asks JAX: the trainer alone does, once per step (preemption.PreemptionWatcher), and
+    saves with force=True when told to. JAX keeps only the last number it was asked about, and
+    orbax would ask with checkpoint steps from its save and finalize threads, moving the agreed
+    stop to a point the loop has passed or will not reach for a long time."""
     del step
     return False
 
@@ -217,33 +216,6 @@ def write_atomically(path, text: str) -> None:
   partial = path.parent / (path.name + ".tmp")
   partial.write_text(text)
   partial.replace(path)
-
-
-def truncate_metrics_log(path: epath.Path, step: int) -> int:
-  """Keeps the lines of a JSON-lines log with "step" <= `step` and drops the rest.
-
-  Called on resume: lines written after the restored checkpoint belong to steps the resumed run
-  repeats, so the log keeps one line per step. A line cut short by a kill is dropped too. Returns
-  the number of lines dropped."""
-  path = epath.Path(path)
-  if not path.exists():
-    return 0
-  kept, dropped = [], 0
-  for line in path.read_text().splitlines():
-    try:
-      keep = int(json.loads(line)["step"]) <= step
-    except (ValueError, KeyError, TypeError):
-      keep = False
-    if keep:
-      kept.append(line + "\n")
-    else:
-      dropped += 1
-  if dropped:
-    write_atomically(path, "".join(kept))
-    logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
-                    "run resumes from; the resumed run writes those steps again.", path, dropped,
-                    step)
-  return dropped
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,21 @@ def warmup_cosine(base_lr: float, warmup_steps: int, total_steps: int, min_lr: f
   return schedule
 
 
+def total_steps(config, steps_per_epoch: int) -> int:
+  """The run's length: `total_steps` when set, else `num_epochs` epochs."""
+  return config.total_steps if config.total_steps > 0 else config.num_epochs * steps_per_epoch
+
+
+def schedule_from_config(config, steps_per_epoch: int):
+  """(schedule, total steps) of any task's config: warm-up (`warmup_steps`, else
+  `warmup_epochs`) and cosine to `min_lr` from the peak lr = base_lr * batch_size / 256."""
+  total = total_steps(config, steps_per_epoch)
+  warmup = config.warmup_steps if config.warmup_steps > 0 else int(
+      config.warmup_epochs * steps_per_epoch)
+  peak_lr = config.base_lr * config.batch_size / 256
+  return warmup_cosine(peak_lr, warmup, total, config.min_lr), total
+
+
 def decay_mask(params):
   """Official no-decay group (timm add_weight_decay): 1-D params and every bias. Tokens (3-D) and
   the patch-embedding kernel are decayed."""

@@ -1,45 +1,21 @@
-"""MAE pre-training loop: one jitted step over a device mesh, orbax checkpoints, clu metrics.
-
-Sections, in the order they run: config checks -> mesh -> input -> model & optimizer ->
-sharded state (created in place) -> update step -> checkpoint restore -> loop (metrics, figures,
-eval, checkpoints, preemption) -> final checkpoint.
-"""
-import logging
-import os
-import time
-
+"""MAE pre-training as a task of the trainer: the masked-autoencoder step and its evaluators (the
+masked loss on the eval split, the reconstruction figure, the k-NN monitor)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from clu import metric_writers, periodic_actions
-from etils import epath
 
 from mae_jax import data, models
 from mae_jax.evaluation import knn_monitor
-from mae_jax.training import (checkpointing, config_checks, figures, flops, loop, optimizer,
-                              program, sharding)
-
-
-class NonFiniteError(RuntimeError):
-  pass
+from mae_jax.training import figures, optimizer, program, sharding, train_step
 
 
 # ----------------------------------------------------------------------------------------------
-# Model, schedule and per-example randomness.
+# Model, optimizer and per-example randomness.
 def build_model(model_config: ml_collections.ConfigDict, **extra):
   overrides = {k: v for k, v in model_config.items() if k != "name" and v is not None}
   overrides["dtype"] = jnp.dtype(overrides.get("dtype", "float32"))
   return models.create_model(model_config.name, **overrides, **extra)
-
-
-def schedule_from_config(config, steps_per_epoch: int):
-  total = config_checks.total_steps(config, steps_per_epoch)
-  warmup = config.warmup_steps if config.warmup_steps > 0 else int(
-      config.warmup_epochs * steps_per_epoch)
-  peak_lr = config.base_lr * config.batch_size / 256
-  return optimizer.warmup_cosine(peak_lr, warmup, total, config.min_lr), total
 
 
 def optimizer_from_config(config, schedule):
@@ -56,39 +32,35 @@ def masking_noise(seed: int, step, batch_size: int, num_patches: int) -> jax.Arr
 
 
 # ----------------------------------------------------------------------------------------------
-# Train state, created already sharded.
+# The program: state (created already sharded) and step.
 def _train_state_init(model, tx, seed: int):
   def init():
     params = models.init_params(model, jax.random.key(seed))
-    zero = jnp.zeros((), jnp.int32)
-    return {"params": params, "opt": tx.init(params), "step": zero, "nonfinite": zero,
-            "skipped": zero}
+    return {"params": params, "opt": tx.init(params), **train_step.counters()}
   return init
-
-
-def create_train_state(model, tx, mesh, seed: int):
-  """{'params', 'opt', 'step', 'nonfinite', 'skipped'}: params and Adam moments are placed by
-  the logical-axis rules at creation, never materialised whole on one device."""
-  return sharding.init_sharded(_train_state_init(model, tx, seed),
-                               {"params": models.logical_axes(model)}, mesh)
 
 
 def build_program(config, mesh, steps_per_epoch: int) -> program.TrainProgram:
   """The pre-training step of `config` on `mesh`, with its state's shapes and shardings (nothing
-  allocated): what `train_and_evaluate` runs and what `mae_jax.tpu.aot` compiles for TPUs."""
+  allocated): what the trainer runs and what `mae_jax.tpu.aot` compiles for TPUs. The state,
+  {'params', 'opt', 'step', 'nonfinite', 'skipped'}, has its params and Adam moments placed by
+  the logical-axis rules at creation, never materialised whole on one device."""
   model = build_model(config.model)
-  schedule, total_steps = schedule_from_config(config, steps_per_epoch)
+  schedule, total_steps = optimizer.schedule_from_config(config, steps_per_epoch)
   tx = optimizer_from_config(config, schedule)
   init = _train_state_init(model, tx, config.seed)
   abstract, shardings = sharding.sharded_shapes(init, {"params": models.logical_axes(model)}, mesh)
   return program.TrainProgram(
       mesh=mesh, model=model, init=init, abstract_state=abstract, state_shardings=shardings,
-      train_step=make_train_step(model, tx, schedule, config, shardings, mesh),
+      train_step=train_step.make_train_step(make_gradients(model, config, mesh), tx, schedule,
+                                            shardings, mesh),
       batch=program.abstract_batch(config.batch_size, config.data.image_size, mesh),
       total_steps=total_steps)
 
 
-def make_train_step(model, tx, schedule, config, state_shardings, mesh):
+def make_gradients(model, config, mesh):
+  """(loss, grads, {}) of the masked-patch loss on a batch, masks drawn for the state's step;
+  with `grad_accum_steps` > 1 summed over micro-batches."""
   batch_size, accum = config.batch_size, config.grad_accum_steps
   batch_spec = sharding.batch_sharding(mesh)
 
@@ -111,245 +83,89 @@ def make_train_step(model, tx, schedule, config, state_shardings, mesh):
     (loss, grads), _ = jax.lax.scan(body, zeros, (micro(images), micro(noise)))
     return jax.tree_util.tree_map(lambda x: x / accum, (loss, grads))
 
-  def train_step(state, batch):
-    params, step = state["params"], state["step"]
+  def gradients(state, batch):
     noise = jax.lax.with_sharding_constraint(
-        masking_noise(config.seed, step, batch_size, model.num_patches), batch_spec)
-    loss, grads = loss_and_grads(params, batch["image"], noise)
-    grad_norm = optax.global_norm(grads)
-
-    def update(params_and_opt):
-      updates, opt = tx.update(grads, params_and_opt[1], params_and_opt[0])
-      return optax.apply_updates(params_and_opt[0], updates), opt
-    # A non-finite loss or gradient leaves params and optimizer untouched; the host counts these.
-    # A cond rather than a select per leaf: the update then runs in place on the donated buffers,
-    # where selecting between old and new keeps both alive (copies, extra passes; 3x the time of
-    # the AdamW update on CPU).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_params, opt = jax.lax.cond(finite, update, lambda p_o: p_o, (params, state["opt"]))
-    new_state = {
-        "params": new_params, "opt": opt, "step": step + 1,
-        "nonfinite": jnp.where(finite, 0, state["nonfinite"] + 1),
-        "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-    }
-    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step),
-               "param_norm": optax.global_norm(new_state["params"])}
-    return new_state, metrics
-
-  replicated = sharding.replicated(mesh)
-  return jax.jit(train_step, in_shardings=(state_shardings, {"image": batch_spec, "label": batch_spec}),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
-
-FIGURE_IMAGES = 8
-
-
-def make_eval_steps(model, mesh):
-  """(loss step, figure step), both with the caller's fixed noise. The figure step runs on the
-  first few images only and returns them replicated, small enough for any host to draw."""
-  def loss_step(params, images, noise):
-    return model.apply({"params": params}, images, noise=noise)[0]
-
-  def figure_step(params, images, noise):
-    images, noise = images[:FIGURE_IMAGES], noise[:FIGURE_IMAGES]
-    _, pred, mask = model.apply({"params": params}, images, noise=noise)
-    return images, pred, mask
-  replicated = sharding.replicated(mesh)
-  return (jax.jit(loss_step, out_shardings=replicated),
-          jax.jit(figure_step, out_shardings=replicated))
+        masking_noise(config.seed, state["step"], batch_size, model.num_patches), batch_spec)
+    loss, grads = loss_and_grads(state["params"], batch["image"], noise)
+    return loss, grads, {}
+  return gradients
 
 
 # ----------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) pre-training in `workdir`; returns the last logged metrics."""
-  # --- Config checks: everything that can be wrong fails here, before any compute.
-  config_checks.check_pretrain(config, jax.process_count(), jax.device_count())
-  # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
-  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-  is_chief = jax.process_index() == 0
-  if is_chief:
-    config_checks.check_writable(workdir)
-    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
-  logging.info("Config:\n%s", config)
-
-  # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
-               jax.process_count())
-
-  # --- Input.
-  train_examples = data.num_examples(config.data, config.data.train_split)
-  steps_per_epoch = train_examples // config.batch_size
-
-  # --- Model, optimizer, sharded state, update step.
-  train_program = build_program(config, mesh, steps_per_epoch)
-  model, total_steps = train_program.model, train_program.total_steps
-  train_step = train_program.train_step
-  state = train_program.create_state()
-
-  # --- Checkpoint restore (automatic resume).
-  manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
-                                         config.keep_checkpoints)
-  _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
-  state = restored if restored is not None else state
-  start_step = int(jax.device_get(state["step"]))
-
-  batch_sharding = sharding.batch_sharding(mesh)
-  train_iter = data.create_iterator(
-      config.data, split=config.data.train_split, global_batch_size=config.batch_size,
-      seed=config.seed, start_step=start_step, sharding=batch_sharding, mode="pretrain")
-
-  # --- Metrics.
-  writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
-  if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(config).items()})
-  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
-  metrics_log = workdir / "metrics.jsonl"
-  if is_chief:  # lines after the restored step are about to be written again
-    checkpointing.truncate_metrics_log(metrics_log, start_step)
-  peak_flops, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
-  step_flops = None
-  eval_fn = Evaluator(model, config, mesh) if (
-      config.eval_every_steps or config.figure_every_steps) else None
-  knn_fn = knn_monitor.KnnMonitor(model, config, mesh) if config.knn.every_steps else None
-
-  # --- Loop.
-  watcher = loop.PreemptionWatcher()
-  pending, last, knn_last, throttle = [], {}, {}, loop.StepThrottle()
-  tick, tick_step = time.perf_counter(), start_step
-  step = start_step
-  try:
-    for step in range(start_step + 1, total_steps + 1):
-      batch = next(train_iter)
-      with jax.set_mesh(mesh):
-        if step_flops is None:
-          compiled = train_step.lower(state, batch).compile()
-          step_flops = flops.compiled_flops(compiled)
-          logging.info("Train step: %.3g FLOPs per device per step.", step_flops)
-        state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      throttle(metrics)
-      progress(step)
-      if step == start_step + 1:  # time from here on: the first step includes compilation
-        jax.block_until_ready(state)
-        tick, tick_step = time.perf_counter(), step
-      preempted = watcher.reached(step)
-
-      if step % config.log_every_steps == 0 or step == total_steps or preempted:
-        last = loop.summarise(pending)
-        last["skipped_steps"] = int(jax.device_get(state["skipped"]))
-        elapsed = time.perf_counter() - tick
-        done = step - tick_step
-        if done:
-          last["step_time_s"] = elapsed / done
-          last["images_per_sec"] = done * config.batch_size / elapsed
-          last["images_per_sec_per_device"] = last["images_per_sec"] / jax.device_count()
-          last["mfu"] = step_flops * done / elapsed / peak_flops
-        writer.write_scalars(step, last)
-        if is_chief:
-          loop.append_jsonl(metrics_log, {"step": step, **last})
-        pending, tick, tick_step = [], time.perf_counter(), step
-        _check_nonfinite(state, config)
-
-      evaluated = {}
-      for monitor in (eval_fn, knn_fn):
-        if monitor is not None:
-          evaluated.update(monitor.maybe_run(step, state["params"], writer, total_steps))
-      if evaluated and is_chief:
-        loop.append_jsonl(metrics_log, {"step": step, **evaluated})
-      if "knn_top1" in evaluated:
-        knn_last = {"step": step, **evaluated}
-
-      if preempted:
-        loop.save_for_preemption(manager, step, state)
-        break
-      if step % config.checkpoint_every_steps == 0:
-        _check_nonfinite(state, config)
-        checkpointing.save(manager, step, state)
-    else:
-      if manager.latest_step() != step:
-        _check_nonfinite(state, config)
-        checkpointing.save(manager, step, state, force=True)
-  finally:
-    watcher.close()
-    writer.flush()
-    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
-  if is_chief:
-    logging.info("Done at step %d. Checkpoints: %s  TensorBoard: %s  Metrics: %s  Config: %s",
-                 step, workdir / "checkpoints", workdir / "tensorboard", metrics_log,
-                 workdir / "config.json")
-  logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
-  if knn_last and is_chief:  # what the pre-training bought, against the pixels it started from
-    logging.info("Frozen encoder at step %d vs raw pixels (the same %d train / %d eval images): %s.",
-                 knn_last["step"], config.knn.num_train, config.knn.num_eval, ", ".join(
-                     f"{k} {100 * knn_last[k]:.2f}% vs {100 * knn_last[k + '_pixels']:.2f}%"
-                     for k in ("knn_top1", "linear_top1") if k in knn_last))
-  return {"step": step, **last, "preempted": watcher.preempted}
+# Evaluators, with fixed eval masks.
+FIGURE_IMAGES = 8
 
 
-def _check_nonfinite(state, config):
-  consecutive = int(jax.device_get(state["nonfinite"]))
-  if consecutive >= config.max_consecutive_nonfinite:
-    raise NonFiniteError(
-        f"{consecutive} consecutive steps had a non-finite loss or gradient (limit "
-        f"max_consecutive_nonfinite={config.max_consecutive_nonfinite}); they were skipped, so the "
-        "parameters are still finite. Lower base_lr, use float32 (--config.model.dtype=float32), "
-        "or check the input data.")
-
-
-def _flat(config, prefix=""):
-  out = {}
-  for k, v in config.items():
-    if isinstance(v, ml_collections.ConfigDict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    elif isinstance(v, (int, float, str, bool)):
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-class Evaluator:
-  """Masked-patch loss on the eval split and the reconstruction figure, with fixed eval masks."""
+class EvalBatches:
+  """The first `config.eval_batches` eval batches, read once, and their fixed masking noise."""
 
   def __init__(self, model, config, mesh):
     self.model, self.config, self.mesh = model, config, mesh
-    self.loss_step, self.figure_step = make_eval_steps(model, mesh)
-    self.batch_size = config.batch_size
     self._batches = None
 
-  def _eval_batches(self):
+  def __len__(self):
+    return max(self.config.eval_batches, 1)
+
+  def __getitem__(self, i):
     if self._batches is None:
       it = data.create_iterator(
-          self.config.data, split=self.config.data.eval_split, global_batch_size=self.batch_size,
-          seed=self.config.seed, start_step=0, sharding=sharding.batch_sharding(self.mesh),
-          mode="eval")
-      self._batches = [b for _, b in zip(range(max(self.config.eval_batches, 1)), it)]
-    return self._batches
+          self.config.data, split=self.config.data.eval_split,
+          global_batch_size=self.config.batch_size, seed=self.config.seed, start_step=0,
+          sharding=sharding.batch_sharding(self.mesh), mode="eval")
+      self._batches = [b for _, b in zip(range(len(self)), it)]
+    noise = masking_noise(self.config.seed + 1, i, self.config.batch_size, self.model.num_patches)
+    return self._batches[i]["image"], jax.device_put(noise, sharding.batch_sharding(self.mesh))
 
-  def _noise(self, i):
-    noise = masking_noise(self.config.seed + 1, i, self.batch_size, self.model.num_patches)
-    return jax.device_put(noise, sharding.batch_sharding(self.mesh))
 
-  def maybe_run(self, step, params, writer, total_steps):
-    every_eval, every_fig = self.config.eval_every_steps, self.config.figure_every_steps
-    last = step == total_steps
-    metrics = {}
-    if every_eval and (step % every_eval == 0 or last):
-      losses = []
-      with jax.set_mesh(self.mesh):
-        for i, batch in enumerate(self._eval_batches()):
-          loss = self.loss_step(params, batch["image"], self._noise(i))
-          losses.append(float(loss))
-      metrics["eval_loss"] = float(np.mean(losses))
-      writer.write_scalars(step, metrics)
-    if every_fig and (step % every_fig == 0 or last):
-      batch = self._eval_batches()[0]
-      with jax.set_mesh(self.mesh):
-        images, pred, mask = jax.device_get(
-            self.figure_step(params, batch["image"], self._noise(0)))
-      grid = figures.reconstruction_grid(
-          images, pred, mask,
-          self.model.patch_size, self.model.norm_pix_loss, self.config.data.mean,
-          self.config.data.std)
-      writer.write_images(step, {"reconstruction": grid[None]})
-    return metrics
+class MaskedLoss:
+  """The masked-patch loss on the eval batches (`eval_loss`)."""
+
+  def __init__(self, batches: EvalBatches, every_steps: int):
+    self.batches, self.every_steps = batches, every_steps
+    model = batches.model
+    self._step = jax.jit(lambda params, images, noise: model.apply(
+        {"params": params}, images, noise=noise)[0], out_shardings=sharding.replicated(
+            batches.mesh))
+
+  def __call__(self, state) -> dict:
+    with jax.set_mesh(self.batches.mesh):
+      losses = [float(self._step(state["params"], *self.batches[i]))
+                for i in range(len(self.batches))]
+    return {"eval_loss": float(np.mean(losses))}
+
+
+class ReconstructionFigure:
+  """The paper's Figure 2 of the first eval images (`reconstruction`, an image)."""
+
+  def __init__(self, batches: EvalBatches, every_steps: int):
+    self.batches, self.every_steps = batches, every_steps
+    model = batches.model
+
+    def figure_step(params, images, noise):
+      # The first few images only, returned replicated: small enough for any host to draw.
+      images, noise = images[:FIGURE_IMAGES], noise[:FIGURE_IMAGES]
+      _, pred, mask = model.apply({"params": params}, images, noise=noise)
+      return images, pred, mask
+    self._step = jax.jit(figure_step, out_shardings=sharding.replicated(batches.mesh))
+
+  def __call__(self, state) -> dict:
+    with jax.set_mesh(self.batches.mesh):
+      images, pred, mask = jax.device_get(self._step(state["params"], *self.batches[0]))
+    model, config = self.batches.model, self.batches.config
+    return {"reconstruction": figures.reconstruction_grid(
+        images, pred, mask, model.patch_size, model.norm_pix_loss, config.data.mean,
+        config.data.std)}
+
+
+# ----------------------------------------------------------------------------------------------
+def task(config, mesh, steps_per_epoch: int) -> program.Task:
+  """Pre-training as the trainer runs it."""
+  train_program = build_program(config, mesh, steps_per_epoch)
+  model = train_program.model
+  batches = EvalBatches(model, config, mesh)
+  evaluators = [MaskedLoss(batches, config.eval_every_steps),
+                ReconstructionFigure(batches, config.figure_every_steps)]
+  if config.knn.every_steps:
+    evaluators.append(knn_monitor.KnnMonitor(model, config, mesh))
+  return program.Task(train_program, tuple(e for e in evaluators if e.every_steps),
+                      input_mode="pretrain")

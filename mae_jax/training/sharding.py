@@ -108,13 +108,6 @@ def sharded_shapes(init_fn, logical_specs: dict, mesh):
   return abstract, state_shardings(abstract, trees, mesh)
 
 
-def init_sharded(init_fn, logical_specs: dict, mesh):
-  """Runs `init_fn() -> state dict` already sharded (see `sharded_shapes`): nothing is
-  materialised whole on one device. Returns (state, shardings)."""
-  _, shardings = sharded_shapes(init_fn, logical_specs, mesh)
-  return create_sharded(init_fn, shardings, mesh), shardings
-
-
 def create_sharded(init_fn, shardings, mesh):
   """Runs `init_fn() -> state` with each leaf created in place on its shards."""
   with jax.set_mesh(mesh):

@@ -8,13 +8,13 @@ import jax
 import numpy as np
 
 from mae_jax import models
-from mae_jax.training import flops, optimizer, pretrain, sharding
+from mae_jax.training import flops, pretrain, sharding
 
 
 def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):
   """The pre-training config of a named model as the timing tools run it: float32, mask 0.75,
   norm-pix loss, data parallel over every device, images of the model's size."""
-  from configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
+  from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
   c = pretrain_config.get_config("tiny")
   c.variant = "timing"
   c.model.name = model_name
@@ -43,12 +43,12 @@ class StepRunner:
 
   def __init__(self, config, real_data: bool = False, total_steps: int = 1000):
     self.config = config
-    model = pretrain.build_model(config.model)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    schedule = optimizer.warmup_cosine(config.base_lr * config.batch_size / 256, 1, total_steps)
-    tx = pretrain.optimizer_from_config(config, schedule)
-    self.state, shardings = pretrain.create_train_state(model, tx, self.mesh, config.seed)
-    step = pretrain.make_train_step(model, tx, schedule, config, shardings, self.mesh)
+    run = config.copy_and_resolve_references()
+    with run.unlocked():  # a schedule `total_steps` long, one warm-up step, cosine to 0
+      run.total_steps, run.warmup_steps, run.min_lr = total_steps, 1, 0.0
+    program = pretrain.build_program(run, self.mesh, steps_per_epoch=1)
+    self.state, step = program.create_state(), program.train_step
     batch_sharding = sharding.batch_sharding(self.mesh)
     if real_data:
       from mae_jax import data  # pylint: disable=import-outside-toplevel

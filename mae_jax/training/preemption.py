@@ -1,14 +1,10 @@
-"""What both training loops (pretrain.py, classify.py) share: the preemption watcher and save, the
-cap on dispatched steps, the summary of the metrics since the last log line, and the metrics log."""
-import json
+"""Preemption: a SIGTERM (one process) or JAX's preemption sync point (several) tells the train
+loop to save a checkpoint at the current step and stop."""
 import logging
 import signal
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
-
-from mae_jax.training import checkpointing
 
 
 class PreemptionWatcher:
@@ -51,37 +47,3 @@ class PreemptionWatcher:
   def close(self):
     if not self.multihost:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-class StepThrottle:
-  """Keeps at most `max_in_flight` dispatched steps unfinished. Without it the host runs ahead of
-  the device by as many steps as the input pipeline can feed, and a preemption notice would only
-  be acted on (and saved) after all of them."""
-
-  def __init__(self, max_in_flight: int = 2):
-    self.max_in_flight, self._in_flight = max_in_flight, []
-
-  def __call__(self, step_output):
-    self._in_flight.append(step_output)
-    if len(self._in_flight) > self.max_in_flight:
-      jax.block_until_ready(self._in_flight.pop(0))
-
-
-def save_for_preemption(manager, step: int, state):
-  checkpointing.save(manager, step, state, force=True)
-  logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to resume.",
-                  step)
-
-
-def summarise(pending: list) -> dict:
-  """The mean of each step metric since the last log line; the learning rate of the last step."""
-  host = jax.device_get(pending)
-  out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-  out["lr"] = float(host[-1]["lr"])
-  return out
-
-
-def append_jsonl(path, record: dict):
-  """One line of the metrics log (process 0 writes it)."""
-  with path.open("a") as f:
-    f.write(json.dumps(record) + "\n")

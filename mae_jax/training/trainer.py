@@ -1,0 +1,248 @@
+"""The one training driver: pre-training, fine-tuning and linear probing all run here.
+
+A task supplies only what differs, as data (`program.Task`, built by `pretrain.task` or
+`classify.task`): its program (the jitted step with its state's shapes and shardings, which
+`mae_jax.tpu.aot` compiles too), its evaluators and its input mode. The driver owns the run, in
+this order: config checks -> workdir (writable, config.json) -> mesh -> the task's program ->
+sharded state -> restore (automatic resume) -> input, metrics log, TensorBoard -> loop (step,
+throughput and MFU, non-finite guard, evaluators, checkpoints, preemption) -> final checkpoint.
+
+Non-finite steps leave the state as it was (train_step.py) and are counted in it; the driver stops
+the run once `max_consecutive_nonfinite` come in a row, and never saves parameters that are not
+finite.
+"""
+import logging
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from mae_jax import data
+from mae_jax.training import (checkpointing, classify, config_checks, flops, metrics_log,
+                              preemption, pretrain, sharding)
+
+TASKS = {"pretrain": pretrain.task, "finetune": classify.task, "linprobe": classify.task}
+
+
+class NonFiniteError(RuntimeError):
+  """The run stopped on non-finite steps; its checkpoints hold finite parameters only."""
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the config's task in `workdir`. Returns the step reached, the latest value
+  of every logged metric and evaluation, and whether a preemption stopped the run."""
+  # --- Config checks: everything that can be wrong fails here, before any compute.
+  config_checks.check(config, jax.process_count(), jax.device_count())
+  # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+  is_chief = jax.process_index() == 0
+  if is_chief:
+    config_checks.check_writable(workdir)
+    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+  logging.info("Config:\n%s", config)
+
+  # --- Mesh.
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # --- The task's program (model, optimizer, step), its state created sharded, its evaluators.
+  steps_per_epoch = data.steps_per_epoch(config.data, config.data.train_split, config.batch_size)
+  task = TASKS[config.task](config, mesh, steps_per_epoch)
+  program, total_steps = task.program, task.program.total_steps
+  state = program.create_state()
+
+  # --- Checkpoint restore (automatic resume).
+  manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
+                                         config.keep_checkpoints)
+  _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  state = restored if restored is not None else state
+  start_step = int(jax.device_get(state["step"]))
+
+  # --- Input, metrics log, TensorBoard.
+  train_iter = data.create_iterator(
+      config.data, split=config.data.train_split, global_batch_size=config.batch_size,
+      seed=config.seed, start_step=start_step, sharding=sharding.batch_sharding(mesh),
+      mode=task.input_mode)
+  log = metrics_log.MetricsLog(workdir / "metrics.jsonl", writer=is_chief)
+  best = BestCheckpoint(workdir, *task.keep_best, log) if task.keep_best else None
+  log.truncate(start_step)  # after reading the best so far: best/ may hold a later step
+  writer = metric_writers.create_default_writer(
+      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams(_flat(config))
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
+  peak_flops, peak_source = flops.peak_flops_per_device(config.peak_flops_per_device)
+  guard = NonFiniteGuard(config.max_consecutive_nonfinite)
+
+  # --- Loop.
+  watcher, throttle = preemption.PreemptionWatcher(), StepThrottle()
+  compiled = step_flops = None
+  pending, last = [], {}
+  tick, tick_step = time.perf_counter(), start_step
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      with jax.set_mesh(mesh):
+        if compiled is None:  # the executable the loop runs, and its FLOPs for MFU
+          compiled = program.train_step.lower(state, batch).compile()
+          step_flops = flops.compiled_flops(compiled)
+          logging.info("Train step: %.3g FLOPs per device per step.", step_flops)
+        state, metrics = compiled(state, batch)
+      pending.append(metrics)
+      guard.latest = metrics
+      throttle(metrics)
+      progress(step)
+      if step == start_step + 1:  # time from here on: the first step includes compilation
+        jax.block_until_ready(state)
+        tick, tick_step = time.perf_counter(), step
+      preempted = watcher.reached(step)
+
+      record = {}
+      logged = step % config.log_every_steps == 0 or step == total_steps or preempted
+      if logged:
+        record = metrics_log.summarise(pending)
+        record["skipped_steps"] = int(jax.device_get(state["skipped"]))
+        record.update(_throughput(config, step - tick_step, time.perf_counter() - tick,
+                                  step_flops, peak_flops))
+        pending, tick, tick_step = [], time.perf_counter(), step
+      record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
+      if best is not None:
+        record.update(best.update(step, record, state, guard))
+      if record:
+        writer.write_scalars(step, record)
+        log.append(step, record)
+        last.update(record)
+      if logged:  # once the line that shows the skipped steps is written
+        guard.check(state, step)
+
+      if preempted or step % config.checkpoint_every_steps == 0:
+        guard.check(state, step)
+        checkpointing.save(manager, step, state, force=preempted)
+      if preempted:
+        logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
+                        "resume.", step)
+        break
+    else:
+      if manager.latest_step() != step:
+        guard.check(state, step)
+        checkpointing.save(manager, step, state, force=True)
+  finally:
+    watcher.close()
+    writer.flush()
+    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
+    if best is not None:
+      best.close()
+  if is_chief:
+    kept = "" if best is None else (f" (last), {workdir / 'best'} (best {best.logged_as} "
+                                    f"{best.value:.4f})")
+    logging.info("Done at step %d: %s. Checkpoints: %s%s  TensorBoard: %s  Metrics: %s  "
+                 "Config: %s", step, last, workdir / "checkpoints", kept, workdir / "tensorboard",
+                 log.path, workdir / "config.json")
+  logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  return {"step": step, **last, "preempted": watcher.preempted}
+
+
+# ----------------------------------------------------------------------------------------------
+class StepThrottle:
+  """Keeps at most `max_in_flight` dispatched steps unfinished. Without it the host runs ahead of
+  the device by as many steps as the input pipeline can feed, and a preemption notice would only
+  be acted on (and saved) after all of them."""
+
+  def __init__(self, max_in_flight: int = 2):
+    self.max_in_flight, self._in_flight = max_in_flight, []
+
+  def __call__(self, step_output):
+    self._in_flight.append(step_output)
+    if len(self._in_flight) > self.max_in_flight:
+      jax.block_until_ready(self._in_flight.pop(0))
+
+
+class NonFiniteGuard:
+  """The host's half of the non-finite guard (the step skips; this stops): checked at every log
+  line and before every save."""
+
+  def __init__(self, limit: int):
+    self.limit = limit
+    self.latest = None  # the metrics of the step that made the current state
+
+  def check(self, state, step: int):
+    consecutive = int(jax.device_get(state["nonfinite"]))
+    if consecutive >= self.limit:
+      raise NonFiniteError(
+          f"{consecutive} consecutive steps up to step {step} had a non-finite loss or gradient "
+          f"(limit max_consecutive_nonfinite={self.limit}); they were skipped, so the parameters "
+          "and the checkpoints are still finite. " + _FIX)
+    if self.latest is None:  # no step run yet: the state is the restored one
+      return
+    # A finite loss and gradient can still step to parameters too large for their dtype.
+    norm = float(jax.device_get(self.latest["param_norm"]))
+    if not math.isfinite(norm):
+      raise NonFiniteError(f"The parameters after step {step} are not finite (norm {norm}); they "
+                           "were not saved, the checkpoints hold earlier steps. " + _FIX)
+
+
+_FIX = ("Lower base_lr, use float32 (--config.model.dtype=float32), or check the input data.")
+
+
+class BestCheckpoint:
+  """`workdir/best`: the checkpoint of the best value of one evaluation so far."""
+
+  def __init__(self, workdir, metric: str, logged_as: str, log: metrics_log.MetricsLog):
+    self.metric, self.logged_as = metric, logged_as
+    self.value = log.best(logged_as, -math.inf)  # a resumed run's best so far
+    self.manager = checkpointing.create_best_manager(str(workdir))
+
+  def update(self, step: int, record: dict, state, guard: NonFiniteGuard) -> dict:
+    if self.metric not in record:
+      return {}
+    if record[self.metric] > self.value:
+      self.value = record[self.metric]
+      guard.check(state, step)
+      checkpointing.save(self.manager, step, state, force=True)
+      self.manager.wait_until_finished()
+    return {self.logged_as: self.value}
+
+  def close(self):
+    self.manager.close()
+
+
+def _throughput(config, steps: int, seconds: float, step_flops: float, peak_flops: float) -> dict:
+  if not steps:
+    return {}
+  per_sec = steps * config.batch_size / seconds
+  return {"step_time_s": seconds / steps, "images_per_sec": per_sec,
+          "images_per_sec_per_device": per_sec / jax.device_count(),
+          "mfu": step_flops * steps / seconds / peak_flops}
+
+
+def _evaluate(evaluators, step: int, total_steps: int, state, writer) -> dict:
+  """Runs the evaluators due at `step`; returns their scalars, writes their images."""
+  scalars = {}
+  for evaluator in evaluators:
+    if not evaluator.every_steps or (step % evaluator.every_steps and step != total_steps):
+      continue
+    for name, value in evaluator(state).items():
+      if np.ndim(value) == 3:
+        writer.write_images(step, {name: np.asarray(value)[None]})
+      else:
+        scalars[name] = float(value)
+  if scalars:
+    logging.info("Step %d: %s.", step, ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+  return scalars
+
+
+def _flat(config, prefix=""):
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+  return out

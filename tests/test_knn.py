@@ -120,6 +120,29 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   by_feature = monitor.scores_by_feature(params, with_linear=False)
   assert set(by_feature) == set(knn_monitor.FEATURES)
   assert by_feature["cls"] == monitor.scores(params, with_linear=False)
+  # The random-init floor is the encoder pre-training started from (the run's seed, 0 here), scored
+  # the same way, and sits beside every encoder score too.
+  random_init = [r["knn_top1_random_init"] for r in knn_records]
+  assert random_init[0] == random_init[1]
+  assert random_init[0] == pytest.approx(monitor.scores(params, with_linear=False)["knn_top1"],
+                                         abs=1e-6)
+
+
+def test_summary_sets_the_encoder_against_random_init_and_pixels():
+  from mae_jax.evaluation import knn_monitor
+  from tests.test_pretrain import tiny_config
+  cfg = tiny_config(**{"knn.feature": "tokens"}).knn
+  last = {"knn_top1": 0.86, "knn_top1_pixels": 0.85, "knn_top1_random_init": 0.83,
+          "linear_top1": 0.89, "linear_top1_pixels": 0.84, "linear_top1_random_init": 0.87}
+  lines = knn_monitor.summary(last, cfg)
+  assert "all patch tokens" in lines[0] and f"{cfg.num_train} train" in lines[0]
+  assert lines[1] == "  knn top-1: encoder 86.00%, random init 83.00%, raw pixels 85.00%"
+  assert lines[2] == "  linear top-1: encoder 89.00%, random init 87.00%, raw pixels 84.00%"
+  assert "beats both" in lines[3]
+  assert "not the raw pixels" in knn_monitor.summary({**last, "knn_top1": 0.84}, cfg)[3]
+  assert "does not beat its random init" in knn_monitor.summary(
+      {**last, "linear_top1": 0.86}, cfg)[3]
+  assert knn_monitor.summary({"loss": 1.0}, cfg) == []
 
 
 @pytest.mark.parametrize("field,value", [("every_steps", -1), ("k", 0), ("feature", "pooled")])

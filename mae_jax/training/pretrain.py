@@ -165,7 +165,9 @@ def task(config, mesh, steps_per_epoch: int) -> program.Task:
   batches = EvalBatches(model, config, mesh)
   evaluators = [MaskedLoss(batches, config.eval_every_steps),
                 ReconstructionFigure(batches, config.figure_every_steps)]
+  summary = None
   if config.knn.every_steps:
     evaluators.append(knn_monitor.KnnMonitor(model, config, mesh))
+    summary = lambda last: knn_monitor.summary(last, config.knn)
   return program.Task(train_program, tuple(e for e in evaluators if e.every_steps),
-                      input_mode="pretrain")
+                      input_mode="pretrain", summary=summary)

@@ -65,3 +65,5 @@ class Task:
   input_mode: str = "pretrain"    # the train iterator's augmentation (mae_jax.data.MODES)
   # (evaluation, name of its best value in the log): workdir/best keeps that checkpoint.
   keep_best: tuple[str, str] | None = None
+  # The run's closing lines from its last logged values (what the run bought), or None.
+  summary: Callable[[dict], list[str]] | None = None

@@ -145,6 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Done at step %d: %s. Checkpoints: %s%s  TensorBoard: %s  Metrics: %s  "
                  "Config: %s", step, last, workdir / "checkpoints", kept, workdir / "tensorboard",
                  log.path, workdir / "config.json")
+    for line in task.summary(last) if task.summary else ():
+      logging.info("%s", line)
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   return {"step": step, **last, "preempted": watcher.preempted}
 

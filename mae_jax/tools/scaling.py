@@ -45,6 +45,9 @@ flags.DEFINE_integer("train_examples", 0, "Train split size when the dataset has
 flags.DEFINE_string("out", "", "Also write the JSON lines here.")
 flags.DEFINE_string("markdown", "", "Also write the table here.")
 flags.DEFINE_string("hlo_dir", "", "Also write each compiled HLO text into this directory.")
+flags.DEFINE_string("compile_cache", None, "Where TPU compiles are kept and looked up, keyed by the "
+                    "lowered program, slice and compiler (default: $MAE_JAX_TPU_COMPILE_CACHE or "
+                    "~/.cache/mae_jax/tpu_compiles; empty: no cache).")
 flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM.")
 flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this process.")
 FLAGS = flags.FLAGS
@@ -88,7 +91,12 @@ def planned_config(config, spec: dict, devices: int):
 
 
 def compile_one(spec: dict) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
   from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
+  if spec["topology"]:
+    # JAX's own cache writes compile-only TPU executables (hundreds of MB for ViT-L) that it
+    # cannot read back (see mae_jax.tpu.aot); the report cache below replaces it.
+    jax.config.update("jax_enable_compilation_cache", False)
   target = aot.tpu_target(spec["topology"]) if spec["topology"] else aot.cpu_target()
   config = planned_config(FLAGS.config, spec, len(target.devices))
   hlo_path = ""
@@ -96,7 +104,8 @@ def compile_one(spec: dict) -> dict:
     name = "_".join(str(spec[k]) for k in ("topology", "devices", "variant_arg", "mesh", "remat",
                                             "batch_per_device"))
     hlo_path = os.path.join(spec["hlo_dir"], re.sub(r"[^\w.-]+", "-", name) + ".hlo.txt")
-  report = aot.compile_config(config, target, spec["train_examples"], hlo_path)
+  report = aot.compile_config(config, target, spec["train_examples"], hlo_path,
+                              spec["compile_cache"])
   return {**report, "mesh_asked": spec["mesh"]}
 
 
@@ -144,8 +153,14 @@ def specs_from_flags() -> list:
                           "mesh": mesh, "global_batch": FLAGS.global_batch,
                           "batch_per_device": batch, "remat": remat, "dtype": FLAGS.dtype,
                           "grad_accum": FLAGS.grad_accum, "model": FLAGS.model,
-                          "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir})
+                          "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir,
+                          "compile_cache": compile_cache()})
   return specs
+
+
+def compile_cache() -> str:
+  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
+  return aot.default_cache_dir() if FLAGS.compile_cache is None else FLAGS.compile_cache
 
 
 def _gib(x) -> str:
@@ -159,8 +174,9 @@ def _fmt(x, spec: str) -> str:
 def markdown(results: list) -> str:
   out = ["| slice | task | model | global batch | batch/dev | mesh (data x fsdp) | remat | "
          "required GiB/dev | HBM GiB | fits | TFLOP/dev/step | all-gather | reduce-scatter | "
-         "all-reduce | est. step s | est. img/s | est. hours | est. MFU | compile s |",
-         "|" + "---|" * 19]
+         "all-reduce | est. step s | est. img/s | est. hours | est. chip-hours | est. MFU | "
+         "compile s |",
+         "|" + "---|" * 20]
   for r in results:
     if "error" in r:
       out.append(f"| {r.get('topology') or r.get('devices')} | error: {r['error'][:200]} |")
@@ -177,9 +193,13 @@ def markdown(results: list) -> str:
         f"{_fmt(r.get('flops_per_device') and r['flops_per_device'] / 1e12, '.2f')} | "
         f"{count('all-gather')} | {count('reduce-scatter')} | {count('all-reduce')} | "
         f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_images_per_sec'), '.0f')} | "
-        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_mfu'), '.2f')} | "
-        f"{r['compile_s']:.0f} |")
+        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_chip_hours'), '.0f')} | "
+        f"{_fmt(r.get('est_mfu'), '.2f')} | {compile_time(r)} |")
   return "\n".join(out)
+
+
+def compile_time(r: dict) -> str:
+  return f"{r['compile_s']:.0f}" + (" (cached)" if r.get("compile_cached") else "")
 
 
 def main(argv):

@@ -14,6 +14,13 @@ TPU compiles use libtpu's compile-only devices for the slice (`pip install -e ".
 is needed. Every compile runs in its own process and prints one JSON line; a table follows.
 Times labelled `est_` are the TPU compiler's cost-model estimates, not measurements.
 `--check_fits` exits with status 3 when a compile does not fit in HBM (launch/tpu.sh plan/run).
+
+  python -m mae_jax.tools.scaling --choose --topology=v5p-128 --config=configs/pretrain.py:vit_huge
+
+`--choose` (launch/tpu.sh plan) compiles the config as given, then other meshes, remat and
+gradient accumulation on the one slice (mae_jax.tpu.choose says which and in what order), ranks
+them by the compiler's estimate and prints the --config overrides of the fastest that fits.
+Compiles are kept (--compile_cache): a plan asked again lowers each candidate and compiles none.
 """
 import json
 import os
@@ -48,7 +55,11 @@ flags.DEFINE_string("hlo_dir", "", "Also write each compiled HLO text into this 
 flags.DEFINE_string("compile_cache", None, "Where TPU compiles are kept and looked up, keyed by the "
                     "lowered program, slice and compiler (default: $MAE_JAX_TPU_COMPILE_CACHE or "
                     "~/.cache/mae_jax/tpu_compiles; empty: no cache).")
-flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM.")
+flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM (with --choose: "
+                  "the config as given).")
+flags.DEFINE_bool("choose", False, "On one TPU slice: compile the config, then the meshes, remat "
+                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the compiler's "
+                  "estimate and print the overrides of the fastest that fits.")
 flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this process.")
 FLAGS = flags.FLAGS
 
@@ -106,7 +117,10 @@ def compile_one(spec: dict) -> dict:
     hlo_path = os.path.join(spec["hlo_dir"], re.sub(r"[^\w.-]+", "-", name) + ".hlo.txt")
   report = aot.compile_config(config, target, spec["train_examples"], hlo_path,
                               spec["compile_cache"])
-  return {**report, "mesh_asked": spec["mesh"]}
+  # What --choose may vary in this config besides the mesh.
+  choosable = ["mesh"] + ["remat"] * ("remat" in config.model) + \
+      ["grad_accum"] * ("grad_accum_steps" in config)
+  return {**report, "mesh_asked": spec["mesh"], "choosable": choosable}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +160,7 @@ def specs_from_flags() -> list:
   specs = []
   for variant in variants:
     for topology, devices in targets:
-      for mesh in FLAGS.meshes:
+      for mesh in ["config"] if FLAGS.choose else FLAGS.meshes:  # --choose: its own meshes
         for remat in (r.lower() for r in FLAGS.remat):
           for batch in batches:
             specs.append({"variant_arg": variant, "topology": topology, "devices": devices,
@@ -202,6 +216,37 @@ def compile_time(r: dict) -> str:
   return f"{r['compile_s']:.0f}" + (" (cached)" if r.get("compile_cached") else "")
 
 
+def choose_meshes(given: dict) -> list:
+  """The fsdp sizes --choose compiles: mae_jax.tpu.choose's, or those of --meshes when given."""
+  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+  devices = given["devices"]
+  if not FLAGS["meshes"].present:
+    return choose.fsdp_sizes(devices, given["hosts"])
+  named = {"data": 1, "fsdp": devices}
+  return [named[m] if m in named else int(m.split("x")[1]) for m in FLAGS.meshes]
+
+
+def run_choose(spec: dict, emit) -> tuple:
+  """Compiles the config as given, then the candidates of mae_jax.tpu.choose; returns (reports,
+  the given config's candidate)."""
+  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+  args = config_args(spec["variant_arg"])
+  given_report = emit(run_worker(spec, args))
+  if "error" in given_report:
+    return [given_report], None
+  given = choose.of_report(given_report)
+  done = {given: given_report}
+  devices = given_report["devices"]
+
+  def compiled(candidate):
+    if candidate not in done:
+      done[candidate] = emit(run_worker({**spec, **candidate.spec(devices)}, args))
+    return done[candidate]
+  choose.search(choose_meshes(given_report), given_report["choosable"],
+                given_report["global_batch"] // devices, compiled)
+  return list(done.values()), given
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -217,19 +262,33 @@ def main(argv):
   except (ValueError, aot.LibtpuMissingError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  specs = specs_from_flags()
+  if FLAGS.choose:
+    asked = [f for f in ("remat", "grad_accum") if FLAGS[f].present]
+    if len(specs) != 1 or asked or not FLAGS.topology:
+      print("error: --choose plans one config on one TPU slice, and picks mesh, remat and "
+            "gradient accumulation itself: give one --topology and one --config (or --variants), "
+            f"without {', '.join('--' + f for f in asked) or 'several of them'}.", file=sys.stderr)
+      return 2
   results = []
   out = open(FLAGS.out, "w") if FLAGS.out else None  # pylint: disable=consider-using-with
-  for spec in specs_from_flags():
-    result = run_worker(spec, config_args(spec["variant_arg"]))
-    results.append(result)
+
+  def emit(result: dict) -> dict:
     line = json.dumps(result)
     print(line, flush=True)
     if out:
       out.write(line + "\n")
       out.flush()
+    return result
+  if FLAGS.choose:
+    from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+    results, given = run_choose(specs[0], emit)
+    table = choose.summary(choose.rank(results), given)
+  else:
+    results = [emit(run_worker(spec, config_args(spec["variant_arg"]))) for spec in specs]
+    table = markdown(results)
   if out:
     out.close()
-  table = markdown(results)
   print(table)
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
@@ -237,9 +296,10 @@ def main(argv):
   for r in results:
     if "error" in r:
       print(f"error: {r.get('topology') or r.get('devices')}: {r['error']}", file=sys.stderr)
-  if any("error" in r for r in results):
+  checked = results[:1] if FLAGS.choose else results  # --choose: the config as given
+  if any("error" in r for r in checked):
     return 1
-  if FLAGS.check_fits and any(r.get("fits") is False for r in results):
+  if FLAGS.check_fits and any(r.get("fits") is False for r in checked):
     return 3
   return 0
 

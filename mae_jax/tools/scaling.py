@@ -270,7 +270,6 @@ def main(argv):
             "gradient accumulation itself: give one --topology and one --config (or --variants), "
             f"without {', '.join('--' + f for f in asked) or 'several of them'}.", file=sys.stderr)
       return 2
-  results = []
   out = open(FLAGS.out, "w") if FLAGS.out else None  # pylint: disable=consider-using-with
 
   def emit(result: dict) -> dict:
@@ -283,7 +282,8 @@ def main(argv):
   if FLAGS.choose:
     from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
     results, given = run_choose(specs[0], emit)
-    table = choose.summary(choose.rank(results), given)
+    # Nothing to rank when the config as given failed to compile: its error is the answer.
+    table = markdown(results) if given is None else choose.summary(choose.rank(results), given)
   else:
     results = [emit(run_worker(spec, config_args(spec["variant_arg"]))) for spec in specs]
     table = markdown(results)

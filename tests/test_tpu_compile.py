@@ -341,17 +341,18 @@ def test_rank_puts_unusable_estimates_after_the_others_and_says_so():
   assert paste_line(text) == choose.of_report(negative).overrides(4)
 
 
-def test_search_adds_remat_then_the_fewest_micro_batches_only_where_needed():
-  """Per mesh: remat off, on, then bisection over 2, 4, ... micro-batches for the fewest that
-  fit; a mesh that fits earlier compiles nothing more."""
+def test_search_adds_remat_and_micro_batches_only_where_needed():
+  """Per mesh: remat off alone; if it does not fit, the fewest micro-batches that fit with remat
+  off (bisection), then with remat on below that number; a mesh that fits at once compiles
+  nothing more."""
   tried = []
 
-  def compiled(c):  # fsdp 1 fits with 8 micro-batches or more, fsdp 4 without remat
+  def compiled(c):  # fsdp 1: 64 images per device at 1 (remat on) or 2 (off) units each; 16 fit
     tried.append((c.fsdp, c.remat, c.grad_accum))
-    return {"fits": c.fsdp == 4 or (c.remat and c.grad_accum >= 8)}
+    return {"fits": c.fsdp == 4 or 64 // (c.grad_accum or 1) * (1 if c.remat else 2) <= 16}
   choose.search([1, 4], ["mesh", "remat", "grad_accum"], 64, compiled)
-  assert tried == [(1, False, 1), (1, True, 1), (1, True, 8), (1, True, 2), (1, True, 4),
-                   (4, False, 1)]
+  assert tried == [(1, False, 1), (1, False, 8), (1, False, 2), (1, False, 4),
+                   (1, True, 1), (1, True, 2), (1, True, 4), (4, False, 1)]
   tried.clear()
   choose.search([1, 4], ["mesh"], 64, compiled)  # fine-tuning: meshes only
   assert tried == [(1, None, None), (4, None, None)]

@@ -3,13 +3,13 @@ the candidates, the order they are compiled in, their ranking and the overrides 
 
 Candidates are compiled (`python -m mae_jax.tools.scaling --choose`), never run: every time here
 is the TPU compiler's cost-model estimate. Meshes: data parallel (fsdp 1), the state sharded
-over one host's devices (fsdp = devices per host) and over the whole slice (fsdp = all). On each
-mesh the settings are tried from the one with least work up, and the first that fits ends the
-mesh: remat off, then remat on, then remat on with the fewest micro-batches (2, 4, ... found by
-bisection: memory falls as the micro-batch shrinks). Remat recomputes the forward pass and
-accumulation splits the matmuls and loops over them, so neither is compiled once a mesh fits
-without it. Where the config has no remat or accumulation (fine-tuning, the probe) only the
-meshes are compared.
+over one host's devices (fsdp = devices per host) and over the whole slice (fsdp = all). On
+each mesh, remat off without accumulation first: if it fits, nothing else is compiled there
+(remat recomputes the forward pass, accumulation splits the matmuls and loops over them: both
+only add work). Otherwise the fewest micro-batches (1, 2, 4, ...: bisection, as memory falls
+with the micro-batch) that fit with remat off, then with remat on below that number; each
+that fits is ranked. Where the config has no remat or accumulation (fine-tuning, the probe)
+only the meshes are compared.
 """
 import dataclasses
 
@@ -52,28 +52,36 @@ def fsdp_sizes(devices: int, hosts: int) -> list:
   return sorted({1, devices // hosts, devices})
 
 
+def _fewest(fit, values: list) -> int | None:
+  """The index of the first of `values` that fits (memory falls along them): the first value on
+  its own, as it fits most often, then by bisection."""
+  if not values or fit(values[0]):
+    return 0 if values else None
+  low, high, found = 1, len(values) - 1, None
+  while low <= high:
+    mid = (low + high) // 2
+    if fit(values[mid]):
+      found, high = mid, mid - 1
+    else:
+      low = mid + 1
+  return found
+
+
 def search(sizes: list, options: list, batch_per_device: int, compiled) -> None:
-  """Compiles, through `compiled(candidate) -> report` (which keeps what it has seen), each
-  mesh's settings in the order of the module doc, up to the first that fits."""
+  """Compiles, through `compiled(candidate) -> report` (which keeps what it has seen), what
+  each mesh needs to fit (the module doc says in what order)."""
+  remats = (False, True) if "remat" in options else (None,)
+  # Micro-batches: powers of two that leave whole images on each device.
+  accums = ([2 ** k for k in range(batch_per_device.bit_length()) if batch_per_device % 2 ** k == 0]
+            if "grad_accum" in options else [None])
   for fsdp in sizes:
-    if "remat" not in options:
-      compiled(Candidate(fsdp, None, 1 if "grad_accum" in options else None))
-      continue
-    accum = 1 if "grad_accum" in options else None
-    if fits(compiled(Candidate(fsdp, False, accum))) or fits(compiled(Candidate(fsdp, True, accum))):
-      continue
-    if accum is None:
-      continue
-    # Powers of two that leave whole images on each device: the smallest that fits.
-    accums = [2 ** k for k in range(1, batch_per_device.bit_length())
-              if batch_per_device % 2 ** k == 0]
-    low, high = 0, len(accums) - 1
-    while low <= high:
-      mid = (low + high) // 2
-      if fits(compiled(Candidate(fsdp, True, accums[mid]))):
-        high = mid - 1
-      else:
-        low = mid + 1
+    fewest = len(accums)
+    for remat in remats:
+      # Remat on is compiled only with fewer micro-batches than remat off needs.
+      found = _fewest(lambda a: fits(compiled(Candidate(fsdp, remat, a))), accums[:fewest])  # pylint: disable=cell-var-from-loop
+      if found == 0:
+        break
+      fewest = fewest if found is None else found
 
 
 def fits(report: dict) -> bool:

@@ -276,7 +276,8 @@ def test_choose_compiles_the_meshes_and_pastes_the_fastest(chosen):
   assert given["hbm_per_device"] == s.generation.hbm_bytes_per_device
   # Data parallel, FSDP over the host (here the whole slice): both fit with remat off, so no
   # remat or accumulation was compiled.
-  assert {r["mesh"]["fsdp"] for r in reports} == set(choose.fsdp_sizes(8, 1)) == {1, 8}
+  assert {r["mesh"]["fsdp"] for r in reports} == set(choose.fsdp_sizes(8, 1, [1, 2, 4, 8])) \
+      == {1, 8}
   assert len(reports) == 2 and all(r["fits"] for r in reports)
   assert all(not r["remat"] and r["grad_accum_steps"] == 1 for r in reports)
   # The paste line is the candidate with the smallest estimated step, and it is labelled.
@@ -356,6 +357,26 @@ def test_search_adds_remat_and_micro_batches_only_where_needed():
   tried.clear()
   choose.search([1, 4], ["mesh"], 64, compiled)  # fine-tuning: meshes only
   assert tried == [(1, None, None), (4, None, None)]
+
+
+def test_fsdp_between_data_and_the_slice_is_a_host_laid_out_on_the_torus():
+  # v5p-128: 64 chips, 4 per host, every power of two laid out; v6e-256: 16x16, 4 per host.
+  assert choose.fsdp_sizes(64, 16, [1, 4, 16, 64]) == [1, 4, 64]
+  assert choose.fsdp_sizes(256, 64, [1, 16, 256]) == [1, 16, 256]
+  assert choose.fsdp_sizes(8, 1, [1, 2, 4, 8]) == [1, 8]  # one host: no group between
+  # What the train loop's mesh accepts on v6e's 2-D torus, asked of the loop itself.
+  assert aot.fsdp_laid_out(aot.tpu_target("v6e-16").devices) == [1, 4, 16]
+  assert aot.fsdp_laid_out(aot.tpu_target("tpu7x-8").devices) == [1, 2, 4, 8]
+
+
+def test_search_leaves_a_mesh_that_fails_to_compile():
+  tried = []
+
+  def compiled(c):
+    tried.append((c.fsdp, c.remat, c.grad_accum))
+    return {"error": "mesh"} if c.fsdp == 2 else {"fits": True}
+  choose.search([2, 4], ["mesh", "remat", "grad_accum"], 64, compiled)
+  assert tried == [(2, False, 1), (4, False, 1)]
 
 
 def test_choose_refuses_what_it_cannot_plan():

@@ -120,7 +120,9 @@ def compile_one(spec: dict) -> dict:
   # What --choose may vary in this config besides the mesh.
   choosable = ["mesh"] + ["remat"] * ("remat" in config.model) + \
       ["grad_accum"] * ("grad_accum_steps" in config)
-  return {**report, "mesh_asked": spec["mesh"], "choosable": choosable}
+  return {**report, "mesh_asked": spec["mesh"], "choosable": choosable,
+          "fsdp_laid_out": aot.fsdp_laid_out(target.devices)}
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def choose_meshes(given: dict) -> list:
   from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   devices = given["devices"]
   if not FLAGS["meshes"].present:
-    return choose.fsdp_sizes(devices, given["hosts"])
+    return choose.fsdp_sizes(devices, given["hosts"], given["fsdp_laid_out"])
   named = {"data": 1, "fsdp": devices}
   return [named[m] if m in named else int(m.split("x")[1]) for m in FLAGS.meshes]
 

@@ -243,6 +243,20 @@ def build_program(config, target: Target, train_examples: int = 0):
   raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
 
 
+def fsdp_laid_out(devices) -> list:
+  """The FSDP sizes (powers of two) whose mesh the train loop's make_mesh lays out on these
+  devices: it maps mesh axes onto whole physical axes, so a 16x16 torus takes 1, 16 or 256."""
+  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  n, out = len(devices), []
+  for fsdp in (2 ** k for k in range(n.bit_length())):
+    try:
+      sharding.make_mesh(n // fsdp, fsdp, devices=list(devices))
+    except (NotImplementedError, ValueError):
+      continue
+    out.append(fsdp)
+  return out
+
+
 def state_bytes(program) -> dict:
   """Train-state bytes, whole and per device, as its shardings split it (no layout padding)."""
   import jax  # pylint: disable=import-outside-toplevel

@@ -47,9 +47,12 @@ def of_report(report: dict) -> Candidate:
                    report["grad_accum_steps"] if "grad_accum" in options else None)
 
 
-def fsdp_sizes(devices: int, hosts: int) -> list:
-  """Data parallel, FSDP over one host's devices, FSDP over the slice."""
-  return sorted({1, devices // hosts, devices})
+def fsdp_sizes(devices: int, hosts: int, laid_out: list) -> list:
+  """Data parallel, FSDP over the slice, and between them the smallest FSDP group that holds a
+  host's devices and that the mesh can lay out on the slice (`laid_out`: on a 2-D torus only
+  products of its sides, so 16 on v6e's 16x16 where a host has 4 chips)."""
+  host = min((f for f in laid_out if devices // hosts <= f < devices), default=1)
+  return sorted({1, host, devices})
 
 
 def _fewest(fit, values: list) -> int | None:
@@ -76,12 +79,25 @@ def search(sizes: list, options: list, batch_per_device: int, compiled) -> None:
             if "grad_accum" in options else [None])
   for fsdp in sizes:
     fewest = len(accums)
-    for remat in remats:
-      # Remat on is compiled only with fewer micro-batches than remat off needs.
-      found = _fewest(lambda a: fits(compiled(Candidate(fsdp, remat, a))), accums[:fewest])  # pylint: disable=cell-var-from-loop
-      if found == 0:
-        break
-      fewest = fewest if found is None else found
+    try:
+      for remat in remats:
+        # Remat on is compiled only with fewer micro-batches than remat off needs.
+        found = _fewest(lambda a: _fit(compiled(Candidate(fsdp, remat, a))), accums[:fewest])  # pylint: disable=cell-var-from-loop
+        if found == 0:
+          break
+        fewest = fewest if found is None else found
+    except _Failed:  # the mesh itself: more remat or micro-batches fail the same way
+      continue
+
+
+class _Failed(Exception):
+  pass
+
+
+def _fit(report: dict) -> bool:
+  if "error" in report:
+    raise _Failed(report["error"])
+  return fits(report)
 
 
 def fits(report: dict) -> bool:

@@ -1,5 +1,6 @@
-"""benchmarks/tpu_plan/*.jsonl (from benchmarks/tpu_plan.sh) -> benchmarks/tpu_plan.md: every
-compile, and the paper's Table 2 beside our estimates for the same configurations.
+"""benchmarks/tpu_plan/*.jsonl (from benchmarks/tpu_plan.sh) -> benchmarks/tpu_plan.md: the
+paper's Table 2 beside our estimates, the plan's choice on each current generation's slice with
+every candidate it compiled, and every compile.
 
   python benchmarks/tpu_plan_table.py
 """
@@ -9,14 +10,94 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mae_jax.tools.scaling import markdown  # pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from mae_jax.tools.scaling import markdown
+from mae_jax.tpu import choose, slices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+GIB = 2 ** 30
 # Table 2 of the paper: wall-clock hours of 800-epoch pre-training on 128 TPU-v3 cores.
 TABLE2 = (("t2_vit_large_dec8", "ViT-L, decoder 8 blocks", 15.4),
           ("t2_vit_large_mask_tokens", "ViT-L w/ [M] (encoder on all tokens), decoder 8", 42.4),
           ("t2_vit_large_dec1", "ViT-L, decoder 1 block", 11.6),
           ("t2_vit_huge_dec8", "ViT-H, decoder 8 blocks", 34.5))
+V3_128_CHIPS = slices.get("v3-128").chips
+MODELS = (("vit_large", "ViT-L/16"), ("vit_huge", "ViT-H/14"))
+CURRENT = ("v5p-128", "tpu7x-128", "v6e-256", "v5litepod-256")
+
+
+def with_chips(r: dict) -> dict:
+  """Rows compiled before the report had chips get them, and chip-hours, from the slice table."""
+  if "chips" in r or "error" in r:
+    return r
+  chips = slices.get(r["topology"]).chips
+  hours = r.get("est_hours")
+  return {**r, "chips": chips, "est_chip_hours": None if hours is None else hours * chips}
+
+
+def _f(x, spec: str) -> str:
+  return "-" if x is None else format(x, spec)
+
+
+def table2(runs: dict) -> list:
+  out = ["## Table 2 of the paper (128 TPU-v3 cores = 64 chips, batch 4096, 800 epochs)", "",
+         "| configuration | paper (measured) h | ours (compiler's estimate) h | paper chip-hours | "
+         "ours chip-hours (estimate) | est. MFU | required GiB/core |", "|---|---|---|---|---|---|---|"]
+  for name, what, hours in TABLE2:
+    for r in map(with_chips, runs.get(name, [])):
+      req = r.get("memory_per_device", {}).get("required")
+      out.append(f"| {what} | {hours} | {_f(r.get('est_hours'), '.1f')} | "
+                 f"{hours * V3_128_CHIPS:.0f} | {_f(r.get('est_chip_hours'), '.0f')} | "
+                 f"{_f(r.get('est_mfu'), '.2f')} | {_f(req and req / GIB, '.2f')} |")
+  return out
+
+
+def choices(runs: dict) -> list:
+  """One row per (model, slice): the plan's choice; then each plan's candidates."""
+  out = ["## The plan's choice on current slices (batch 4096, 800 epochs)", "",
+         "Each row is `python -m mae_jax.tools.scaling --choose --topology=SLICE "
+         "--config=configs/pretrain.py:MODEL` (= `launch/tpu.sh plan`): the config as given, "
+         "then data parallel, FSDP over a host and FSDP over the slice, remat and gradient "
+         "accumulation only where needed to fit (`mae_jax/tpu/choose.py`), ranked by the "
+         "compiler's cost model. **Step time, hours, chip-hours and MFU are the TPU compiler's "
+         "estimates, not measurements** (on v3 they came out 27-40% below the paper's measured "
+         "hours). Chip-hours = chips x estimated hours of the 800-epoch run: what a slice is "
+         "paid by. Where the cost model returned a negative time it is no estimate at all "
+         "(the row says so); the roofline bound (FLOPs at peak or HBM bytes at full bandwidth, "
+         "whichever is slower, collectives not counted) is given beside every row as a lower "
+         "bound, not an estimate.", "",
+         "| model | slice | chips (devices) | chosen mesh (data x fsdp) | remat | grad accum | "
+         "required / HBM GiB per device | est. step s | est. img/s | est. hours | "
+         "est. chip-hours | est. MFU | roofline bound h / chip-h | candidates | "
+         "compile s (all candidates) | overrides to paste |", "|" + "---|" * 16]
+  details = []
+  for model, label in MODELS:
+    for topology in CURRENT:
+      rows = runs.get(f"choose_{model}_{topology}")
+      if not rows:
+        out.append(f"| {label} | {topology} | not compiled yet |" + " |" * 13)
+        continue
+      given = choose.of_report(rows[0]) if "error" not in rows[0] else None
+      ranked = choose.rank(rows)
+      negative = [r for g, r in ranked if g == "no estimate"]
+      group, best = ranked[0]
+      compile_s = sum(r.get("compile_s", 0) for r in rows)
+      c = choose.of_report(best)
+      note = "" if group == "estimate" else f" ({group})"
+      bound_h = best["total_steps"] * best["roofline_step_s"] / 3600
+      out.append(
+          f"| {label} | {topology} | {best['chips']} ({best['devices']}) | "
+          f"{best['mesh']['data']} x {best['mesh']['fsdp']}{note} | "
+          f"{'on' if c.remat else 'off'} | {c.grad_accum} | "
+          f"{best['memory_per_device']['required'] / GIB:.2f} / {best['hbm_per_device'] / GIB:.2f} | "
+          f"{_f(best.get('est_step_s'), '.3f')} | {_f(best.get('est_images_per_sec'), '.0f')} | "
+          f"{_f(best.get('est_hours'), '.1f')} | {_f(best.get('est_chip_hours'), '.0f')} | "
+          f"{_f(best.get('est_mfu'), '.2f')} | {bound_h:.1f} / {bound_h * best['chips']:.0f} | "
+          f"{len(rows)}{f', {len(negative)} with a negative cost-model time' if negative else ''} | "
+          f"{compile_s:.0f} | `{c.overrides(best['devices'])}` |")
+      details += [f"### {label} on {topology}", "", choose.table(ranked, given), ""]
+  return out + ["", "Every candidate of each plan (compile s: on a shared 2-core CPU, "
+                "load average 4-10 during these compiles):", ""] + details
 
 
 def main():
@@ -24,26 +105,18 @@ def main():
   for path in sorted(glob.glob(os.path.join(HERE, "tpu_plan", "*.jsonl"))):
     name = os.path.basename(path)[:-len(".jsonl")]
     runs[name] = [json.loads(line) for line in open(path)]
-  out = ["# TPU plan: real TPU compiles (libtpu 0.0.42, compile-only devices), never run", "",
+  out = ["# TPU plan: real TPU compiles (compile-only devices), never run", "",
          "Generated by `bash benchmarks/tpu_plan.sh` then `python benchmarks/tpu_plan_table.py`;"
          " one JSON line per compile in `benchmarks/tpu_plan/`. Memory is the compiled "
          "executable's, per device; `est.` columns come from the TPU compiler's cost model "
-         "(`optimal_seconds`): estimates, not measurements. Compile times were taken on a "
-         "shared 2-core CPU (load average 5-15).", "",
-         "## Table 2 of the paper (128 TPU-v3 cores, batch 4096, 800 epochs)", "",
-         "| configuration | paper (measured) h | ours (compiler's estimate) h | est. MFU | "
-         "required GiB/core |", "|---|---|---|---|---|"]
-  for name, what, hours in TABLE2:
-    for r in runs.get(name, []):
-      est = "-" if r.get("est_hours") is None else f"{r['est_hours']:.1f}"
-      mfu = "-" if r.get("est_mfu") is None else f"{r['est_mfu']:.2f}"
-      req = r.get("memory_per_device", {}).get("required")
-      out.append(f"| {what} | {hours} | {est} | {mfu} | "
-                 f"{'-' if req is None else f'{req / 2**30:.2f}'} |")
-  out += ["", "## Every compile", "", "Each named by its file in `benchmarks/tpu_plan/` (the "
+         "(`optimal_seconds`): estimates, not measurements. The v3 rows were compiled with jax "
+         "0.10.2 + libtpu 0.0.42 (2-core Intel Xeon, load average 5-15), the v5e, v5p, v6e and "
+         "TPU7x rows with jax 0.12.0.1 + libtpu 0.0.50.1 (2-core AMD EPYC, shared).", ""]
+  out += table2(runs) + [""] + choices(runs)
+  out += ["## Every compile", "", "Each named by its file in `benchmarks/tpu_plan/` (the "
           "commands are in `benchmarks/tpu_plan.sh`):", "",
-          markdown([{**r, "model": f"{r['model']} (`{name}`)"} for name, rows in runs.items()
-                    for r in rows])]
+          markdown([{**with_chips(r), "model": f"{r['model']} (`{name}`)"}
+                    for name, rows in runs.items() for r in rows])]
   with open(os.path.join(HERE, "tpu_plan.md"), "w") as f:
     f.write("\n".join(out) + "\n")
   print("\n".join(out))

@@ -12,7 +12,10 @@
 #   plan     here, no TPU needed: compile the run's config and overrides for the slice
 #            (--accelerator-type) with the TPU compiler (libtpu: setup_env.sh --tpu) and print
 #            memory per device against HBM, collectives and the compiler's time estimate;
-#            exits 3 when it does not fit
+#            then compile other meshes (data/FSDP), remat and gradient accumulation, rank
+#            them by the compiler's estimate and print the --config overrides of the fastest
+#            that fits (--choose=false: the config alone). Compiles are cached: asked again,
+#            a plan only lowers. Exits 3 when the config as given does not fit
 #   run      on every worker at once, detached (nohup setsid), a log per worker:
 #              python3 -m mae_jax.main --config=CONFIG --workdir=WORKDIR [--config.k=v ...]
 #            --config.* options, and everything after --, go to mae_jax.main unchanged.
@@ -30,8 +33,8 @@
 #   --zone=ZONE              ZONE              required by every command, e.g. europe-west4-a
 #   --project=PROJECT        PROJECT           default: gcloud's configured project
 #   --accelerator-type=TYPE  ACCELERATOR_TYPE  create, plan, run: v3-8, v3-128, v4-64,
-#                                              v5litepod-16, v5p-128, v6e-256 ... (the
-#                                              table: python3 -m mae_jax.tpu.slices)
+#                                              v5litepod-16, v5p-128, v6e-256, tpu7x-128
+#                                              ... (the table: python3 -m mae_jax.tpu.slices)
 #   --runtime-version=VER    RUNTIME_VERSION   create: default from the type, e.g.
 #                                              tpu-ubuntu2204-base for v2, v3, v4
 #   --spot                   SPOT=1            create: a Spot VM
@@ -44,6 +47,7 @@
 #   --python-version=V       PYTHON_VERSION    setup: the venv's Python (3.12; jax needs 3.12+)
 #   --config=FILE:VARIANT    CONFIG            plan, run: e.g. configs/pretrain.py:vit_large
 #   --plan=false             PLAN=0            run: do not compile the plan first
+#   --choose=false           CHOOSE=0          plan: compile the config only, no candidates
 #   --force                  FORCE=1           run: start even if the plan does not fit
 #   --workdir=gs://...       WORKDIR           run: checkpoints and summaries (must be gs://)
 #   --env=KEY=VALUE                            run: export on the workers (repeatable)
@@ -79,6 +83,7 @@ accelerator_type=${ACCELERATOR_TYPE:-}
 runtime_version=${RUNTIME_VERSION:-}
 spot=0; truthy "${SPOT:-}" && spot=1
 plan=1; [[ -n "${PLAN:-}" ]] && ! truthy "$PLAN" && plan=0
+choose=1; [[ -n "${CHOOSE:-}" ]] && ! truthy "$CHOOSE" && choose=0
 force=0; truthy "${FORCE:-}" && force=1
 preemptible=0; truthy "${PREEMPTIBLE:-}" && preemptible=1
 repo_url=${REPO_URL:-}
@@ -126,6 +131,7 @@ while [[ $# -gt 0 ]]; do
       case "$key" in
         --spot) spot=$(bool_flag "$arg") ;;
         --plan) plan=$(bool_flag "$arg") ;;
+        --choose) choose=$(bool_flag "$arg") ;;
         --force) force=$(bool_flag "$arg") ;;
         --preemptible) preemptible=$(bool_flag "$arg") ;;
         --follow) follow=$(bool_flag "$arg") ;;
@@ -291,19 +297,25 @@ cmd_setup() {
   cmd_check
 }
 
-# The compile of the run's config (and its --config.* overrides) for the slice, here.
+# The compile of the run's config (and its --config.* overrides) for the slice, here; with
+# CHOOSE=1 (the default of `plan`; `run` passes 0) the candidates too, ranked.
 cmd_plan() {
+  local search=${1:-$choose}
   require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
   require "$config" --config CONFIG "config (e.g. configs/pretrain.py:vit_large)"
   local overrides=() a
   for a in ${job_args[@]+"${job_args[@]}"}; do
     [[ "$a" != --config.* ]] || overrides+=("$a")
   done
+  [[ "$search" == 0 ]] || overrides+=(--choose)
   local rc=0
   (cd "$ROOT" && run_cmd "$PYTHON" -m mae_jax.tools.scaling "--topology=$accelerator_type" \
     "--config=$config" ${overrides[@]+"${overrides[@]}"} --check_fits) || rc=$?
   if [[ "$rc" == 3 ]]; then
     warn "the TPU compiler says $config does not fit in the HBM of $accelerator_type."
+    if [[ "$search" == 1 ]]; then
+      warn "The ranking above says what fits instead: add the overrides it prints."
+    fi
     warn "Fixes: shard the state (--config.mesh.fsdp=N, N > 1), remat (--config.model.remat=True), a smaller batch per device (a larger slice, or --config.batch_size), or --config.grad_accum_steps=K."
   elif [[ "$rc" != 0 ]]; then
     warn "the plan of $config for $accelerator_type failed (exit $rc); see above."
@@ -318,7 +330,7 @@ cmd_run() {
     || die "--workdir must be a gs:// path that every worker can reach, got: $workdir"
   if [[ -n "$accelerator_type" && "$plan" == 1 ]]; then
     local rc=0
-    cmd_plan || rc=$?
+    cmd_plan 0 || rc=$?  # the config that is about to run, alone
     if [[ "$rc" != 0 && "$force" == 1 ]]; then
       warn "--force: starting anyway."
     elif [[ "$rc" != 0 ]]; then

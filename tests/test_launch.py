@@ -386,15 +386,27 @@ def test_plan_needs_no_tpu_name_and_dry_run_prints_it(plan_env):
               "--config.model.remat=False", "--dry-run").stdout
     assert shlex.split(out.strip())[1:] == [
         "-m", "mae_jax.tools.scaling", "--topology=v4-64",
-        "--config=configs/pretrain.py:vit_huge", "--config.model.remat=False", "--check_fits"]
+        "--config=configs/pretrain.py:vit_huge", "--config.model.remat=False", "--choose",
+        "--check_fits"]
     assert plan_args(plan_env) is None
+    # --choose=false (or CHOOSE=0): the config alone, as `run` compiles it.
+    for extra, env_extra in ((("--choose=false",), {}), ((), {"CHOOSE": "0"})):
+        tpu(plan_env, "plan", "--accelerator-type=tpu7x-128", "--config=c.py:v", *extra,
+            **env_extra)
+        assert plan_args(plan_env)[2:] == ["--topology=tpu7x-128", "--config=c.py:v",
+                                           "--check_fits"]
+    proc = tpu(plan_env, "plan", "--accelerator-type=v3-8", "--config=c.py:v", check=False,
+               FAKE_PLAN_RC="3")
+    assert proc.returncode == 3
+    assert "--choose" in plan_args(plan_env) and "ranking above" in proc.stderr
     proc = tpu(plan_env, "plan", "--config=c.py:v", check=False)
     assert proc.returncode != 0 and "--accelerator-type" in proc.stderr
 
 
 def test_create_takes_the_runtime_from_the_slice_table(env):
     for accelerator, runtime in (("v5p-128", "v2-alpha-tpuv5"), ("v6e-8", "v2-alpha-tpuv6e"),
-                                 ("v5e-16", "v2-alpha-tpuv5-lite"), ("v4-8", "tpu-ubuntu2204-base")):
+                                 ("v5e-16", "v2-alpha-tpuv5-lite"), ("v4-8", "tpu-ubuntu2204-base"),
+                                 ("tpu7x-8", "v2-alpha-tpu7-ubuntu2404")):
         tpu(env, "create", *BASE, f"--accelerator-type={accelerator}")
         assert f"--version={runtime}" in calls(env)[-1]
     proc = tpu(env, "create", *BASE, "--accelerator-type=v3-7", check=False)

@@ -2,18 +2,26 @@
 report, fits and refusals, and `launch/tpu.sh plan` / `run` acting on them."""
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from mae_jax.tpu import aot, presence, slices
+from mae_jax.tpu import aot, choose, presence, slices
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_MODEL = ("--variants=tiny", "--model=mae_vit_test_patch4")
 # Far more than a v3 core's 16 GiB: 65536 images of 32x32 per device through the test model.
 TOO_BIG = "--config.batch_size=524288"
+
+
+@pytest.fixture(autouse=True)
+def _own_compile_cache(tmp_path_factory, monkeypatch):
+  """Compiles in these tests never read or fill the user's cache (~/.cache/mae_jax)."""
+  monkeypatch.setenv("MAE_JAX_TPU_COMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def scaling(*args, check=True):
@@ -31,15 +39,18 @@ def test_slice_table_matches_libtpu_and_the_accelerator_names():
   expected = {"v3-8": (8, 1), "v3-128": (128, 16), "v3-2048": (2048, 256), "v4-8": (4, 1),
               "v4-128": (64, 16), "v4-4096": (2048, 512), "v5litepod-1": (1, 1),
               "v5litepod-8": (8, 1), "v5litepod-256": (256, 64), "v5p-128": (64, 16),
-              "v6e-256": (256, 64)}
+              "v6e-256": (256, 64), "tpu7x-8": (8, 1), "tpu7x-128": (128, 16)}
   for name, (devices, hosts) in expected.items():
     s = slices.get(name)
     assert (s.devices, s.hosts) == (devices, hosts), name
   assert slices.get("v5e-16") is slices.get("v5litepod-16")
   assert slices.get("v3-128").topology == "v3:8x8"
   assert slices.get("v4-64").topology == "v4:2x4x4"
+  # TPU7x: N counts TensorCores, two per chip, each chip two JAX devices (maxtext's names).
+  assert (slices.get("tpu7x-8").topology, slices.get("tpu7x-8").chips) == ("tpu7x:2x2x1", 4)
+  assert slices.get("tpu7x-128").topology == "tpu7x:4x4x4"
   # libtpu agrees on the devices and their host layout.
-  for name in ("v3-32", "v4-16", "v5litepod-16", "v5p-8", "v6e-8"):
+  for name in ("v3-32", "v4-16", "v5litepod-16", "v5p-8", "v6e-8", "tpu7x-8", "tpu7x-16"):
     target = aot.tpu_target(name)
     assert len(target.devices) == slices.get(name).devices
     assert len({d.process_index for d in target.devices}) == slices.get(name).hosts
@@ -48,10 +59,33 @@ def test_slice_table_matches_libtpu_and_the_accelerator_names():
     slices.get("v3-7")
 
 
+def test_hbm_per_device_is_what_the_compiler_allows():
+  """Each generation's HBM is the limit libtpu states when it refuses a program: a jitted
+  matmul of two 160000^2 float32 operands per device (100 GiB each) on the smallest slice."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  for g in slices.GENERATIONS:
+    smallest = min((s for s in slices.SLICES.values() if s.generation is g),
+                   key=lambda s: s.devices)
+    devices = aot.tpu_target(smallest.name).devices
+    mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
+    n = 160000
+    big = jax.ShapeDtypeStruct((len(devices) * n, n), jnp.float32,
+                               sharding=NamedSharding(mesh, P("d")))
+    whole = jax.ShapeDtypeStruct((n, n), jnp.float32, sharding=NamedSharding(mesh, P()))
+    with pytest.raises(jax.errors.JaxRuntimeError) as refused:
+      jax.jit(lambda a, b: (a @ b).sum()).lower(big, whole).compile()
+    limit = aot._out_of_memory(str(refused.value))["compiler_hbm_limit"]  # pylint: disable=protected-access
+    # The message rounds to 0.01G.
+    assert abs(limit - g.hbm_bytes_per_device) <= 0.01 * 2 ** 30, (g.name, limit / 2 ** 30)
+
+
 def test_mfu_table_comes_from_the_slice_table():
   from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
   assert slices.generation_of_device_kind("TPU v5").name == "v5p"  # v5p's device kind
   assert slices.generation_of_device_kind("TPU v5 lite").peak_flops_per_device == 197e12
+  assert slices.generation_of_device_kind("TPU7x").name == "tpu7x"
   assert slices.generation_of_device_kind("cpu") is None
   assert not any(k.startswith("TPU") for k in flops.PEAK_FLOPS_PER_GPU)
 
@@ -165,10 +199,12 @@ def test_finetune_and_linprobe_compile_their_own_steps(tmp_path):
 
 def test_too_big_is_reported_and_plan_exits_3():
   """The compiler refuses a program over a v3 core's HBM; the tool says so instead of failing,
-  and launch/tpu.sh plan turns it into exit 3 with the fixes."""
+  and launch/tpu.sh plan (the config alone: its candidates at this batch would take long to
+  compile) turns it into exit 3 with the fixes."""
   proc = subprocess.run(
       ["bash", str(ROOT / "launch" / "tpu.sh"), "plan", "--accelerator-type=v3-8",
-       "--config=configs/pretrain.py:tiny", "--config.model.name=mae_vit_test_patch4", TOO_BIG],
+       "--config=configs/pretrain.py:tiny", "--config.model.name=mae_vit_test_patch4", TOO_BIG,
+       "--choose=false"],
       cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 3, proc.stderr[-3000:]
   [report] = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -179,10 +215,16 @@ def test_too_big_is_reported_and_plan_exits_3():
 
 
 def test_unknown_topology_and_missing_libtpu_are_clear(monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
   proc, _ = scaling("--topology=v3-7", *TEST_MODEL, check=False)
   assert proc.returncode == 2 and "unknown TPU accelerator type 'v3-7'" in proc.stderr
+  # libtpu's own name for Ironwood's topologies is no accelerator type; the known ones are listed.
+  proc, _ = scaling("--topology=v7x-8", *TEST_MODEL, check=False)
+  assert proc.returncode == 2 and "unknown TPU accelerator type 'v7x-8'" in proc.stderr
+  assert "tpu7x-8" in proc.stderr and "v6e-256" in proc.stderr
   monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(aot.LibtpuMissingError, match=r'pip install "jax\[tpu\]==0\.10'):
+  with pytest.raises(aot.LibtpuMissingError,
+                     match=re.escape(f'pip install "jax[tpu]=={jax.__version__}"')):
     aot.tpu_target("v3-8")
 
 
@@ -200,3 +242,145 @@ def test_cpu_jobs_never_probe_for_a_tpu(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")  # the user's choice is kept
   assert not presence.skip_tpu_probe_without_tpu()
   assert os.environ["JAX_PLATFORMS"] == "tpu,cpu"
+
+
+# ---------------------------------------------------------------- choosing mesh, remat, batch
+CHOOSE_CONFIG = ("--topology=tpu7x-8", "--config=configs/pretrain.py:tiny",
+                 "--config.model.name=mae_vit_test_patch4", "--config.batch_size=64")
+
+
+def paste_line(stdout: str) -> str:
+  [line] = [l.strip() for l in stdout.splitlines() if l.startswith("  --config.")]
+  return line
+
+
+@pytest.fixture(scope="module")
+def chosen(tmp_path_factory):
+  """The test model's plan on tpu7x-8, twice with one compile cache: (cache, [(wall s, process,
+  reports)] for each run)."""
+  cache = tmp_path_factory.mktemp("choose_cache")
+  runs = []
+  for _ in range(2):
+    start = time.perf_counter()
+    proc, reports = scaling("--choose", *CHOOSE_CONFIG, f"--compile_cache={cache}")
+    runs.append((time.perf_counter() - start, proc, reports))
+  return cache, runs
+
+
+def test_choose_compiles_the_meshes_and_pastes_the_fastest(chosen):
+  _, [(_, proc, reports), _] = chosen
+  given, *candidates = reports
+  assert given["mesh_asked"] == "config" and given["mesh"] == {"data": 8, "fsdp": 1}
+  s = slices.get("tpu7x-8")
+  assert (given["device_kind"], given["devices"], given["chips"]) == ("TPU7x", 8, 4)
+  assert given["hbm_per_device"] == s.generation.hbm_bytes_per_device
+  # Data parallel, FSDP over the host (here the whole slice): both fit with remat off, so no
+  # remat or accumulation was compiled.
+  assert {r["mesh"]["fsdp"] for r in reports} == set(choose.fsdp_sizes(8, 1, [1, 2, 4, 8])) \
+      == {1, 8}
+  assert len(reports) == 2 and all(r["fits"] for r in reports)
+  assert all(not r["remat"] and r["grad_accum_steps"] == 1 for r in reports)
+  # The paste line is the candidate with the smallest estimated step, and it is labelled.
+  timed = [r for r in reports if r["est_step_s"] is not None]
+  best = min(timed, key=lambda r: r["est_step_s"])
+  assert paste_line(proc.stdout) == choose.of_report(best).overrides(8)
+  assert "Fastest that fits (the TPU compiler's cost-model estimate, not a measurement)" in \
+      proc.stdout
+  assert "your config" in proc.stdout
+  assert not any(r["compile_cached"] for r in reports)
+
+
+def test_the_pasted_overrides_are_the_chosen_program(chosen):
+  """Compiled with the pasted overrides, the config lowers to the very program the plan ranked
+  first: the compile cache, keyed by the lowered program, has it."""
+  cache, [(_, proc, reports), _] = chosen
+  _, [again] = scaling(*CHOOSE_CONFIG, *paste_line(proc.stdout).split(),
+                       f"--compile_cache={cache}")
+  best = min((r for r in reports if r["est_step_s"] is not None), key=lambda r: r["est_step_s"])
+  assert again["compile_cached"] and again["mesh"] == best["mesh"]
+  assert again["est_step_s"] == best["est_step_s"]
+
+
+def test_a_repeated_plan_compiles_nothing(chosen):
+  cache, [(first_s, first, reports), (second_s, second, repeated)] = chosen
+  print(f"plan on tpu7x-8: {first_s:.1f} s, asked again {second_s:.1f} s; compiles "
+        f"{[round(r['compile_s'], 1) for r in reports]} s, lowering again "
+        f"{[round(r['lower_s'], 1) for r in repeated]} s")
+  assert all(r["compile_cached"] for r in repeated)
+  assert len(list(cache.glob("*.json"))) == len(reports)
+  assert paste_line(second.stdout) == paste_line(first.stdout)
+  assert "0 compiled now, 2 from the compile cache" in second.stdout
+  assert second_s < first_s
+
+
+def _fake(fsdp, est, fits=True, raw=None, remat=False, accum=1):
+  """A compile report with what the ranking reads."""
+  return {"topology": "v5p-8", "model": "m", "task": "pretrain", "global_batch": 64,
+          "devices": 4, "chips": 4, "hosts": 1, "total_steps": 1000, "batch_per_device": 16,
+          "mesh": {"data": 4 // fsdp, "fsdp": fsdp}, "remat": remat, "grad_accum_steps": accum,
+          "choosable": ["mesh", "remat", "grad_accum"], "compile_s": 1.0,
+          "memory_per_device": {"required": 2 ** 30}, "hbm_per_device": 2 * 2 ** 30,
+          "fits": fits, "est_step_s": est, "est_optimal_seconds_raw": est if raw is None else raw,
+          "roofline_step_s": 0.05, "est_hours": est and est * 1000 / 3600,
+          "est_chip_hours": est and est * 4000 / 3600, "est_mfu": est and 0.5}
+
+
+def test_rank_puts_unusable_estimates_after_the_others_and_says_so():
+  negative = _fake(4, None, raw=-716.8)
+  slow, fast = _fake(1, 0.2), _fake(2, 0.1, remat=True)
+  too_big = _fake(1, None, fits=False, remat=True)
+  ranked = choose.rank([negative, too_big, slow, fast])
+  assert [r for _, r in ranked] == [fast, slow, negative, too_big]
+  assert [g for g, _ in ranked] == ["estimate", "estimate", "no estimate", "does not fit"]
+  text = choose.summary(ranked, choose.of_report(slow))
+  assert "cost model returned -716.8 s: no estimate" in text
+  assert paste_line(text) == ("--config.mesh.data=2 --config.mesh.fsdp=2 "
+                              "--config.model.remat=True --config.grad_accum_steps=1")
+  # Only unusable estimates: none is called the fastest.
+  text = choose.summary(choose.rank([negative, too_big]), None)
+  assert "Fastest" not in text and "no usable time" in text
+  assert paste_line(text) == choose.of_report(negative).overrides(4)
+
+
+def test_search_adds_remat_and_micro_batches_only_where_needed():
+  """Per mesh: remat off alone; if it does not fit, the fewest micro-batches that fit with remat
+  off (bisection), then with remat on below that number; a mesh that fits at once compiles
+  nothing more."""
+  tried = []
+
+  def compiled(c):  # fsdp 1: 64 images per device at 1 (remat on) or 2 (off) units each; 16 fit
+    tried.append((c.fsdp, c.remat, c.grad_accum))
+    return {"fits": c.fsdp == 4 or 64 // (c.grad_accum or 1) * (1 if c.remat else 2) <= 16}
+  choose.search([1, 4], ["mesh", "remat", "grad_accum"], 64, compiled)
+  assert tried == [(1, False, 1), (1, False, 8), (1, False, 2), (1, False, 4),
+                   (1, True, 1), (1, True, 2), (1, True, 4), (4, False, 1)]
+  tried.clear()
+  choose.search([1, 4], ["mesh"], 64, compiled)  # fine-tuning: meshes only
+  assert tried == [(1, None, None), (4, None, None)]
+
+
+def test_fsdp_between_data_and_the_slice_is_a_host_laid_out_on_the_torus():
+  # v5p-128: 64 chips, 4 per host, every power of two laid out; v6e-256: 16x16, 4 per host.
+  assert choose.fsdp_sizes(64, 16, [1, 4, 16, 64]) == [1, 4, 64]
+  assert choose.fsdp_sizes(256, 64, [1, 16, 256]) == [1, 16, 256]
+  assert choose.fsdp_sizes(8, 1, [1, 2, 4, 8]) == [1, 8]  # one host: no group between
+  # What the train loop's mesh accepts on v6e's 2-D torus, asked of the loop itself.
+  assert aot.fsdp_laid_out(aot.tpu_target("v6e-16").devices) == [1, 4, 16]
+  assert aot.fsdp_laid_out(aot.tpu_target("tpu7x-8").devices) == [1, 2, 4, 8]
+
+
+def test_search_leaves_a_mesh_that_fails_to_compile():
+  tried = []
+
+  def compiled(c):
+    tried.append((c.fsdp, c.remat, c.grad_accum))
+    return {"error": "mesh"} if c.fsdp == 2 else {"fits": True}
+  choose.search([2, 4], ["mesh", "remat", "grad_accum"], 64, compiled)
+  assert tried == [(2, False, 1), (4, False, 1)]
+
+
+def test_choose_refuses_what_it_cannot_plan():
+  for extra in (("--topology=tpu7x-8", "--remat=true"), ("--devices=8",),
+                ("--topology=tpu7x-8,v5p-8",)):
+    proc, _ = scaling("--choose", *TEST_MODEL, *extra, check=False)
+    assert proc.returncode == 2 and "--choose plans one config on one TPU slice" in proc.stderr

@@ -14,6 +14,13 @@ TPU compiles use libtpu's compile-only devices for the slice (`pip install -e ".
 is needed. Every compile runs in its own process and prints one JSON line; a table follows.
 Times labelled `est_` are the TPU compiler's cost-model estimates, not measurements.
 `--check_fits` exits with status 3 when a compile does not fit in HBM (launch/tpu.sh plan/run).
+
+  python -m mae_jax.tools.scaling --choose --topology=v5p-128 --config=configs/pretrain.py:vit_huge
+
+`--choose` (launch/tpu.sh plan) compiles the config as given, then other meshes, remat and
+gradient accumulation on the one slice (mae_jax.tpu.choose says which and in what order), ranks
+them by the compiler's estimate and prints the --config overrides of the fastest that fits.
+Compiles are kept (--compile_cache): a plan asked again lowers each candidate and compiles none.
 """
 import json
 import os
@@ -45,7 +52,14 @@ flags.DEFINE_integer("train_examples", 0, "Train split size when the dataset has
 flags.DEFINE_string("out", "", "Also write the JSON lines here.")
 flags.DEFINE_string("markdown", "", "Also write the table here.")
 flags.DEFINE_string("hlo_dir", "", "Also write each compiled HLO text into this directory.")
-flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM.")
+flags.DEFINE_string("compile_cache", None, "Where TPU compiles are kept and looked up, keyed by the "
+                    "lowered program, slice and compiler (default: $MAE_JAX_TPU_COMPILE_CACHE or "
+                    "~/.cache/mae_jax/tpu_compiles; empty: no cache).")
+flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM (with --choose: "
+                  "the config as given).")
+flags.DEFINE_bool("choose", False, "On one TPU slice: compile the config, then the meshes, remat "
+                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the compiler's "
+                  "estimate and print the overrides of the fastest that fits.")
 flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this process.")
 FLAGS = flags.FLAGS
 
@@ -88,7 +102,12 @@ def planned_config(config, spec: dict, devices: int):
 
 
 def compile_one(spec: dict) -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
   from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
+  if spec["topology"]:
+    # JAX's own cache writes compile-only TPU executables (hundreds of MB for ViT-L) that it
+    # cannot read back (see mae_jax.tpu.aot); the report cache below replaces it.
+    jax.config.update("jax_enable_compilation_cache", False)
   target = aot.tpu_target(spec["topology"]) if spec["topology"] else aot.cpu_target()
   config = planned_config(FLAGS.config, spec, len(target.devices))
   hlo_path = ""
@@ -96,8 +115,14 @@ def compile_one(spec: dict) -> dict:
     name = "_".join(str(spec[k]) for k in ("topology", "devices", "variant_arg", "mesh", "remat",
                                             "batch_per_device"))
     hlo_path = os.path.join(spec["hlo_dir"], re.sub(r"[^\w.-]+", "-", name) + ".hlo.txt")
-  report = aot.compile_config(config, target, spec["train_examples"], hlo_path)
-  return {**report, "mesh_asked": spec["mesh"]}
+  report = aot.compile_config(config, target, spec["train_examples"], hlo_path,
+                              spec["compile_cache"])
+  # What --choose may vary in this config besides the mesh.
+  choosable = ["mesh"] + ["remat"] * ("remat" in config.model) + \
+      ["grad_accum"] * ("grad_accum_steps" in config)
+  return {**report, "mesh_asked": spec["mesh"], "choosable": choosable,
+          "fsdp_laid_out": aot.fsdp_laid_out(target.devices)}
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,15 +162,21 @@ def specs_from_flags() -> list:
   specs = []
   for variant in variants:
     for topology, devices in targets:
-      for mesh in FLAGS.meshes:
+      for mesh in ["config"] if FLAGS.choose else FLAGS.meshes:  # --choose: its own meshes
         for remat in (r.lower() for r in FLAGS.remat):
           for batch in batches:
             specs.append({"variant_arg": variant, "topology": topology, "devices": devices,
                           "mesh": mesh, "global_batch": FLAGS.global_batch,
                           "batch_per_device": batch, "remat": remat, "dtype": FLAGS.dtype,
                           "grad_accum": FLAGS.grad_accum, "model": FLAGS.model,
-                          "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir})
+                          "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir,
+                          "compile_cache": compile_cache()})
   return specs
+
+
+def compile_cache() -> str:
+  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
+  return aot.default_cache_dir() if FLAGS.compile_cache is None else FLAGS.compile_cache
 
 
 def _gib(x) -> str:
@@ -159,8 +190,9 @@ def _fmt(x, spec: str) -> str:
 def markdown(results: list) -> str:
   out = ["| slice | task | model | global batch | batch/dev | mesh (data x fsdp) | remat | "
          "required GiB/dev | HBM GiB | fits | TFLOP/dev/step | all-gather | reduce-scatter | "
-         "all-reduce | est. step s | est. img/s | est. hours | est. MFU | compile s |",
-         "|" + "---|" * 19]
+         "all-reduce | est. step s | est. img/s | est. hours | est. chip-hours | est. MFU | "
+         "compile s |",
+         "|" + "---|" * 20]
   for r in results:
     if "error" in r:
       out.append(f"| {r.get('topology') or r.get('devices')} | error: {r['error'][:200]} |")
@@ -177,9 +209,44 @@ def markdown(results: list) -> str:
         f"{_fmt(r.get('flops_per_device') and r['flops_per_device'] / 1e12, '.2f')} | "
         f"{count('all-gather')} | {count('reduce-scatter')} | {count('all-reduce')} | "
         f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_images_per_sec'), '.0f')} | "
-        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_mfu'), '.2f')} | "
-        f"{r['compile_s']:.0f} |")
+        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_chip_hours'), '.0f')} | "
+        f"{_fmt(r.get('est_mfu'), '.2f')} | {compile_time(r)} |")
   return "\n".join(out)
+
+
+def compile_time(r: dict) -> str:
+  return f"{r['compile_s']:.0f}" + (" (cached)" if r.get("compile_cached") else "")
+
+
+def choose_meshes(given: dict) -> list:
+  """The fsdp sizes --choose compiles: mae_jax.tpu.choose's, or those of --meshes when given."""
+  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+  devices = given["devices"]
+  if not FLAGS["meshes"].present:
+    return choose.fsdp_sizes(devices, given["hosts"], given["fsdp_laid_out"])
+  named = {"data": 1, "fsdp": devices}
+  return [named[m] if m in named else int(m.split("x")[1]) for m in FLAGS.meshes]
+
+
+def run_choose(spec: dict, emit) -> tuple:
+  """Compiles the config as given, then the candidates of mae_jax.tpu.choose; returns (reports,
+  the given config's candidate)."""
+  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+  args = config_args(spec["variant_arg"])
+  given_report = emit(run_worker(spec, args))
+  if "error" in given_report:
+    return [given_report], None
+  given = choose.of_report(given_report)
+  done = {given: given_report}
+  devices = given_report["devices"]
+
+  def compiled(candidate):
+    if candidate not in done:
+      done[candidate] = emit(run_worker({**spec, **candidate.spec(devices)}, args))
+    return done[candidate]
+  choose.search(choose_meshes(given_report), given_report["choosable"],
+                given_report["global_batch"] // devices, compiled)
+  return list(done.values()), given
 
 
 def main(argv):
@@ -197,19 +264,33 @@ def main(argv):
   except (ValueError, aot.LibtpuMissingError) as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
-  results = []
+  specs = specs_from_flags()
+  if FLAGS.choose:
+    asked = [f for f in ("remat", "grad_accum") if FLAGS[f].present]
+    if len(specs) != 1 or asked or not FLAGS.topology:
+      print("error: --choose plans one config on one TPU slice, and picks mesh, remat and "
+            "gradient accumulation itself: give one --topology and one --config (or --variants), "
+            f"without {', '.join('--' + f for f in asked) or 'several of them'}.", file=sys.stderr)
+      return 2
   out = open(FLAGS.out, "w") if FLAGS.out else None  # pylint: disable=consider-using-with
-  for spec in specs_from_flags():
-    result = run_worker(spec, config_args(spec["variant_arg"]))
-    results.append(result)
+
+  def emit(result: dict) -> dict:
     line = json.dumps(result)
     print(line, flush=True)
     if out:
       out.write(line + "\n")
       out.flush()
+    return result
+  if FLAGS.choose:
+    from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
+    results, given = run_choose(specs[0], emit)
+    # Nothing to rank when the config as given failed to compile: its error is the answer.
+    table = markdown(results) if given is None else choose.summary(choose.rank(results), given)
+  else:
+    results = [emit(run_worker(spec, config_args(spec["variant_arg"]))) for spec in specs]
+    table = markdown(results)
   if out:
     out.close()
-  table = markdown(results)
   print(table)
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
@@ -217,9 +298,10 @@ def main(argv):
   for r in results:
     if "error" in r:
       print(f"error: {r.get('topology') or r.get('devices')}: {r['error']}", file=sys.stderr)
-  if any("error" in r for r in results):
+  checked = results[:1] if FLAGS.choose else results  # --choose: the config as given
+  if any("error" in r for r in checked):
     return 1
-  if FLAGS.check_fits and any(r.get("fits") is False for r in results):
+  if FLAGS.check_fits and any(r.get("fits") is False for r in checked):
     return 3
   return 0
 

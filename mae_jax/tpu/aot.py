@@ -7,11 +7,21 @@ the TPU compiler (libtpu) for a slice's devices without the slice and with nothi
 The report says what the step needs per device (memory, FLOPs, collectives) and the compiler's
 own time estimate (`optimal_seconds` of its cost model): an estimate, never a measurement. The
 same function compiles for simulated CPU devices (`cpu_target`), where no estimate exists.
+
+What a TPU compile returned is kept in a cache of its own (`cache_dir`), keyed by the lowered
+program, the slice and the compiler: the same program is never compiled twice. JAX's persistent
+compilation cache cannot serve here: with jax 0.12.0.1 and libtpu 0.0.50.1 it writes the
+executables of compile-only devices but cannot read them back ("PjRtCompiler must be constructed
+with a Client to call DeserializeLoadedExecutable"), so every run compiled again.
 """
 import dataclasses
+import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import os
 import re
+import tempfile
 import time
 
 from mae_jax.tpu import slices
@@ -33,6 +43,7 @@ class Target:
   hosts: int
   topology: str
   device_kind: str
+  chips: int | None = None        # TPU chips (what a slice is rented by)
   hbm_bytes_per_device: int | None = None
   peak_flops_per_device: float | None = None
   hbm_bandwidth_per_device: float | None = None
@@ -64,7 +75,7 @@ def tpu_target(name: str) -> Target:
                        f"slice table says {slice_.devices}.")
   return Target(name=slice_.name, devices=tuple(devices), hosts=slice_.hosts,
                 topology=slice_.topology, device_kind=devices[0].device_kind,
-                hbm_bytes_per_device=g.hbm_bytes_per_device,
+                chips=slice_.chips, hbm_bytes_per_device=g.hbm_bytes_per_device,
                 peak_flops_per_device=g.peak_flops_per_device,
                 hbm_bandwidth_per_device=g.hbm_bandwidth_per_device)
 
@@ -149,7 +160,7 @@ def collectives(hlo_text: str) -> dict:
   return out
 
 
-def memory(compiled, hbm_bytes: int | None) -> dict:
+def memory_sizes(compiled) -> dict:
   """Bytes per device. `required` is what must fit in HBM: every buffer the executable holds at
   once, argument + output - alias (donated state written in place) + temp, plus the generated
   code, which lives in HBM too. The compiler's own `peak_memory_in_bytes` is reported beside it;
@@ -161,6 +172,10 @@ def memory(compiled, hbm_bytes: int | None) -> dict:
   sizes["required"] = (sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] +
                        sizes["generated_code"])
   sizes["required_from"] = "argument + output - alias + temp + generated_code"
+  return sizes
+
+
+def fit(sizes: dict, hbm_bytes: int | None) -> dict:
   out = {"memory_per_device": sizes, "hbm_per_device": hbm_bytes}
   if hbm_bytes:
     out["fits"] = sizes["required"] <= hbm_bytes
@@ -228,6 +243,20 @@ def build_program(config, target: Target, train_examples: int = 0):
   raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
 
 
+def fsdp_laid_out(devices) -> list:
+  """The FSDP sizes (powers of two) whose mesh the train loop's make_mesh lays out on these
+  devices: it maps mesh axes onto whole physical axes, so a 16x16 torus takes 1, 16 or 256."""
+  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  n, out = len(devices), []
+  for fsdp in (2 ** k for k in range(n.bit_length())):
+    try:
+      sharding.make_mesh(n // fsdp, fsdp, devices=list(devices))
+    except (NotImplementedError, ValueError):
+      continue
+    out.append(fsdp)
+  return out
+
+
 def state_bytes(program) -> dict:
   """Train-state bytes, whole and per device, as its shardings split it (no layout padding)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -243,18 +272,79 @@ def state_bytes(program) -> dict:
           "state_bytes_per_device": int(per_device)}
 
 
-def compile_config(config, target: Target, train_examples: int = 0, hlo_path: str = "") -> dict:
-  """Compiles the train step of `config` for `target` and reports it (see the module doc);
-  `hlo_path`: also write the compiled HLO text there."""
+def default_cache_dir() -> str:
+  return os.environ.get("MAE_JAX_TPU_COMPILE_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mae_jax", "tpu_compiles")
+
+
+def cache_key(lowered, mesh, target: Target) -> str:
+  """What decides the compiled program: the lowered module (shapes, shardings, the step itself),
+  the devices in mesh order on the slice, the compiler and its flags."""
+  import jax  # pylint: disable=import-outside-toplevel
+  parts = (lowered.as_text(), target.topology, target.device_kind, str(target.hosts),
+           " ".join(str(d.id) for d in mesh.devices.flat), jax.__version__,
+           importlib.metadata.version("libtpu"), os.environ.get("XLA_FLAGS", ""),
+           os.environ.get("LIBTPU_INIT_ARGS", ""))
+  return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def _read_cache(cache_dir: str, key: str) -> dict | None:
+  try:
+    with open(os.path.join(cache_dir, key + ".json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):  # absent, or cut short: compile again
+    return None
+
+
+def _write_cache(cache_dir: str, key: str, facts: dict):
+  os.makedirs(cache_dir, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False) as f:
+    json.dump(facts, f)
+  os.replace(f.name, os.path.join(cache_dir, key + ".json"))  # other planners may read it now
+
+
+def compile_facts(lowered, hlo_path: str = "") -> dict:
+  """What the compiler says of a lowered program: memory, FLOPs, collectives and its cost
+  model's numbers, or its refusal when the program does not fit."""
   import jax  # pylint: disable=import-outside-toplevel
   from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as err:
+    refused = _out_of_memory(str(err))
+    if refused is None:
+      raise
+    return {"compile_s": time.perf_counter() - start, "refused": refused}
+  facts = {"compile_s": time.perf_counter() - start, "memory_per_device": memory_sizes(compiled),
+           "flops_per_device": flops.compiled_flops(compiled)}
+  hlo = compiled.as_text()
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(hlo)
+  facts["collectives"] = collectives(hlo)
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  analysis = analysis or {}
+  facts["optimal_seconds"] = float(analysis.get("optimal_seconds", 0.0) or 0.0)
+  facts["bytes_accessed"] = float(analysis.get("bytes accessed", 0.0) or 0.0)
+  return facts
+
+
+def compile_config(config, target: Target, train_examples: int = 0, hlo_path: str = "",
+                   cache_dir: str = "") -> dict:
+  """Compiles the train step of `config` for `target` and reports it (see the module doc);
+  `hlo_path`: also write the compiled HLO text there (always compiles); `cache_dir`: where TPU
+  compiles are kept and looked up ("": not at all)."""
   program, mesh = build_program(config, target, train_examples)
   devices = len(target.devices)
   report = {
       "topology": target.name, "topology_desc": target.topology,
-      "device_kind": target.device_kind, "devices": devices, "hosts": target.hosts,
-      "task": config.task, "variant": config.variant, "model": config.model.name,
-      "global_batch": config.batch_size, "batch_per_device": config.batch_size / devices,
+      "device_kind": target.device_kind, "devices": devices, "chips": target.chips,
+      "hosts": target.hosts, "task": config.task, "variant": config.variant,
+      "model": config.model.name, "global_batch": config.batch_size,
+      "batch_per_device": config.batch_size / devices,
       "grad_accum_steps": config.get("grad_accum_steps", 1),
       "mesh": dict(mesh.shape), "remat": bool(config.model.get("remat", False)),
       "dtype": config.model.dtype, "total_steps": program.total_steps,
@@ -263,40 +353,32 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   }
   start = time.perf_counter()
   lowered = program.lower()
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as err:
-    refused = _out_of_memory(str(err))
-    if refused is None:
-      raise
-    report.update(refused, compile_s=time.perf_counter() - start,
-                  hbm_per_device=target.hbm_bytes_per_device)
+  report["lower_s"] = time.perf_counter() - start
+  key = cache_key(lowered, mesh, target) if cache_dir and target.chips else ""
+  facts = _read_cache(cache_dir, key) if key and not hlo_path else None
+  report["compile_cached"] = facts is not None
+  if facts is None:
+    facts = compile_facts(lowered, hlo_path)
+    if key:
+      _write_cache(cache_dir, key, facts)
+  report["compile_s"] = facts["compile_s"]
+  if "refused" in facts:
+    report.update(facts["refused"], hbm_per_device=target.hbm_bytes_per_device)
     return report
-  report["compile_s"] = time.perf_counter() - start
-  report.update(memory(compiled, target.hbm_bytes_per_device))
-  step_flops = flops.compiled_flops(compiled)
-  report["flops_per_device"] = step_flops
-  report["flops_per_image"] = step_flops * devices / config.batch_size
-  hlo = compiled.as_text()
-  if hlo_path:
-    with open(hlo_path, "w") as f:
-      f.write(hlo)
-  report["collectives"] = collectives(hlo)
-  report.update(estimates(compiled, report, target))
+  report.update(fit(facts["memory_per_device"], target.hbm_bytes_per_device))
+  report["flops_per_device"] = facts["flops_per_device"]
+  report["flops_per_image"] = facts["flops_per_device"] * devices / config.batch_size
+  report["collectives"] = facts["collectives"]
+  report.update(estimates(facts, report, target))
   return report
 
 
-def estimates(compiled, report: dict, target: Target) -> dict:
+def estimates(facts: dict, report: dict, target: Target) -> dict:
   """The compiler's cost-model step time and what follows from it, labelled as estimates. The
   model sometimes returns a non-positive time (seen with FSDP meshes): then none. Beside it, a
   roofline bound from the same analysis: the step cannot be faster than its FLOPs at peak or its
   HBM traffic at full bandwidth (collectives and overheads not counted)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  analysis = analysis or {}
-  seconds = float(analysis.get("optimal_seconds", 0.0) or 0.0)
-  hbm_bytes = float(analysis.get("bytes accessed", 0.0) or 0.0)
+  seconds, hbm_bytes = facts["optimal_seconds"], facts["bytes_accessed"]
   out = {"est_source": "TPU compiler cost model (optimal_seconds): an estimate, not measured",
          "est_optimal_seconds_raw": seconds, "bytes_accessed_per_device": hbm_bytes}
   peak, bandwidth = target.peak_flops_per_device, target.hbm_bandwidth_per_device
@@ -308,5 +390,6 @@ def estimates(compiled, report: dict, target: Target) -> dict:
   out["est_step_s"] = seconds
   out["est_images_per_sec"] = report["global_batch"] / seconds
   out["est_hours"] = report["total_steps"] * seconds / 3600
+  out["est_chip_hours"] = out["est_hours"] * target.chips
   out["est_mfu"] = report["flops_per_device"] / seconds / peak
   return out

@@ -8,12 +8,18 @@ default runtime). Standard library only, so the launcher can ask it without jax:
   python3 -m mae_jax.tpu.slices runtime v4-64      # one field of one slice: tpu-ubuntu2204-base
 
 Numbers per JAX device: on v2/v3 a device is one TensorCore (two per chip); on v4 and v5p one
-chip (its two cores run as one "megacore"); v5e and v6e chips have one core. Peak dense bf16
+chip (its two cores run as one "megacore"); v5e and v6e chips have one core; a TPU7x (Ironwood)
+chip is two dies, each a TensorCore with its own HBM, exposed as two devices. Peak dense bf16
 FLOP/s and HBM bandwidth are Google's published figures (cloud.google.com/tpu/docs, the
-system-architecture and per-generation pages). HBM is what the TPU compiler (libtpu 0.0.42)
-lets one program use, as its out-of-memory refusals state it ("exceeds available HBM (15.48G)"
-on v3): a little under the published capacities (v2 8 GiB and v3 16 GiB per core; v4 32 GiB,
-v5e 16 GB, v5p 95 GB, v6e 32 GB per chip), since the runtime keeps some.
+system-architecture and per-generation pages: v5e 197 TFLOP/s, 16 GB, 819 GB/s per chip; v5p
+459, 95 GiB, 2765; v6e 918, 32 GB, 1640; TPU7x 2307, 192 GiB, 7380 GB/s, halved here per device).
+HBM is what the TPU compiler lets one program use, as its out-of-memory refusals state it
+("exceeds available HBM (15.48G)" on v3): a little under the published capacities (v2 8 GiB and
+v3 16 GiB per core; v4 32 GiB, v5e 16 GB, v5p 95 GiB, v6e 32 GB, TPU7x 192 GiB per chip), since
+the runtime keeps some. Read with libtpu 0.0.42 and again with 0.0.50 (the same to 0.01 GiB;
+where they differ, v5p 95.74/95.73 and v6e 31.25/31.24, the smaller is kept); TPU7x with 0.0.50:
+a jitted matmul of 160000^2 float32 operands per device on tpu7x:2x2x1 is refused with
+"HLO temporaries (190.73G) exceeds available HBM (94.74G)".
 """
 import dataclasses
 import sys
@@ -23,8 +29,8 @@ GIB = 2 ** 30
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-  name: str                    # as in accelerator types: v3, v4, v5litepod, v5p, v6e
-  topology_prefix: str         # libtpu's topology names: "v3:8x8", "v5e:4x4"
+  name: str                    # as in accelerator types: v3, v4, v5litepod, v5p, v6e, tpu7x
+  topology_prefix: str         # libtpu's topology names: "v3:8x8", "v5e:4x4", "tpu7x:2x2x1"
   device_kind: str             # jax.Device.device_kind on that hardware
   chip_config: str             # "default": a device per core; "megacore": a device per chip
   cores_per_chip: int          # the N in an accelerator type "vX-N" counts cores for 2
@@ -48,11 +54,19 @@ GENERATIONS = (
     Generation("v5litepod", "v5e", "TPU v5 lite", "default", 1, 1, int(15.75 * GIB), 197e12, 819e9,
                "v2-alpha-tpuv5-lite", 4,
                ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
-    Generation("v5p", "v5", "TPU v5", "megacore", 2, 1, int(95.74 * GIB), 459e12, 2765e9, "v2-alpha-tpuv5", 4,
+    Generation("v5p", "v5", "TPU v5", "megacore", 2, 1, int(95.73 * GIB), 459e12, 2765e9, "v2-alpha-tpuv5", 4,
                ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
                    (8, 8, 8), (8, 8, 16), (8, 16, 16))),
-    Generation("v6e", "v6e", "TPU v6 lite", "default", 1, 1, int(31.25 * GIB), 918e12, 1640e9, "v2-alpha-tpuv6e",
+    Generation("v6e", "v6e", "TPU v6 lite", "default", 1, 1, int(31.24 * GIB), 918e12, 1640e9, "v2-alpha-tpuv6e",
                4, ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+    # Ironwood. Names as maxtext's accelerator table (tpu7x-N, N TensorCores; libtpu refuses
+    # "v7x:"). Runtime: the image Google's TPU VM examples create tpu7x-8 with; the TPU7x page
+    # points to GKE first, where the node image is chosen by GKE. Shapes: the power-of-two 3-D
+    # ones up to 2048 chips (Google also rents others, 4x4x12 ... up to the 9,216-chip pod).
+    Generation("tpu7x", "tpu7x", "TPU7x", "default", 2, 2, int(94.74 * GIB), 2307e12 / 2, 7380e9 / 2,
+               "v2-alpha-tpu7-ubuntu2404", 4,
+               ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
 )
 # Also accepted by gcloud for v5e slices.
 ALIASES = {"v5e": "v5litepod"}

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import pytest
 
 from configs import pretrain as pretrain_config
 from mae_jax import models
@@ -35,6 +36,7 @@ def run_tool(module, *args, env=None):
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_benchmark_cli_prints_the_keys():
   result = run_tool("mae_jax.tools.benchmark", "--config=configs/pretrain.py:tiny",
                     "--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
@@ -44,6 +46,7 @@ def test_benchmark_cli_prints_the_keys():
   assert result["devices"] == jax.device_count() and result["global_batch"] == 16
 
 
+@pytest.mark.slow
 def test_hand_flop_count_matches_the_compiled_step():
   """XLA's count of the whole step (matmuls, element-wise ops, AdamW) against the hand count of
   the matmuls alone: within a few percent once the model is wider than a toy. For this config
@@ -72,6 +75,7 @@ def test_hand_flop_count_by_part():
   assert 3.1 < large_m / large < 3.4
 
 
+@pytest.mark.slow
 def test_compare_torch_runs_side_by_side(torch_ref):
   """Its torch half in the reference interpreter the tests use, timed there."""
   env = dict(os.environ, **{torch_worker.ENV_VAR: torch_ref.python})
@@ -86,6 +90,7 @@ def test_compare_torch_runs_side_by_side(torch_ref):
   assert abs(result["final_loss"]["ours"] - result["final_loss"]["torch"]) < 1.0
 
 
+@pytest.mark.slow
 def test_scaling_compiles_on_8_simulated_cpu_devices(tmp_path):
   """The compile tool without libtpu: simulated CPU devices, the same report minus the TPU's
   HBM and time estimate (tests/test_tpu_compile.py covers TPU slices)."""
@@ -107,6 +112,7 @@ def test_scaling_compiles_on_8_simulated_cpu_devices(tmp_path):
   assert "| cpu-8 | pretrain | mae_vit_test_patch4 | 16 | 2 | 1 x 8 |" in table
 
 
+@pytest.mark.slow
 def test_asymmetry_tool_reports_flops_and_time_speedups():
   result = run_tool("mae_jax.tools.asymmetry", "--model=mae_vit_test_patch4", "--batch_size=8",
                     "--steps=1", "--warmup=0")

@@ -12,6 +12,8 @@ import pytest
 
 from mae_jax import data
 
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = textwrap.dedent("""
     import sys

@@ -52,6 +52,7 @@ def _read_idx(path, header, shape):
 
 
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_raw
 def test_fashion_mnist_is_prepared_from_the_debian_files(cfg):
   builder = tfds.builder("fashion_mnist", data_dir=cfg.data_dir)
@@ -233,6 +234,7 @@ def test_finetune_without_per_image_ops_takes_the_batched_path_and_the_same_pixe
       np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_input_benchmark_reports_images_per_second(cfg):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel

@@ -11,6 +11,8 @@ from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
 from mae_jax.training import classify, config_checks, trainer
 
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
+
 # `pretrained`, the tiny pre-training workdir, is a session fixture in conftest.py.
 
 

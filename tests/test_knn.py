@@ -72,6 +72,7 @@ def test_k_larger_than_train_set_uses_all():
   np.testing.assert_allclose(scores[0], np.exp(np.sqrt(0.5) / 0.07) * np.ones(2), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   from mae_jax.evaluation import knn_monitor
   from mae_jax.training import pretrain, sharding, trainer

@@ -470,6 +470,7 @@ def test_logs_tails_one_worker(env, tmp_path):
 
 # ---------------------------------------------------------------- setup
 
+@pytest.mark.slow
 def test_setup_copies_checkout_then_installs_and_checks(env):
     tpu(env, "setup", *BASE)
     scp, install, check = calls(env)
@@ -500,6 +501,7 @@ def test_setup_from_git(env):
     assert "launch/check_devices.py" in remote_command(check)[1]
 
 
+@pytest.mark.slow
 def test_check_devices_reports_and_checks_the_platform():
     run = [sys.executable, str(LAUNCH / "check_devices.py"), "--no_distributed"]
     ok = subprocess.run(run + ["--platform=cpu"], capture_output=True, text=True, timeout=120,
@@ -751,6 +753,7 @@ print(f"process {jax.process_index()}/{jax.process_count()} devices {jax.local_d
 '''
 
 
+@pytest.mark.slow
 def test_local_forms_one_real_jax_job(tmp_path):
     """Two real JAX processes with two CPU devices each see four devices and sum across."""
     pytest.importorskip("jax")

@@ -13,6 +13,8 @@ from mae_jax.configs import pretrain as pretrain_configs
 from mae_jax.tools import mae_vs_scratch as study
 from tests.test_pretrain import REPO
 
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
+
 _TEST_SIZE = {"pretrain": {"model.name": "mae_vit_test_patch4", "total_steps": 4,
                            "warmup_steps": 1, "batch_size": 32, "eval_every_steps": 0,
                            "figure_every_steps": 0, "knn.every_steps": 2,

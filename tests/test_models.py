@@ -195,6 +195,7 @@ def test_bf16_compute_keeps_float32_params_and_close_loss():
   np.testing.assert_allclose(loss16, loss32, rtol=3e-2)
 
 
+@pytest.mark.slow
 def test_remat_gives_same_gradients():
   images = _images((2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(3), (2, 64))

@@ -5,6 +5,9 @@ import os
 import shutil
 import subprocess
 import sys
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

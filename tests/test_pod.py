@@ -10,6 +10,9 @@ import numpy as np
 
 from mae_jax.training import trainer
 from tests.test_pretrain import losses, tiny_config
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/pretrain.py:tiny", "--config.model.name=mae_vit_test_patch4",

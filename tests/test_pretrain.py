@@ -43,6 +43,7 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_train_falls_checkpoints_and_resumes_exactly(tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config()
@@ -70,6 +71,7 @@ def _curve(tmp_path, name, data, fsdp):
   return [losses(workdir)[s] for s in range(1, 5)]
 
 
+@pytest.mark.slow
 def test_same_loss_curve_for_every_mesh_and_one_device(tmp_path):
   curves = {shape: _curve(tmp_path, f"mesh{shape}", *shape) for shape in [(8, 1), (1, 8), (2, 4)]}
   # One device: a separate process that sees a single CPU device.
@@ -89,6 +91,7 @@ def test_same_loss_curve_for_every_mesh_and_one_device(tmp_path):
     np.testing.assert_allclose(curve, reference, rtol=2e-5, err_msg=str(shape))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   full = _curve(tmp_path, "full", 2, 4)
   workdir = str(tmp_path / "accum")
@@ -97,6 +100,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   np.testing.assert_allclose([losses(workdir)[s] for s in range(1, 5)], full, rtol=2e-5)
 
 
+@pytest.mark.slow
 def test_command_line_overrides_and_unknown_keys(tmp_path):
   # A relative workdir, as in the README's command.
   base = [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
@@ -129,6 +133,7 @@ def test_fsdp_shards_params_along_embed():
   assert tuple(odd) == (None,)  # 12 does not split over 8 devices: replicated
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_the_relaunch_continues(tmp_path):
   import signal
   import time

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.filterwarnings(
     f"ignore:{message}:pytest.PytestUnraisableExceptionWarning") for message in (
         r"Exception ignored in. <coroutine object _read_array_index_and_device_put",
-        r"Exception ignored in. None[\s\S]*Event loop is closed")]
+        r"Exception ignored in. None[\s\S]*Event loop is closed")] + [pytest.mark.slow]
 # One run shape for every test here: 16 steps, a checkpoint every 2 (the same as tiny_config's
 # other fields, so the command line and the in-process config are the same run; a given peak
 # FLOP/s skips the matmul that measures it).

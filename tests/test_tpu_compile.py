@@ -12,6 +12,8 @@ import pytest
 
 from mae_jax.tpu import aot, choose, presence, slices
 
+pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_MODEL = ("--variants=tiny", "--model=mae_vit_test_patch4")
 # Far more than a v3 core's 16 GiB: 65536 images of 32x32 per device through the test model.

@@ -132,13 +132,13 @@ def _finetune_config(init):
 
 def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import classify, config_checks  # pylint: disable=import-outside-toplevel
   path, marker = crafted
   assert linprobe_config.get_config().init_allow_unsafe_pickle is False
   config = _finetune_config(path)
   assert config.init_allow_unsafe_pickle is False
   with pytest.raises(convert.UnsafeCheckpointError) as error:  # before any compute
-    classify.check_config(config, 1, 8)
+    config_checks.check(config, 1, 8)
   assert_refusal(str(error.value), path)
   classifier = vit_classifier.create_classifier(config.model.name, 10, img_size=32)
   with pytest.raises(convert.UnsafeCheckpointError):  # and when it loads
@@ -146,7 +146,7 @@ def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   assert not os.path.exists(marker)
 
   config.init_allow_unsafe_pickle = True
-  classify.check_config(config, 1, 8)
+  config_checks.check(config, 1, 8)
   _, report = classify.load_init(config, classifier, jax.random.key(0))
   assert os.path.exists(marker) and "blocks_0/mlp/fc1/kernel" in report.copied
 

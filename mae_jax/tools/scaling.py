@@ -31,6 +31,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mae_jax import configs
+
 flags.DEFINE_list("topology", [], "TPU slices (accelerator types): v3-128,v4-64,v5litepod-256,...")
 flags.DEFINE_list("devices", [], "Simulated CPU device counts instead of TPU slices.")
 flags.DEFINE_enum("task", "pretrain", ["pretrain", "finetune", "linprobe"],
@@ -64,8 +66,7 @@ flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this proce
 FLAGS = flags.FLAGS
 
 GIB = 2 ** 30
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs")
+CONFIGS = configs.DIR
 _NOISE = re.compile(r"^(E\d{4} |WARNING: Logging before|=== Source Location|learning/|Failed to "
                     r"find host bounds)")
 

@@ -226,9 +226,10 @@ def build_program(config, target: Target, train_examples: int = 0):
   # Only the schedule's length depends on it, never the compiled program.
   steps_per_epoch = max(1, train_split_size(config, train_examples) // config.batch_size)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices))
+  from mae_jax.training import config_checks  # pylint: disable=import-outside-toplevel
   if config.task == "pretrain":
-    from mae_jax.training import config_checks, pretrain  # pylint: disable=import-outside-toplevel
-    config_checks.check_pretrain(config, target.hosts, devices)
+    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
+    config_checks.check(config, target.hosts, devices)
     return pretrain.build_program(config, mesh, steps_per_epoch), mesh
   if config.task in ("finetune", "linprobe"):
     from mae_jax import data  # pylint: disable=import-outside-toplevel
@@ -236,7 +237,7 @@ def build_program(config, target: Target, train_examples: int = 0):
     planned = config.copy_and_resolve_references()
     with planned.unlocked():
       planned.init = ""  # the encoder's values do not change the program; nothing is read
-    classify.check_config(planned, target.hosts, devices)
+    config_checks.check(planned, target.hosts, devices)
     classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
     return classify.build_program(planned, mesh, steps_per_epoch, classes,
                                   load_pretrained=False)[0], mesh

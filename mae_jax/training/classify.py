@@ -19,10 +19,7 @@ import optax
 from mae_jax import data, export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
-from mae_jax.training import config_checks, lars, lr_decay, optimizer, program, sharding, train_step
-
-# The name mae_jax.tpu.aot checks fine-tuning and probing configs by: the one config validation.
-check_config = config_checks.check
+from mae_jax.training import lars, lr_decay, optimizer, program, sharding, train_step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,9 +119,6 @@ def _check_init_architecture(config, classifier):
 _SECTIONS = {"pretrain": _check_pretrain, "finetune": _check_classify,
              "linprobe": _check_classify}
 
-# The name mae_jax.tpu.aot checks pre-training configs by.
-check_pretrain = check
-
 
 # ----------------------------------------------------------------------------------------------
 def check_writable(workdir: epath.Path):

@@ -33,6 +33,11 @@ done
 for s in v5p-128 tpu7x-128 v6e-256 v5litepod-256; do
   choose "vit_huge_$s" --topology=$s --config=$pre:vit_huge
 done
+# The cost model's time came back negative on tpu7x-128, v6e-256 and v5e-256: the same per-device
+# batch on one host of each.
+for s in v6e-8 tpu7x-8; do
+  plan "vit_large_one_host_$s" --topology=$s --config=$pre:vit_large --batch_per_device=32
+done
 # Table 2 of the paper: 128 TPU-v3 cores, batch 4096, 800 epochs.
 plan t2_vit_large_dec8 --topology=v3-128 --config=$pre:vit_large
 plan t2_vit_large_mask_tokens --topology=v3-128 --config=$pre:vit_large --config.model.encoder_mask_tokens=True

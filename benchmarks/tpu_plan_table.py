@@ -100,6 +100,28 @@ def choices(runs: dict) -> list:
                 "load average 4-10 during these compiles):", ""] + details
 
 
+def repeated(runs: dict) -> list:
+  """Plans asked again (benchmarks/tpu_plan/repeated_plans.json, measured by hand): every
+  candidate came from the compile cache."""
+  with open(os.path.join(HERE, "tpu_plan", "repeated_plans.json")) as f:
+    measured = json.load(f)
+  out = ["## A plan asked again", "",
+         "Compiles are kept in the compile cache (keyed by the lowered program, the slice and "
+         "the compiler); a plan asked again lowers each candidate (5-15 s for ViT-L here) in a "
+         "process of its own and compiles none. JAX's persistent compilation cache cannot do "
+         "this for compile-only TPU devices: with jax 0.12.0.1 and libtpu 0.0.50.1 it writes "
+         "the executable but reading it back fails (\"PjRtCompiler must be constructed with a "
+         "Client to call DeserializeLoadedExecutable\") and the program is compiled again.", "",
+         "| plan | candidates | compile s, first time | wall s, asked again | load average | "
+         "command |", "|---|---|---|---|---|---|"]
+  for m in measured:
+    rows = runs[m["plan"]]
+    assert m["candidates_cached"] == len(rows), m["plan"]
+    out.append(f"| `{m['plan']}` | {len(rows)} | {sum(r['compile_s'] for r in rows):.0f} | "
+               f"{m['wall_s']:.0f} | {m['load_average']} | `{m['command']}` |")
+  return out
+
+
 def main():
   runs = {}
   for path in sorted(glob.glob(os.path.join(HERE, "tpu_plan", "*.jsonl"))):
@@ -112,7 +134,7 @@ def main():
          "(`optimal_seconds`): estimates, not measurements. The v3 rows were compiled with jax "
          "0.10.2 + libtpu 0.0.42 (2-core Intel Xeon, load average 5-15), the v5e, v5p, v6e and "
          "TPU7x rows with jax 0.12.0.1 + libtpu 0.0.50.1 (2-core AMD EPYC, shared).", ""]
-  out += table2(runs) + [""] + choices(runs)
+  out += table2(runs) + [""] + choices(runs) + repeated(runs) + [""]
   out += ["## Every compile", "", "Each named by its file in `benchmarks/tpu_plan/` (the "
           "commands are in `benchmarks/tpu_plan.sh`):", "",
           markdown([{**with_chips(r), "model": f"{r['model']} (`{name}`)"}

@@ -28,6 +28,7 @@ def parse(config, args):
   return values.config
 
 
+@pytest.mark.slow
 def test_every_task_reproduces_the_recorded_run(tmp_path):
   """The same numbers, step for step, as the runs in reference_runs.json (recorded from the
   command line before the loops became one driver). Not bit-exact: another CPU may compile the

@@ -6,7 +6,8 @@ is the TPU compiler's cost-model estimate. Meshes: data parallel (fsdp 1), the s
 over one host's devices (fsdp = devices per host) and over the whole slice (fsdp = all). On
 each mesh, remat off without accumulation first: if it fits, nothing else is compiled there
 (remat recomputes the forward pass, accumulation splits the matmuls and loops over them: both
-only add work). Otherwise the fewest micro-batches (1, 2, 4, ...: bisection, as memory falls
+are taken to add work; remat also moves fewer bytes through HBM, which the roofline bound
+rewards, so where only that bound ranks, a config's own remat can come first). Otherwise the fewest micro-batches (1, 2, 4, ...: bisection, as memory falls
 with the micro-batch) that fit with remat off, then with remat on below that number; each
 that fits is ranked. Where the config has no remat or accumulation (fine-tuning, the probe)
 only the meshes are compared.

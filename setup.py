@@ -19,7 +19,7 @@ setup(
         "clu>=0.0.12",
         "tensorboard>=2.20,<2.23",
         "numpy>=1.26",
-        "ml_dtypes>=0.5",  # bfloat16 tensors of .pth files (mae_jax.pth); jax needs it too
+        "ml_dtypes>=0.5",  # bfloat16 tensors of .pth files (mae_jax.interop.pth); jax needs it too
         "pillow>=10",
         "matplotlib>=3.8",
         "safetensors>=0.4",

@@ -4,7 +4,7 @@ r"""Interleaved train-step timing of several code revisions, XLA flag sets and P
       --run=before=jax@HEAD~1 --run=after=jax@HEAD --run=torch=torch
 
 Each --run is NAME=KIND[@GIT_REV][:XLA_FLAGS] with KIND jax (our compiled step, float32) or
-torch (HF ViTMAEForPreTraining + AdamW, as in mae_jax.tools.compare_torch: run from the working
+torch (HF ViTMAEForPreTraining + AdamW, as in mae_jax.benchmarks.compare_torch: run from the working
 tree in the PyTorch reference interpreter, $MAE_JAX_TORCH_PYTHON or .venv-torch, and timed inside
 that process). A revision is exported with `git archive` to a temporary directory, so old and new
 code run side by side.
@@ -33,13 +33,13 @@ if kind == "jax":
   if hasattr(timing, "float32_config"):
     config = timing.float32_config(model_name, batch_size)
   else:  # revisions before the config moved to timing.py
-    from mae_jax.tools.compare_torch import jax_config
+    from mae_jax.benchmarks.compare_torch import jax_config
     config = jax_config(model_name, batch_size)
   step = timing.StepRunner(config)
   flops = step.flops_per_device()
 else:
   from mae_jax import models
-  from mae_jax.tools.compare_torch import TorchStep
+  from mae_jax.benchmarks.compare_torch import TorchStep
   step = TorchStep(models.create_model(model_name, norm_pix_loss=True), batch_size, "sdpa", True,
                    len(os.sched_getaffinity(0)))
   flops = 0.0

@@ -35,7 +35,7 @@ def load_encoder(path: str, model_name: str | None = None, allow_unsafe_pickle: 
   pre-training workdir, or an official .pth/.safetensors file (then `model_name` names its size).
   An official .pth is read without running code from it: one that needs more than tensors raises
   UnsafeCheckpointError unless `allow_unsafe_pickle=True` (only for files you trust).
-  Imported on first call so that `import mae_jax` stays light. See `mae_jax.export.load_encoder`.
+  Imported on first call so that `import mae_jax` stays light. See `mae_jax.interop.export.load_encoder`.
   """
-  from mae_jax import export  # pylint: disable=import-outside-toplevel
+  from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   return export.load_encoder(path, model_name, allow_unsafe_pickle)

@@ -11,10 +11,10 @@ import pytest
 
 from configs import pretrain as pretrain_config
 from mae_jax import models
-from mae_jax.tools import torch_worker
+from mae_jax.benchmarks import torch_worker
 from mae_jax.training import flops, timing
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BENCHMARK_KEYS = {"images_per_sec", "step_time_s", "flops_per_image", "mfu",
                   "achieved_flops_per_device", "peak_flops_per_device", "memory_per_device_bytes",
@@ -38,7 +38,7 @@ def run_tool(module, *args, env=None):
 
 @pytest.mark.slow
 def test_benchmark_cli_prints_the_keys():
-  result = run_tool("mae_jax.tools.benchmark", "--config=configs/pretrain.py:tiny",
+  result = run_tool("mae_jax.benchmarks.benchmark", "--config=configs/pretrain.py:tiny",
                     "--config.model.name=mae_vit_test_patch4", "--config.batch_size=16",
                     "--steps=1", "--warmup=0", "--matmul_size=128")
   assert BENCHMARK_KEYS <= set(result)
@@ -79,7 +79,7 @@ def test_hand_flop_count_by_part():
 def test_compare_torch_runs_side_by_side(torch_ref):
   """Its torch half in the reference interpreter the tests use, timed there."""
   env = dict(os.environ, **{torch_worker.ENV_VAR: torch_ref.python})
-  result = run_tool("mae_jax.tools.compare_torch", "--model=mae_vit_test_patch4", "--batch_size=8",
+  result = run_tool("mae_jax.benchmarks.compare_torch", "--model=mae_vit_test_patch4", "--batch_size=8",
                     "--steps=2", "--warmup=0", "--matmul_size=128", env=env)
   assert result["ours_images_per_sec"] > 0 and result["torch_images_per_sec"] > 0
   assert result["ratio"] > 0 and len(result["torch_step_times_s"]) == 2
@@ -114,7 +114,7 @@ def test_scaling_compiles_on_8_simulated_cpu_devices(tmp_path):
 
 @pytest.mark.slow
 def test_asymmetry_tool_reports_flops_and_time_speedups():
-  result = run_tool("mae_jax.tools.asymmetry", "--model=mae_vit_test_patch4", "--batch_size=8",
+  result = run_tool("mae_jax.benchmarks.asymmetry", "--model=mae_vit_test_patch4", "--batch_size=8",
                     "--steps=1", "--warmup=0")
   compiled = result["flops_per_image_compiled"]
   assert compiled["with_mask_tokens"] > compiled["mae"] > 0

@@ -18,9 +18,10 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import convert, models
-from mae_jax.models import pos_embed as pos_embed_lib
+from mae_jax import models
+from mae_jax.interop import convert
 from mae_jax.tools import convert as convert_tool
+from tests.helpers import assert_same_state, random_official, tiny
 
 # 64-d encoder with 4 heads, 2 blocks; 32-d decoder with 2 blocks.
 SMALL = dict(name="mae_vit_test_patch4",
@@ -38,38 +39,9 @@ GEOMETRIES = {"small": SMALL, "base": BASE}
 MAX_REL_ERROR = 1e-5
 
 
-def tiny(**overrides):
-  return models.create_model("mae_vit_test_patch4", **overrides)
-
-
 def init(model, seed=0):
   """Fresh params; jitted, as the eager init compiles op by op and is slow on a small CPU."""
   return jax.jit(lambda key: models.init_params(model, key))(jax.random.key(seed))
-
-
-def random_official(model, kind="full", seed=0):
-  """An official-layout state_dict with random float32 values and the fixed sin-cos tables."""
-  rng = np.random.default_rng(seed)
-  state = {}
-  for key, shape in convert.official_shapes(model, kind).items():
-    shape = tuple(10 if s == -1 else s for s in shape)  # classifier heads: 10 classes
-    state[key] = rng.standard_normal(shape).astype(np.float32)
-  state["pos_embed"] = pos_embed_lib.sincos_2d(model.embed_dim, model.grid_size)[None]
-  if kind == "full":
-    state["decoder_pos_embed"] = pos_embed_lib.sincos_2d(
-        model.decoder_embed_dim, model.grid_size)[None]
-  if kind == "classifier":  # fine-tuning trains pos_embed; global pool replaces norm by fc_norm
-    state["pos_embed"] = state["pos_embed"] + rng.standard_normal(state["pos_embed"].shape,
-                                                                  dtype=np.float32)
-    del state["norm.weight"], state["norm.bias"]
-  return state
-
-
-def assert_same_state(found, expected):
-  assert sorted(found) == sorted(expected)
-  for key in expected:
-    assert found[key].dtype == np.float32, key
-    np.testing.assert_array_equal(found[key], expected[key], err_msg=key)
 
 
 def flat_params(params):

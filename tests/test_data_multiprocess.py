@@ -11,10 +11,10 @@ from PIL import Image
 import pytest
 
 from mae_jax import data
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = textwrap.dedent("""
     import sys
     import jax

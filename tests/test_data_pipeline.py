@@ -238,12 +238,12 @@ def test_finetune_without_per_image_ops_takes_the_batched_path_and_the_same_pixe
 def test_input_benchmark_reports_images_per_second(cfg):
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from mae_jax.tools import input_benchmark
+  from mae_jax.benchmarks import input_benchmark
   result = input_benchmark.benchmark(cfg, batch_size=64, steps=2, warmup=1)
   assert result["images_per_sec"] > 0
   # Its own process: other tools' required flags are registered in this one by test collection.
   out = subprocess.run(
-      [sys.executable, "-m", "mae_jax.tools.input_benchmark", "--dataset=fashion_mnist",
+      [sys.executable, "-m", "mae_jax.benchmarks.input_benchmark", "--dataset=fashion_mnist",
        f"--data_dir={cfg.data_dir}", "--batch_size=32", "--steps=2", "--warmup=1",
        "--num_threads=1"], capture_output=True, text=True, check=True, timeout=600,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout

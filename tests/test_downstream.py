@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax import export, models
+from mae_jax import models
+from mae_jax.interop import export
 from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
-from mae_jax.training import classify, config_checks, trainer
+from mae_jax.training import downstream, config_checks, trainer
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
@@ -91,7 +92,7 @@ def test_partial_finetuning_trains_exactly_the_last_blocks(trainable_blocks, tra
                        init="")
   config.batch_size = 16
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  train_program, _ = classify.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
+  train_program, _ = downstream.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
   state = train_program.create_state()
   before = jax.device_get(state["params"])
   rng = np.random.default_rng(0)

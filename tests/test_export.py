@@ -9,15 +9,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import mae_jax
-from mae_jax import convert, export, models
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = "mae_vit_test_patch4"
-
-
-def run_tool(name, *args):
-  return subprocess.run([sys.executable, "-m", f"mae_jax.tools.{name}", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=600, check=False)
+from mae_jax import models
+from mae_jax.interop import convert, export
+from tests.helpers import MODEL, REPO, run_tool
 
 
 def assert_same_tree(a, b):

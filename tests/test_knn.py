@@ -8,6 +8,7 @@ import pytest
 from mae_jax import data, models
 
 from mae_jax.evaluation.knn import knn_accuracy, knn_predict, knn_scores
+from tests.helpers import tiny_config
 
 
 def _reference_scores(train, labels, queries, num_classes, k, temperature):
@@ -76,7 +77,6 @@ def test_k_larger_than_train_set_uses_all():
 def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   from mae_jax.evaluation import knn_monitor
   from mae_jax.training import pretrain, sharding, trainer
-  from tests.test_pretrain import tiny_config
   config = tiny_config(**{"total_steps": 4, "knn.every_steps": 2, "knn.num_train": 50,
                           "knn.num_eval": 40})
   workdir = tmp_path / "run"
@@ -131,7 +131,6 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
 
 def test_summary_sets_the_encoder_against_random_init_and_pixels():
   from mae_jax.evaluation import knn_monitor
-  from tests.test_pretrain import tiny_config
   cfg = tiny_config(**{"knn.feature": "tokens"}).knn
   last = {"knn_top1": 0.86, "knn_top1_pixels": 0.85, "knn_top1_random_init": 0.83,
           "linear_top1": 0.89, "linear_top1_pixels": 0.84, "linear_top1_random_init": 0.87}

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
+ROOT = Path(REPO)
 LAUNCH = ROOT / "launch"
 TPU = LAUNCH / "tpu.sh"
 LOCAL = LAUNCH / "local.sh"

@@ -10,8 +10,8 @@ from etils import epath
 
 from mae_jax.configs import finetune as finetune_configs
 from mae_jax.configs import pretrain as pretrain_configs
-from mae_jax.tools import mae_vs_scratch as study
-from tests.test_pretrain import REPO
+from mae_jax.studies import mae_vs_scratch as study
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
@@ -142,7 +142,7 @@ def test_default_command_keeps_its_stages_and_best_top1(default_study):
   (workdir / "results.json").unlink()
   flags = [f"--{stage}.{k}={v}" for stage, options in _TEST_SIZE.items()
            for k, v in options.items()]
-  subprocess.run([sys.executable, "-m", "mae_jax.tools.mae_vs_scratch", f"--workdir={workdir}",
+  subprocess.run([sys.executable, "-m", "mae_jax.studies.mae_vs_scratch", f"--workdir={workdir}",
                   *flags], cwd=REPO, check=True, timeout=600, env={**os.environ})
   summary = json.loads((workdir / "results.json").read_text())
   for run in ("finetune_mae", "finetune_random"):

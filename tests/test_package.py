@@ -6,10 +6,9 @@ import shutil
 import subprocess
 import sys
 import pytest
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_non_editable_install_runs_from_another_directory(tmp_path):

@@ -1,6 +1,5 @@
 """A two-process pod on localhost (launch/local.sh) runs the real multi-host code paths: per-process
 data, global arrays, multi-process orbax checkpoints, logging on process 0 only."""
-import json
 import os
 import shutil
 import subprocess
@@ -9,12 +8,11 @@ import sys
 import numpy as np
 
 from mae_jax.training import trainer
-from tests.test_pretrain import losses, tiny_config
 import pytest
+from tests.helpers import REPO, losses, tiny_config
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config=configs/pretrain.py:tiny", "--config.model.name=mae_vit_test_patch4",
         "--config.batch_size=32", "--config.total_steps=6", "--config.warmup_steps=4",
         "--config.base_lr=0.002", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",

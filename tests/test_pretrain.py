@@ -9,38 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax.configs import pretrain as pretrain_config
 from mae_jax.training import sharding, trainer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(**overrides):
-  c = pretrain_config.get_config("tiny")
-  c.model.name = "mae_vit_test_patch4"
-  c.batch_size = 32
-  c.total_steps = 20
-  c.warmup_steps = 4
-  c.base_lr = 2e-3
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 5
-  c.keep_checkpoints = 10
-  c.figure_every_steps = 0
-  c.eval_every_steps = 0
-  c.mesh.data, c.mesh.fsdp = 2, 4
-  c.peak_flops_per_device = 1e11  # for MFU only: skips measuring the matmul peak in every run
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def losses(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+from tests.helpers import REPO, losses, tiny_config
 
 
 @pytest.mark.slow

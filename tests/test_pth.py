@@ -1,4 +1,4 @@
-"""mae_jax.pth: torch.save files read and written without PyTorch, checked against torch itself (in
+"""mae_jax.interop.pth: torch.save files read and written without PyTorch, checked against torch itself (in
 the reference interpreter) bit for bit, and damaged or crafted records refused."""
 import struct
 import sys
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mae_jax import pth
+from mae_jax.interop import pth
 from tests.torch_reference import assert_same_tree, from_reference
 
 

@@ -4,7 +4,7 @@ or to one process). Nothing is lost beyond the steps since the last checkpoint, 
 explains itself. (SIGTERM to one host is in test_pretrain.py, the non-finite guard and an
 unwritable workdir in test_trainer.py, bad images in test_data_*.py; more preemption trials at
 random moments:
-`python -m mae_jax.tools.preemption_trials`.)
+`python -m mae_jax.studies.preemption_trials`.)
 
 Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.
 """
@@ -23,12 +23,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mae_jax.tools import preemption_trials
-from mae_jax.training import checkpointing, classify, config_checks, pretrain, sharding, trainer
-from tests.test_pretrain import losses, tiny_config
-from tests.test_trainer import parse
+from mae_jax.studies import preemption_trials
+from mae_jax.training import checkpointing, config_checks, downstream, pretrain, sharding, trainer
+from tests.helpers import REPO, losses, parse, tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A restore that fails on a damaged file abandons orbax's other pending array reads; when they are
 # garbage-collected later (on a busy machine, sometimes in the next test) they raise on close.
 pytestmark = [pytest.mark.filterwarnings(
@@ -244,7 +242,7 @@ def _reader_workdir(reference, tmp_path, damage):
 @pytest.fixture(scope="module")
 def params_before_last(reference):
   """The params of step 14 of the undamaged reference run, as a reader gets them."""
-  from mae_jax import export  # pylint: disable=import-outside-toplevel
+  from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   _, step, params = export.restore_pretrain_params(reference[0], TOTAL - 2)
   assert step == TOTAL - 2
   return params
@@ -261,7 +259,7 @@ def _assert_same_arrays(got, expected):
                          ids=["cut_short", "bit_flips", "metadata_lost"])
 def test_a_reader_of_a_damaged_latest_step_takes_the_previous_and_moves_nothing(
     reference, params_before_last, tmp_path, caplog, damage):
-  from mae_jax import export  # pylint: disable=import-outside-toplevel
+  from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   workdir = _reader_workdir(reference, tmp_path, damage)
   with caplog.at_level(logging.WARNING):
     _, step, params = export.restore_pretrain_params(str(workdir))
@@ -285,7 +283,8 @@ def test_a_reader_of_a_damaged_latest_step_takes_the_previous_and_moves_nothing(
 def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step(
     reference, params_before_last, tmp_path, caplog):
   from mae_jax.configs import finetune as finetune_config  # pylint: disable=import-outside-toplevel
-  from mae_jax import export, load_encoder  # pylint: disable=import-outside-toplevel
+  from mae_jax import load_encoder  # pylint: disable=import-outside-toplevel
+  from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   from mae_jax.tools import visualize  # pylint: disable=import-outside-toplevel
   workdir = _reader_workdir(reference, tmp_path, _cut_short)
   encoder = export.encoder_only(params_before_last)
@@ -311,8 +310,8 @@ def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step
     # The fine-tuning init (config.init = the workdir).
     config = finetune_config.get_config("fashion_mnist")
     config.model.name, config.init = "vit_test_patch4", str(workdir)
-    classifier = classify.build_classifier(config, 10)
-    init, report = classify.load_init(config, classifier, jax.random.key(0))
+    classifier = downstream.build_classifier(config, 10)
+    init, report = downstream.load_init(config, classifier, jax.random.key(0))
     copied = sorted(encoder.keys() & init.keys())   # the classifier's own norm is fc_norm
     assert {"patch_embed", "cls_token", "blocks_0", "blocks_1"} <= set(copied)
     _assert_same_arrays({k: init[k] for k in copied}, {k: encoder[k] for k in copied})

@@ -16,12 +16,11 @@ import pytest
 import mae_jax
 from configs import finetune as finetune_config
 from configs import linprobe as linprobe_config
-from mae_jax import convert, export, safe_load
+from mae_jax.interop import convert, export, safe_load
 from mae_jax.tools import convert as convert_tool
 from mae_jax.tools import visualize
-from tests.test_convert import assert_same_state, random_official, tiny
-from tests.test_export import MODEL, REPO, run_tool
 from tests.torch_reference import assert_same_tree, from_reference
+from tests.helpers import MODEL, REPO, assert_same_state, random_official, run_tool, tiny
 
 
 @pytest.fixture(name="state")
@@ -132,7 +131,7 @@ def _finetune_config(init):
 
 def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import classify, config_checks  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import downstream, config_checks  # pylint: disable=import-outside-toplevel
   path, marker = crafted
   assert linprobe_config.get_config().init_allow_unsafe_pickle is False
   config = _finetune_config(path)
@@ -142,12 +141,12 @@ def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   assert_refusal(str(error.value), path)
   classifier = vit_classifier.create_classifier(config.model.name, 10, img_size=32)
   with pytest.raises(convert.UnsafeCheckpointError):  # and when it loads
-    classify.load_init(config, classifier, jax.random.key(0))
+    downstream.load_init(config, classifier, jax.random.key(0))
   assert not os.path.exists(marker)
 
   config.init_allow_unsafe_pickle = True
   config_checks.check(config, 1, 8)
-  _, report = classify.load_init(config, classifier, jax.random.key(0))
+  _, report = downstream.load_init(config, classifier, jax.random.key(0))
   assert os.path.exists(marker) and "blocks_0/mlp/fc1/kernel" in report.copied
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from mae_jax.tpu import aot, choose, presence, slices
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(REPO)
 TEST_MODEL = ("--variants=tiny", "--model=mae_vit_test_patch4")
 # Far more than a v3 core's 16 GiB: 65536 images of 32x32 per device through the test model.
 TOO_BIG = "--config.batch_size=524288"

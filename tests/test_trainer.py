@@ -7,25 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from absl import flags
 
-from mae_jax import configs, tasks
 from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
 from mae_jax.training import trainer
 from tests import record_reference_runs as reference
-from tests.test_pretrain import tiny_config
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def parse(config, args):
-  """The config as `mae_jax.main` gets it from its command line (locked: typos fail)."""
-  argv = ["main", f"--config={config}", *args]
-  values = flags.FlagValues()
-  configs.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
-  values(argv)
-  return values.config
+from tests.helpers import REPO, parse, tiny_config
 
 
 @pytest.mark.slow
@@ -39,7 +26,7 @@ def test_every_task_reproduces_the_recorded_run(tmp_path):
   for name, run in recorded.items():
     workdir = str(tmp_path / name)
     args = [a.format(pretrain=tmp_path / "pretrain") for a in run["overrides"]]
-    tasks.run_task(parse(run["config"], args), workdir)
+    trainer.run(parse(run["config"], args), workdir)
     got = reference.read_metrics(workdir)
     assert sorted(got, key=int) == sorted(run["metrics"], key=int), name
     for step, expected in run["metrics"].items():

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax import convert, export, models
+from mae_jax import models
+from mae_jax.interop import convert, export
 from mae_jax.models.mae import num_visible
 from mae_jax.tools import visualize
-from tests.test_export import MODEL, run_tool
+from tests.helpers import MODEL, run_tool
 
 SIZE, GAP, PATCH = 32, 2, 4
 

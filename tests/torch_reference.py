@@ -1,5 +1,5 @@
 """The tests' PyTorch reference: the functions of tests/torch_side.py, run by a worker of the
-reference interpreter (see mae_jax.tools.torch_worker for where it is found).
+reference interpreter (see mae_jax.benchmarks.torch_worker for where it is found).
 
 Tests take the session fixture `torch_ref` (tests/conftest.py) and call
 `torch_ref.call("name", **kwargs)`; taking it marks them `torch_reference`. Without a reference
@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mae_jax.tools import torch_worker
+from mae_jax.benchmarks import torch_worker
 
 MARKER = "torch_reference"
 SIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_side.py")

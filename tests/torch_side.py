@@ -1,5 +1,5 @@
 """The PyTorch half of the tests: functions that a worker of the reference interpreter runs
-(`torch_ref.call("name", ...)`, see mae_jax.tools.torch_worker). Never imported by the tests
+(`torch_ref.call("name", ...)`, see mae_jax.benchmarks.torch_worker). Never imported by the tests
 themselves, and importing nothing of jax or mae_jax: torch, transformers, safetensors and numpy.
 
 Arguments and results are numpy arrays and plain Python values. Results turn tensors into numpy

@@ -91,9 +91,9 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     data.use_native_fashion_mnist(c.data)
     c.model.img_size = 28
   if variant == "fashion_mnist":
-    # The README's first job (13 min of CPU time on 2 cores, measured). Its closing lines set the frozen
-    # encoder against its random init and the raw pixels on all patch tokens, the features that
-    # show the difference on this data (docs/fashion_mnist_study.md).
+    # The README's first job. Its closing lines set the frozen encoder against its random init and
+    # the raw pixels on all patch tokens, the features that show the difference on this data
+    # (docs/fashion_mnist_study.md).
     c.batch_size = 128
     c.total_steps = 800
     c.warmup_steps = 50
@@ -105,7 +105,7 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.knn.feature = "tokens"
     c.knn.linear_probe = True
   if variant == "fashion_mnist_cpu":
-    # The study's pre-training (mae_jax.tools.mae_vs_scratch).
+    # The study's pre-training (mae_jax.studies.mae_vs_scratch).
     c.batch_size = 256
     c.total_steps = 1000          # 4.3 epochs
     c.warmup_steps = 100

@@ -1,1 +1,2 @@
-"""Command-line tools: conversion, benchmarks, export, visualisation."""
+"""User commands: convert official checkpoints, export an encoder, prepare data, show
+reconstructions, plan a TPU slice (`python -m mae_jax.tools.<name> --help`)."""

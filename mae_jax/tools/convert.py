@@ -14,7 +14,7 @@ tensors, plain values and argparse.Namespace is refused unless `--allow_unsafe_p
 
 `--set name=value` overrides a model field (e.g. `--set decoder_depth=4`); it is recorded in
 config.json so the reverse direction rebuilds the same model. In Python, read DIR with
-`mae_jax.convert.load_converted(DIR)`, which returns (model, params, config).
+`mae_jax.interop.convert.load_converted(DIR)`, which returns (model, params, config).
 """
 import argparse
 import ast
@@ -25,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from mae_jax import convert, models  # pylint: disable=g-import-not-at-top
+from mae_jax import models  # pylint: disable=g-import-not-at-top
+from mae_jax.interop import convert  # pylint: disable=g-import-not-at-top
 
 
 def _override(text: str):

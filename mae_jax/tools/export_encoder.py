@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 
-from mae_jax import export
+from mae_jax.interop import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pre-training workdir (config.json, checkpoints/).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir; default: the newest.")

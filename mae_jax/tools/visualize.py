@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from mae_jax import convert, export, models
+from mae_jax import models
+from mae_jax.interop import convert, export
 from mae_jax.training import figures
 
 _INIT = flags.DEFINE_string("init", None, "Pre-training workdir or official MAE .pth/.safetensors.")

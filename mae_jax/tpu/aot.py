@@ -233,13 +233,13 @@ def build_program(config, target: Target, train_examples: int = 0):
     return pretrain.build_program(config, mesh, steps_per_epoch), mesh
   if config.task in ("finetune", "linprobe"):
     from mae_jax import data  # pylint: disable=import-outside-toplevel
-    from mae_jax.training import classify  # pylint: disable=import-outside-toplevel
+    from mae_jax.training import downstream  # pylint: disable=import-outside-toplevel
     planned = config.copy_and_resolve_references()
     with planned.unlocked():
       planned.init = ""  # the encoder's values do not change the program; nothing is read
     config_checks.check(planned, target.hosts, devices)
     classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
-    return classify.build_program(planned, mesh, steps_per_epoch, classes,
+    return downstream.build_program(planned, mesh, steps_per_epoch, classes,
                                   load_pretrained=False)[0], mesh
   raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
 

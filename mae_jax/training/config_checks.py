@@ -5,7 +5,8 @@ import uuid
 
 from etils import epath
 
-from mae_jax import data, export, models
+from mae_jax import data, models
+from mae_jax.interop import export
 from mae_jax.evaluation import knn_monitor
 from mae_jax.models import vit_classifier
 from mae_jax.training import sharding

@@ -1,7 +1,7 @@
 """The one training driver: pre-training, fine-tuning and linear probing all run here.
 
 A task supplies only what differs, as data (`program.Task`, built by `pretrain.task` or
-`classify.task`): its program (the jitted step with its state's shapes and shardings, which
+`downstream.task`): its program (the jitted step with its state's shapes and shardings, which
 `mae_jax.tpu.aot` compiles too), its evaluators and its input mode. The driver owns the run, in
 this order: config checks -> workdir (writable, config.json) -> mesh -> the task's program ->
 sharded state -> restore (automatic resume) -> input, metrics log, TensorBoard -> loop (step,
@@ -23,10 +23,10 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from mae_jax import data
-from mae_jax.training import (checkpointing, classify, config_checks, flops, metrics_log,
+from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
                               preemption, pretrain, sharding)
 
-TASKS = {"pretrain": pretrain.task, "finetune": classify.task, "linprobe": classify.task}
+TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
 
 
 class NonFiniteError(RuntimeError):

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import data, export
+from mae_jax import data
+from mae_jax.interop import export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
 from mae_jax.training import lars, lr_decay, optimizer, program, sharding, train_step

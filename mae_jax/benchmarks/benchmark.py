@@ -1,7 +1,7 @@
 r"""Times the compiled pre-training step and prints one JSON line.
 
-  python -m mae_jax.tools.benchmark --config=configs/pretrain.py:tiny --steps=20
-  python -m mae_jax.tools.benchmark --config=configs/pretrain.py:vit_base \
+  python -m mae_jax.benchmarks.benchmark --config=configs/pretrain.py:tiny --steps=20
+  python -m mae_jax.benchmarks.benchmark --config=configs/pretrain.py:vit_base \
       --config.batch_size=8 --config.model.dtype=float32 --steps=5
 
 The step (forward, backward, AdamW update) runs on synthetic device data after --warmup steps;

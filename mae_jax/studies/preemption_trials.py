@@ -1,6 +1,6 @@
 r"""Preemption of a local pod at random moments: the trials behind README's fault table.
 
-  python -m mae_jax.tools.preemption_trials --trials=6 [--target=all|one] \
+  python -m mae_jax.studies.preemption_trials --trials=6 [--target=all|one] \
       [--task=pretrain|finetune] [--seed=0] [--workdir=DIR] [--launcher=launch/local.sh]
 
 A tool for a checkout of the repository, run from its root (or --launcher=PATH/launch/local.sh):

@@ -1,8 +1,8 @@
 r"""Images/sec of the host input pipeline: read, decode, augment and batch (optionally to device).
 
-  python -m mae_jax.tools.input_benchmark --dataset=fashion_mnist --image_size=32 --batch_size=256
-  python -m mae_jax.tools.input_benchmark --dataset=fake_jpeg --image_size=224 --batch_size=128
-  python -m mae_jax.tools.input_benchmark --config=configs/pretrain.py:fashion_mnist
+  python -m mae_jax.benchmarks.input_benchmark --dataset=fashion_mnist --image_size=32 --batch_size=256
+  python -m mae_jax.benchmarks.input_benchmark --dataset=fake_jpeg --image_size=224 --batch_size=128
+  python -m mae_jax.benchmarks.input_benchmark --config=configs/pretrain.py:fashion_mnist
 
 `fake_jpeg` writes ImageNet-like JPEGs (about 500x375, smooth content plus noise, quality 90)
 into an image folder once and reads them through the image_folder path. With --config, the data

@@ -1,5 +1,5 @@
-"""The PyTorch half of mae_jax.tools.compare_torch, run by a worker of the PyTorch reference
-interpreter (mae_jax.tools.torch_worker): transformers' ViTMAEForPreTraining with
+"""The PyTorch half of mae_jax.benchmarks.compare_torch, run by a worker of the PyTorch reference
+interpreter (mae_jax.benchmarks.torch_worker): transformers' ViTMAEForPreTraining with
 torch.optim.AdamW, one full train step per `step()` call, timed here around the step alone.
 Imports torch and transformers only (no jax, no mae_jax).
 """

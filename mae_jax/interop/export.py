@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from mae_jax import convert, models, safe_load
+from mae_jax import models
+from mae_jax.interop import convert, safe_load
 from mae_jax.models import pos_embed, vit_classifier
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "norm")

@@ -1,6 +1,7 @@
 """Official MAE (PyTorch) checkpoints <-> mae_jax parameters.
 
-    from mae_jax import models, convert
+    from mae_jax import models
+    from mae_jax.interop import convert
     model = models.create_model("mae_vit_base_patch16")
     params = convert.load_official("mae_visualize_vit_base.pth", model)
     loss, pred, mask = model.apply({"params": params}, images_nhwc)
@@ -27,7 +28,7 @@ lists the missing keys, unexpected keys and wrong shapes, with a guess at the ch
 
 The dict-level functions (`from_official`, `to_official`, `from_hf_state_dict`) are pure
 functions on numpy arrays (torch tensors are taken too). No PyTorch is needed: `.pth` files are read
-and written by `mae_jax.pth`, and read without running code from them (see `mae_jax.safe_load`).
+and written by `mae_jax.interop.pth`, and read without running code from them (see `mae_jax.interop.safe_load`).
 """
 from __future__ import annotations
 
@@ -42,10 +43,11 @@ import flax.serialization
 import jax
 import numpy as np
 
-from mae_jax import models, pth, safe_load
+from mae_jax import models
+from mae_jax.interop import pth, safe_load
 from mae_jax.models import pos_embed as pos_embed_lib
 from mae_jax.models.mae import MaskedAutoencoder
-from mae_jax.safe_load import UnsafeCheckpointError
+from mae_jax.interop.safe_load import UnsafeCheckpointError
 
 KINDS = ("full", "encoder", "classifier")
 POS_TABLE_ATOL = 1e-6
@@ -576,7 +578,7 @@ def read_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, n
 
   Pickled files are read without running code from them: one that needs more than tensors, plain
   values and argparse.Namespace raises UnsafeCheckpointError, unless `allow_unsafe_pickle=True`
-  (see `mae_jax.safe_load`).
+  (see `mae_jax.interop.safe_load`).
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
@@ -609,7 +611,7 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
   """Writes params under official names; the format follows the suffix.
 
   `.pth`/`.pt`: `{"model": state_dict}` of torch tensors, as the released files and main_*.py expect
-  (`model.load_state_dict(torch.load(f)["model"])`), written without PyTorch (`mae_jax.pth`).
+  (`model.load_state_dict(torch.load(f)["model"])`), written without PyTorch (`mae_jax.interop.pth`).
   `.safetensors`: the flat state_dict.
   Returns the state_dict written. `encoder_only` as in `to_official`.
   """

@@ -1,9 +1,9 @@
 r"""Does MAE pay off here, and what does each choice buy? A small experiment runner on Fashion-MNIST.
 
-  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study            # the default study
-  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study --budget=3  # 3x the steps
-  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/study --partial=0,1,2,all
-  python -m mae_jax.tools.mae_vs_scratch --workdir=workdirs/mask_sweep --budget=0.5 \
+  python -m mae_jax.studies.mae_vs_scratch --workdir=workdirs/study            # the default study
+  python -m mae_jax.studies.mae_vs_scratch --workdir=workdirs/study --budget=3  # 3x the steps
+  python -m mae_jax.studies.mae_vs_scratch --workdir=workdirs/study --partial=0,1,2,all
+  python -m mae_jax.studies.mae_vs_scratch --workdir=workdirs/mask_sweep --budget=0.5 \
       --sweep=model.mask_ratio=0.25,0.5,0.75,0.9
 
 Stages, each in its own sub-directory of --workdir; a finished one (its stage.json) is skipped,
@@ -32,7 +32,8 @@ from absl import app, flags, logging
 from etils import epath
 import ml_collections
 
-from mae_jax import configs, tasks
+from mae_jax import configs, process
+from mae_jax.training import trainer
 
 configs.DEFINE_config_file("pretrain", "configs/pretrain.py:fashion_mnist_cpu",
                            "Pre-training config.")
@@ -82,7 +83,7 @@ def run_stage(directory: epath.Path, fn) -> dict:
 
 def train(config, directory: epath.Path) -> dict:
   """Runs (or resumes) a training task; its metrics log is what the summary reads."""
-  if tasks.run_task(config, str(directory)).get("preempted"):
+  if trainer.run(config, str(directory)).get("preempted"):
     raise Interrupted(directory.name)
   return {}
 
@@ -132,7 +133,8 @@ def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num
   """k-NN and linear top-1 of each feature of the pre-trained encoder (last checkpoint) and of a
   random init."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax import export, models  # pylint: disable=import-outside-toplevel
+  from mae_jax import models  # pylint: disable=import-outside-toplevel
+  from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
   model, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
   on_mesh = lambda params: jax.device_put(params, sharding.replicated(monitor.mesh))
@@ -426,7 +428,7 @@ def _plot_partial(plt, results):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  tasks.prepare_process()
+  process.prepare()
   try:
     run_study(epath.Path(os.path.abspath(FLAGS.workdir)), FLAGS.pretrain, FLAGS.finetune,
               budget=FLAGS.budget, sweep=FLAGS.sweep, partial=FLAGS.partial,

@@ -1,6 +1,6 @@
 r"""What the asymmetric design buys: MAE against the paper's "w/ [M]" encoder, same everything else.
 
-  python -m mae_jax.tools.asymmetry --model=mae_vit_large_patch16 --batch_size=2 --steps=5
+  python -m mae_jax.benchmarks.asymmetry --model=mae_vit_large_patch16 --batch_size=2 --steps=5
 
 "w/ [M]" (model.encoder_mask_tokens=True, the paper's Table 1c ablation) runs the encoder on all
 1 + L tokens, mask tokens included, instead of the 1 + L/4 visible ones; the decoder is the same.

@@ -1,5 +1,5 @@
-"""What every entry point does: prepare the process (logging, TensorFlow, multi-host) and run the
-task a config names."""
+"""What every entry point does before training: quiet the logs, keep TensorFlow on the host, join
+the other hosts of a multi-host job."""
 import logging as std_logging
 
 from absl import logging
@@ -26,7 +26,7 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
-def prepare_process(coordinator_address=None, num_processes=None, process_id=None,
+def prepare(coordinator_address=None, num_processes=None, process_id=None,
                     heartbeat_timeout_seconds=100):
   """Quiet orbax, keep TensorFlow off the accelerators, join the other hosts if there are any."""
   for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
@@ -42,8 +42,3 @@ def prepare_process(coordinator_address=None, num_processes=None, process_id=Non
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)
 
-
-def run_task(config, workdir: str) -> dict:
-  """Runs (or resumes) the config's task in `workdir`; returns its last metrics."""
-  from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
-  return trainer.run(config, workdir)

@@ -1,7 +1,7 @@
 """Reading checkpoint files from elsewhere without running their code or leaving their directory.
 
 A `.pth`/`.pt`/`.bin` file is a pickle, and unpickling can call any Python function the file
-names (`os.system` included). So these files are read by `mae_jax.pth`, an unpickler that builds
+names (`os.system` included). So these files are read by `mae_jax.interop.pth`, an unpickler that builds
 tensors (as numpy arrays) and plain values only, plus the one class the official MAE training
 checkpoints hold (`argparse.Namespace`, their `args`); no PyTorch is needed. Anything else is
 refused with UnsafeCheckpointError unless the caller opts in with `allow_unsafe_pickle=True`.
@@ -17,7 +17,7 @@ import logging
 import os
 import shlex
 
-from mae_jax import pth
+from mae_jax.interop import pth
 
 _LOG = logging.getLogger(__name__)
 

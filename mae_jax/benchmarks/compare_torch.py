@@ -1,13 +1,13 @@
 r"""Side by side: our compiled train step against Hugging Face's PyTorch ViTMAE.
 
-  python -m mae_jax.tools.compare_torch --model=mae_vit_base_patch16 --batch_size=8 --steps=10
-  python -m mae_jax.tools.compare_torch --model=mae_vit_tiny_patch4 --batch_size=256 --steps=20
+  python -m mae_jax.benchmarks.compare_torch --model=mae_vit_base_patch16 --batch_size=8 --steps=10
+  python -m mae_jax.benchmarks.compare_torch --model=mae_vit_tiny_patch4 --batch_size=256 --steps=20
 
 Both run the same full train step, on the same batch size, in float32 or (`--dtype=bfloat16`)
 computing in bfloat16 over float32 parameters (ours: `model.dtype`; torch: CPU autocast): forward with random masking
 (ratio 0.75), norm-pix loss, backward and AdamW (0.9, 0.95, wd 0.05, no decay on biases and norms).
 The reference is transformers' ViTMAEForPreTraining in eager PyTorch (not torch.compile) with
-torch.optim.AdamW. It runs in the PyTorch reference interpreter (mae_jax.tools.torch_worker:
+torch.optim.AdamW. It runs in the PyTorch reference interpreter (mae_jax.benchmarks.torch_worker:
 $MAE_JAX_TORCH_PYTHON or .venv-torch; this environment cannot import torch), in a process of its
 own that times each of its steps itself, around the step alone: the pipe to it is not counted.
 On a shared machine absolute times drift with the load, so the steps are interleaved (ours, torch,
@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from mae_jax import models
-from mae_jax.tools import torch_worker
+from mae_jax.benchmarks import torch_worker
 from mae_jax.training import flops, timing
 
 flags.DEFINE_string("model", "mae_vit_base_patch16", "Named model size (models.MODELS).")

@@ -1,0 +1,2 @@
+"""Measurements: step and input throughput, the encoder/decoder asymmetry, and the PyTorch
+reference (transformers' ViTMAE run in its own interpreter, `torch_worker`)."""

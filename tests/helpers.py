@@ -1,0 +1,88 @@
+"""What several test modules share: the repository's root, small configs and models, running a
+user command, reading a run's losses, random official checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from absl import flags
+
+from mae_jax import configs, models
+from mae_jax.configs import pretrain as pretrain_config
+from mae_jax.interop import convert
+from mae_jax.models import pos_embed as pos_embed_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "mae_vit_test_patch4"  # the smallest MAE: 2 blocks of 64 wide, patch 4
+
+
+def tiny_config(**overrides):
+  c = pretrain_config.get_config("tiny")
+  c.model.name = MODEL
+  c.batch_size = 32
+  c.total_steps = 20
+  c.warmup_steps = 4
+  c.base_lr = 2e-3
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 5
+  c.keep_checkpoints = 10
+  c.figure_every_steps = 0
+  c.eval_every_steps = 0
+  c.mesh.data, c.mesh.fsdp = 2, 4
+  c.peak_flops_per_device = 1e11  # for MFU only: skips measuring the matmul peak in every run
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def parse(config, args):
+  """The config as `mae_jax.main` gets it from its command line (locked: typos fail)."""
+  argv = ["main", f"--config={config}", *args]
+  values = flags.FlagValues()
+  configs.DEFINE_config_file("config", None, "", flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def run_tool(name, *args):
+  return subprocess.run([sys.executable, "-m", f"mae_jax.tools.{name}", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False)
+
+
+def tiny(**overrides):
+  return models.create_model(MODEL, **overrides)
+
+
+def random_official(model, kind="full", seed=0):
+  """An official-layout state_dict with random float32 values and the fixed sin-cos tables."""
+  rng = np.random.default_rng(seed)
+  state = {}
+  for key, shape in convert.official_shapes(model, kind).items():
+    shape = tuple(10 if s == -1 else s for s in shape)  # classifier heads: 10 classes
+    state[key] = rng.standard_normal(shape).astype(np.float32)
+  state["pos_embed"] = pos_embed_lib.sincos_2d(model.embed_dim, model.grid_size)[None]
+  if kind == "full":
+    state["decoder_pos_embed"] = pos_embed_lib.sincos_2d(
+        model.decoder_embed_dim, model.grid_size)[None]
+  if kind == "classifier":  # fine-tuning trains pos_embed; global pool replaces norm by fc_norm
+    state["pos_embed"] = state["pos_embed"] + rng.standard_normal(state["pos_embed"].shape,
+                                                                  dtype=np.float32)
+    del state["norm.weight"], state["norm.bias"]
+  return state
+
+
+def assert_same_state(found, expected):
+  assert sorted(found) == sorted(expected)
+  for key in expected:
+    assert found[key].dtype == np.float32, key
+    np.testing.assert_array_equal(found[key], expected[key], err_msg=key)

@@ -72,7 +72,7 @@ def pytest_collection_modifyitems(items):
 def pretrained(tmp_path_factory):
   """A tiny pre-training workdir (6 steps, one checkpoint), shared by the downstream tests."""
   from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_pretrain import tiny_config  # pylint: disable=import-outside-toplevel
+  from tests.helpers import tiny_config  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   trainer.run(tiny_config(total_steps=6, checkpoint_every_steps=6), workdir)
   return workdir

@@ -16,14 +16,13 @@ from mae_jax.data import pipeline
 from mae_jax.data import sources
 
 RAW_DIR = "/usr/share/datasets/fashion-mnist"
-needs_raw = pytest.mark.skipif(not os.path.exists(RAW_DIR),
-                               reason="apt-get install dataset-fashion-mnist")
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
   if not os.path.exists(RAW_DIR):
-    pytest.skip("apt-get install dataset-fashion-mnist")
+    pytest.fail(f"{RAW_DIR} is missing: apt-get install dataset-fashion-mnist "
+                "(bash launch/setup_env.sh --test installs it)")
   c = data.default_config()
   c.data_dir = str(tmp_path_factory.mktemp("tfds"))
   c.num_threads = 2
@@ -53,7 +52,6 @@ def _read_idx(path, header, shape):
 
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
-@needs_raw
 def test_fashion_mnist_is_prepared_from_the_debian_files(cfg):
   builder = tfds.builder("fashion_mnist", data_dir=cfg.data_dir)
   assert builder.is_prepared()

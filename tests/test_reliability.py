@@ -349,7 +349,8 @@ def tmpfs():
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                             capture_output=True, text=True)
     if result.returncode:
-      pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()})")
+      pytest.fail(f"cannot mount a tmpfs here ({result.stderr.strip()}): the tests of a full or "
+                  "unwritable disk need root to mount one")
     mounted.append(path)
     return path
   yield mount

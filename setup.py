@@ -25,6 +25,10 @@ setup(
         "safetensors>=0.4",
         "absl-py>=2",
         "etils[epath]>=1.7",
+        # orbax lists and deletes gs:// checkpoint steps through it (it asks the bucket whether
+        # it has a hierarchical namespace) but does not declare it: without it a relaunch on
+        # gs:// cannot even list the steps to resume from.
+        "google-cloud-storage>=2.18,<4",
         "importlib_resources",  # imported by tensorflow-datasets, declared there only for old Pythons
     ],
     extras_require={

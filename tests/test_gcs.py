@@ -72,8 +72,12 @@ def test_gfile_tensorstore_and_orbax_round_trip_on_gs(local_gcs):
       store = ts.KvStore.open({{"driver": "gcs", "bucket": "{BUCKET}",
                                 "path": "roundtrip/ts/"}}).result()
       store.write("key", b"written by tensorstore").result()
-      with ocp.CheckpointManager(epath.Path(root) / "ckpt") as manager:
-        manager.save(7, args=ocp.args.StandardSave({{"w": np.arange(6.0)}}))
+      # Two steps, one kept: orbax deletes step 6 (and lists the steps of a directory that
+      # exists) through google-cloud-storage, which it imports but does not declare.
+      options = ocp.CheckpointManagerOptions(max_to_keep=1)
+      with ocp.CheckpointManager(epath.Path(root) / "ckpt", options=options) as manager:
+        for step in (6, 7):
+          manager.save(step, args=ocp.args.StandardSave({{"w": np.arange(6.0) * step / 7}}))
         manager.wait_until_finished()
       with ocp.CheckpointManager(epath.Path(root) / "ckpt") as manager:
         restored = manager.restore(7, args=ocp.args.StandardRestore({{"w": np.zeros(6)}}))
@@ -90,7 +94,9 @@ def test_gfile_tensorstore_and_orbax_round_trip_on_gs(local_gcs):
   # In the bucket, as the server stored it.
   assert local_gcs.read(BUCKET, "roundtrip/gfile.txt") == b"written by gfile, appended"
   assert local_gcs.read(BUCKET, "roundtrip/ts/key") == b"written by tensorstore"
-  assert "roundtrip/ckpt/7/_CHECKPOINT_METADATA" in local_gcs.objects(BUCKET, "roundtrip/ckpt/")
+  saved = local_gcs.objects(BUCKET, "roundtrip/ckpt/")
+  assert "roundtrip/ckpt/7/_CHECKPOINT_METADATA" in saved
+  assert not [name for name in saved if name.startswith("roundtrip/ckpt/6/")]
 
 
 def test_missing_server_binary_is_named_with_the_fix(tmp_path, monkeypatch):

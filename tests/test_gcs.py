@@ -118,3 +118,57 @@ def test_command_line_needs_a_command():
 def test_buckets_named_by_the_command():
   argv = ["--workdir=gs://runs/mae/1", "--config.data.data_dir=gs://data-eu/tfds", "gs://runs/x"]
   assert gcs_rehearsal.buckets_in(argv) == ["runs", "data-eu"]
+
+
+def _pretrain_command(workdir: str, *overrides: str) -> list[str]:
+  return [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
+          f"--workdir={workdir}", f"--config.model.name={MODEL}", "--config.batch_size=32",
+          "--config.total_steps=10", "--config.warmup_steps=4", "--config.base_lr=0.002",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
+          "--config.keep_checkpoints=2", "--config.figure_every_steps=10",
+          "--config.eval_every_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+          "--config.peak_flops_per_device=1e11", *overrides]
+
+
+def _losses_in_bucket(gcs, name: str) -> dict:
+  lines = gcs.read(BUCKET, name).decode().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def _event_tags(path: str) -> set:
+  from tensorflow.python.summary import summary_iterator  # pylint: disable=import-outside-toplevel
+  return {value.tag for event in summary_iterator.summary_iterator(path)
+          for value in event.summary.value}
+
+
+@pytest.mark.slow
+def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs):
+  command = _pretrain_command(f"gs://{BUCKET}/pretrain")
+  first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-4000:]
+  names = local_gcs.objects(BUCKET, "pretrain/")
+  unbroken = _losses_in_bucket(local_gcs, "pretrain/metrics.jsonl")
+  assert sorted(unbroken) == list(range(1, 11))
+  assert json.loads(local_gcs.read(BUCKET, "pretrain/config.json"))["model"]["name"] == MODEL
+  for step in (5, 10):
+    assert f"pretrain/checkpoints/{step}/_CHECKPOINT_METADATA" in names
+  events = [n for n in names if n.startswith("pretrain/tensorboard/") and ".tfevents." in n]
+  assert events, names
+  tags = set().union(*(_event_tags(os.path.join(local_gcs.root, "store", BUCKET, n))
+                       for n in events))
+  assert {"loss", "reconstruction"} <= tags, tags
+  assert not [n for n in names if n.endswith(".tmp") or "/.write_test_" in n]
+
+  # The newest checkpoint lost, as after a crash: the relaunch resumes from step 5 and repeats
+  # steps 6-10 with the same losses; metrics.jsonl keeps one line per step.
+  for name in names:
+    if name.startswith("pretrain/checkpoints/10/"):
+      os.remove(os.path.join(local_gcs.root, "store", BUCKET, name))
+  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert "Resumed from the checkpoint at step 5." in second.stderr
+  resumed = _losses_in_bucket(local_gcs, "pretrain/metrics.jsonl")
+  assert sorted(resumed) == list(range(1, 11))
+  np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
+                             [unbroken[s] for s in range(6, 11)], rtol=1e-6)
+  assert "pretrain/checkpoints/10/_CHECKPOINT_METADATA" in local_gcs.objects(BUCKET, "pretrain/")

@@ -58,6 +58,7 @@ _READY, _FAILED = "READY ", "ERROR "
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te",
                "trailer", "upgrade", "expect", "content-length"}
 _HTTP_URL = re.compile(r"^http://(?=(?:%s)(?:[:/]|$))" % "|".join(map(re.escape, HOSTS)))
+_STORAGE_LAYOUT = re.compile(r"^/storage/v1/b/([^/]+)/storageLayout$")
 _BUCKET_IN_ARG = re.compile(r"gs://([a-z0-9][a-z0-9._-]{1,221}[a-z0-9])")
 
 
@@ -225,7 +226,7 @@ def _serve(root: str, binary: str) -> int:
          "-backend", "filesystem", "-filesystem-root", os.path.join(root, "store"),
          "-external-url", f"https://{HOSTS[0]}", "-public-host", HOSTS[0]],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    front = _TlsFront(tls, os.path.join(root, "faults.json"), log)
+    front = _TlsFront(tls, os.path.join(root, "store"), os.path.join(root, "faults.json"), log)
     threading.Thread(target=front.serve_forever, daemon=True).start()
     _wait_until_answering(server, os.path.join(root, "tls", "ca.pem"))
   except Exception as err:  # pylint: disable=broad-except
@@ -325,14 +326,16 @@ class _TlsFront(http.server.ThreadingHTTPServer):
 
   Besides TLS it does what Google's front ends do and fake-gcs-server (Go's net/http) does not:
   it accepts "Transfer-Encoding: identity", which TensorFlow's GCS client sends with every empty
-  POST (Go answers 501). And it answers the faults of faults.json instead of passing on."""
+  POST (Go answers 501), and answers the bucket's storage layout, which TensorFlow asks for
+  before it renames a directory. And it answers the faults of faults.json instead of passing
+  on."""
   daemon_threads = True
 
-  def __init__(self, tls: tuple[str, str], faults_path: str, log):
+  def __init__(self, tls: tuple[str, str], store: str, faults_path: str, log):
     self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     self.tls.load_cert_chain(*tls)
     self.tls.set_alpn_protocols(["http/1.1"])
-    self.faults_path, self.log = faults_path, log
+    self.store, self.faults_path, self.log = store, faults_path, log
     self._faults, self._faults_stamp, self._counts = [], None, {}
     self._lock = threading.Lock()
     super().__init__(("127.0.0.1", 443), _Handler)
@@ -391,9 +394,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _pass_on(self):
     body = self._read_body()
-    if self.command == "POST" and self.path.split("?")[0] in _TOKEN_PATHS:
+    path = self.path.split("?")[0]
+    if self.command == "POST" and path in _TOKEN_PATHS:
       return self._answer(200, [("Content-Type", "application/json")], json.dumps(
           {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 3600}).encode())
+    layout = _STORAGE_LAYOUT.match(path)
+    if self.command == "GET" and layout and os.path.isdir(
+        os.path.join(self.server.store, layout.group(1))):
+      # TensorFlow asks before renaming a directory; fake-gcs-server does not know the call.
+      return self._answer(200, [("Content-Type", "application/json")], json.dumps(
+          {"kind": "storage#storageLayout", "bucket": layout.group(1), "location": "US-CENTRAL1",
+           "locationType": "region", "hierarchicalNamespace": {"enabled": False}}).encode())
     fault = self.server.fault_for(f"{self.command} {self.path}")
     if fault:
       self.server.log.write(f"fault {fault} for {self.command} {self.path}\n")

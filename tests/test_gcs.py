@@ -172,3 +172,66 @@ def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs
   np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
                              [unbroken[s] for s in range(6, 11)], rtol=1e-6)
   assert "pretrain/checkpoints/10/_CHECKPOINT_METADATA" in local_gcs.objects(BUCKET, "pretrain/")
+
+
+@pytest.mark.slow
+def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
+  """A reader (export_encoder) takes the previous step and leaves the damaged one; the relaunch
+  moves it aside, whole, and resumes from the previous step with the same losses."""
+  workdir = f"gs://{BUCKET}/damaged"
+  command = _pretrain_command(workdir, "--config.figure_every_steps=0")
+  first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == 0, first.stderr[-4000:]
+  unbroken = _losses_in_bucket(local_gcs, "damaged/metrics.jsonl")
+  step_10 = [n for n in local_gcs.objects(BUCKET, "damaged/checkpoints/10/")]
+  data = [n for n in step_10 if "/ocdbt.process_0/d/" in n]
+  assert data, step_10
+  for name in data:  # a flipped bit in every 97th byte, as a bad copy or disk leaves it
+    path = os.path.join(local_gcs.root, "store", BUCKET, name)
+    damaged = bytearray(open(path, "rb").read())
+    damaged[::97] = bytes(b ^ 0x08 for b in damaged[::97])
+    with open(path, "wb") as f:
+      f.write(bytes(damaged))
+
+  export = local_gcs.run(
+      [sys.executable, "-m", "mae_jax.tools.export_encoder", f"--workdir={workdir}",
+       f"--output=gs://{BUCKET}/damaged_encoder"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert export.returncode == 0, export.stderr[-4000:]
+  assert "Read step 5 of" in export.stderr and "instead of the newest, 10" in export.stderr
+  assert {"damaged_encoder/encoder.msgpack", "damaged_encoder/config.json"} <= set(
+      local_gcs.objects(BUCKET, "damaged_encoder/"))
+  assert local_gcs.objects(BUCKET, "damaged/checkpoints/10/") == step_10  # left in place
+
+  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert "Moved the unreadable checkpoint step 10 aside" in second.stderr
+  assert "Resumed from the checkpoint at step 5." in second.stderr
+  names = local_gcs.objects(BUCKET, "damaged/checkpoints/")
+  aside = sorted({n.split("/")[2] for n in names if n.split("/")[2].startswith("corrupt-10-")})
+  assert len(aside) == 1, names
+  prefix = f"damaged/checkpoints/{aside[0]}/"
+  assert sorted(n[len(prefix):] for n in names if n.startswith(prefix)) == sorted(
+      n[len("damaged/checkpoints/10/"):] for n in step_10)
+  resumed = _losses_in_bucket(local_gcs, "damaged/metrics.jsonl")
+  assert sorted(resumed) == list(range(1, 11))
+  np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
+                             [unbroken[s] for s in range(6, 11)], rtol=1e-6)
+
+  # The encoder exported to gs:// loads from there, and is step 5's, as the workdir gives it.
+  same = _python(local_gcs, f"""
+      import json
+      import jax
+      import numpy as np
+      import mae_jax
+      from mae_jax.interop import export
+      _, exported = export.load_encoder_params("gs://{BUCKET}/damaged_encoder")
+      _, _, params = export.restore_pretrain_params("{workdir}", step=5)
+      expected = export.encoder_only(params)
+      module, _ = mae_jax.load_encoder("gs://{BUCKET}/damaged_encoder")
+      print(json.dumps({{"equal": jax.tree_util.tree_all(jax.tree_util.tree_map(
+          lambda a, b: bool(np.array_equal(a, b)), exported, expected)),
+          "leaves": len(jax.tree_util.tree_leaves(exported)), "module": type(module).__name__}}))
+  """)
+  assert same == {"equal": True, "leaves": same["leaves"], "module": "VisionTransformer"}
+  assert same["leaves"] > 10

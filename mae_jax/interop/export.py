@@ -101,19 +101,29 @@ def export_official(path: str, model_name: str | None, output: str,
 def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
   model = models.create_model(model_name, **overrides)
   params = jax.tree_util.tree_map(np.asarray, encoder_only(params))
-  os.makedirs(output, exist_ok=True)
-  with open(os.path.join(output, PARAMS_FILE), "wb") as f:
-    f.write(flax.serialization.msgpack_serialize(params))
-  convert.save_official(params, model, os.path.join(output, SAFETENSORS_FILE), encoder_only=True)
-  with open(os.path.join(output, CONFIG_FILE), "w") as f:
-    json.dump({"model": model_name, "overrides": overrides, **info}, f, indent=2, sort_keys=True)
+  output = _workdir(output)  # a local directory or gs://
+  output.mkdir(parents=True, exist_ok=True)
+  (output / PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
+  convert.save_official(params, model, str(output / SAFETENSORS_FILE), encoder_only=True)
+  (output / CONFIG_FILE).write_text(json.dumps(
+      {"model": model_name, "overrides": overrides, **info}, indent=2, sort_keys=True))
+
+
+def _exported_file(directory: str, name: str) -> epath.Path:
+  """directory/name of an exported encoder; a local one is refused if it links outside the
+  directory (gs:// has no links)."""
+  if "://" in directory:
+    return epath.Path(directory) / name
+  return epath.Path(safe_load.file_in(directory, name))
 
 
 def _source_kind(path: str) -> str:
   """'exported' encoder directory, pre-training 'workdir', or 'official' .pth/.safetensors file."""
+  if "://" in path:  # gs://: a directory, exported or a workdir
+    return "exported" if (epath.Path(path) / PARAMS_FILE).exists() else "workdir"
   if os.path.isdir(path) and os.path.exists(os.path.join(path, PARAMS_FILE)):
     return "exported"
-  if os.path.isdir(path) or "://" in path:
+  if os.path.isdir(path):
     return "workdir"
   if not os.path.exists(path):
     raise FileNotFoundError(f"No encoder at {path}: give an exported encoder directory, a "
@@ -128,8 +138,7 @@ def encoder_model(path: str, model_name: str | None = None):
   path = os.fspath(path)
   kind = _source_kind(path)
   if kind == "exported":
-    with open(safe_load.file_in(path, CONFIG_FILE)) as f:
-      info = json.load(f)
+    info = json.loads(_exported_file(path, CONFIG_FILE).read_text())
     return models.create_model(info["model"], **info.get("overrides", {}))
   if kind == "workdir":
     return _mae_of(_pretrain_config(_workdir(path)))
@@ -157,8 +166,8 @@ def load_encoder_params(path: str, model_name: str | None = None,
   model = encoder_model(path, model_name)
   kind = _source_kind(path)
   if kind == "exported":
-    with open(safe_load.file_in(path, PARAMS_FILE), "rb") as f:
-      return model, flax.serialization.msgpack_restore(f.read())
+    params = flax.serialization.msgpack_restore(_exported_file(path, PARAMS_FILE).read_bytes())
+    return model, params
   if kind == "workdir":
     return model, encoder_only(restore_pretrain_params(path)[2])
   return model, encoder_only(convert.load_official(

@@ -15,6 +15,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from etils import epath  # pylint: disable=g-import-not-at-top
 
 from mae_jax.interop import export
 
@@ -48,11 +49,11 @@ def main(argv):
                                    _ALLOW_UNSAFE_PICKLE.value)
   except (FileNotFoundError, ValueError) as e:  # the message names the problem and the fix
     sys.exit(f"error: {e}")
-  with open(os.path.join(out, export.CONFIG_FILE)) as f:
-    info = json.load(f)
+  out = epath.Path(out)  # a local directory or gs://
+  info = json.loads((out / export.CONFIG_FILE).read_text())
   print(f"Wrote the {info['model']} encoder of {info['source']} to {out}:")
-  for name in sorted(os.listdir(out)):
-    print(f"  {os.path.join(out, name)}  ({os.path.getsize(os.path.join(out, name)):,} bytes)")
+  for path in sorted(out.iterdir()):
+    print(f"  {path}  ({path.stat().length:,} bytes)")
 
 
 if __name__ == "__main__":

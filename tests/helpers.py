@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -57,6 +58,11 @@ def losses(workdir):
 def run_tool(name, *args):
   return subprocess.run([sys.executable, "-m", f"mae_jax.tools.{name}", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)
+
+
+def init(model, seed=0):
+  """Fresh params; jitted, as the eager init compiles op by op and is slow on a small CPU."""
+  return jax.jit(lambda key: models.init_params(model, key))(jax.random.key(seed))
 
 
 def tiny(**overrides):

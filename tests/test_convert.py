@@ -21,7 +21,7 @@ import pytest
 from mae_jax import models
 from mae_jax.interop import convert
 from mae_jax.tools import convert as convert_tool
-from tests.helpers import assert_same_state, random_official, tiny
+from tests.helpers import assert_same_state, init, random_official, tiny
 
 # 64-d encoder with 4 heads, 2 blocks; 32-d decoder with 2 blocks.
 SMALL = dict(name="mae_vit_test_patch4",
@@ -37,11 +37,6 @@ BASE = dict(name="mae_vit_base_patch16", overrides=dict(mask_ratio=0.6),
                     decoder_intermediate_size=2048, mask_ratio=0.6))
 GEOMETRIES = {"small": SMALL, "base": BASE}
 MAX_REL_ERROR = 1e-5
-
-
-def init(model, seed=0):
-  """Fresh params; jitted, as the eager init compiles op by op and is slow on a small CPU."""
-  return jax.jit(lambda key: models.init_params(model, key))(jax.random.key(seed))
 
 
 def flat_params(params):
@@ -329,7 +324,8 @@ def _hf_official(torch_ref, label):
   return convert.from_hf_state_dict(state)
 
 
-@pytest.fixture(params=list(GEOMETRIES))
+# ViT-B at full depth is the slow tier's; the small geometry keeps parity in the quick one.
+@pytest.fixture(params=["small", pytest.param("base", marks=pytest.mark.slow)])
 def hf_setup(request, torch_ref):
   return request.param, GEOMETRIES[request.param], _hf_official(torch_ref, request.param)
 

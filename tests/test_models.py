@@ -6,6 +6,7 @@ import pytest
 
 from mae_jax import models
 from mae_jax.models import mae, pos_embed
+from tests.helpers import init
 
 
 def _images(shape, seed=0):
@@ -68,7 +69,7 @@ def test_norm_pix_targets_use_unbiased_variance():
 
 def test_forward_shapes_loss_and_given_noise():
   model = models.create_model("mae_vit_test_patch4", norm_pix_loss=True)
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   images = _images((2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(3), (2, 64))
   loss, pred, mask = model.apply({"params": params}, images, noise=noise)
@@ -85,7 +86,7 @@ def test_forward_shapes_loss_and_given_noise():
 
 def test_loss_all_patches_flag():
   model = models.create_model("mae_vit_test_patch4", loss_all_patches=True)
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   images = _images((2, 32, 32, 3))
   loss, pred, _ = model.apply({"params": params}, images, rngs={"masking": jax.random.key(1)})
   np.testing.assert_allclose(loss, ((pred - mae.patchify(images, 4)) ** 2).mean(), rtol=1e-6)
@@ -94,7 +95,7 @@ def test_loss_all_patches_flag():
 def test_visible_tokens_do_not_see_masked_pixels():
   # Changing pixels of masked patches must not change the encoder output.
   model = models.create_model("mae_vit_test_patch4")
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   images = _images((1, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(2), (1, 64))
   latent, mask, _ = model.apply({"params": params}, images, noise, method=model.forward_encoder)
@@ -106,7 +107,7 @@ def test_visible_tokens_do_not_see_masked_pixels():
 
 def test_encoder_mask_tokens_variant_sees_all_tokens():
   model = models.create_model("mae_vit_test_patch4", encoder_mask_tokens=True)
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   images = _images((2, 32, 32, 3))
   noise = jax.random.uniform(jax.random.key(3), (2, 64))
   latent, _, _ = model.apply({"params": params}, images, noise, method=model.forward_encoder)
@@ -117,14 +118,14 @@ def test_encoder_mask_tokens_variant_sees_all_tokens():
 
 def test_encode_gives_unmasked_features():
   model = models.create_model("mae_vit_test_patch4")
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   feats = model.apply({"params": params}, _images((2, 32, 32, 3)), method=model.encode)
   assert feats.shape == (2, 65, 32)
 
 
 def test_official_init_statistics():
   model = models.create_model("mae_vit_base_patch16")
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   dim = 768
   qkv = np.asarray(params["blocks_0"]["attn"]["qkv"]["kernel"]).reshape(dim, 3 * dim)
   bound = np.sqrt(6 / (dim + 3 * dim))  # xavier over the fused (D, 3D) matrix
@@ -178,7 +179,7 @@ def test_unknown_model_name_lists_known():
 
 def test_wrong_image_shape_is_named():
   model = models.create_model("mae_vit_test_patch4")
-  params = models.init_params(model, jax.random.key(0))
+  params = init(model)
   with pytest.raises(ValueError, match=r"images must be \(batch, 32, 32, 3\)"):
     model.apply({"params": params}, jnp.zeros((1, 28, 28, 1)), noise=jnp.zeros((1, 64)))
 
@@ -188,7 +189,7 @@ def test_bf16_compute_keeps_float32_params_and_close_loss():
   noise = jax.random.uniform(jax.random.key(3), (2, 64))
   f32 = models.create_model("mae_vit_test_patch4")
   bf16 = models.create_model("mae_vit_test_patch4", dtype=jnp.bfloat16)
-  params = models.init_params(f32, jax.random.key(0))
+  params = init(f32)
   loss32, _, _ = f32.apply({"params": params}, images, noise=noise)
   loss16, pred16, _ = bf16.apply({"params": params}, images, noise=noise)
   assert pred16.dtype == jnp.float32
@@ -201,7 +202,7 @@ def test_remat_gives_same_gradients():
   noise = jax.random.uniform(jax.random.key(3), (2, 64))
   plain = models.create_model("mae_vit_test_patch4")
   remat = models.create_model("mae_vit_test_patch4", remat=True)
-  params = models.init_params(plain, jax.random.key(0))
+  params = init(plain)
   grad = lambda m: jax.grad(lambda p: m.apply({"params": p}, images, noise=noise)[0])(params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                          grad(plain), grad(remat))

@@ -2,7 +2,10 @@
 # Our MAE train step against transformers' PyTorch ViTMAE on this CPU, float32 and bfloat16, in one
 # run: mae_jax.benchmarks.compare_torch for each (model, batch, dtype), steps interleaved with torch's.
 # One JSON line per comparison goes to benchmarks/cpu_stack/<date>_<cpu>.jsonl; then the table.
-#   bash benchmarks/cpu_stack.sh            # with the venv active; ~15 min on 2 quiet cores
+#   bash benchmarks/cpu_stack.sh            # with the venv active
+# The float32 rows take about 10 min on 2 quiet cores. On a CPU without AVX512_BF16, PyTorch's
+# bfloat16 autocast step is 10-20x slower than its float32 one (ViT-B: over 30 min); results in
+# benchmarks/cpu_stack.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1 | tr -c 'A-Za-z0-9\n' '_')

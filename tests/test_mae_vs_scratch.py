@@ -161,3 +161,53 @@ def test_cpu_recipes_pass_the_config_checks():
     assert config.data.image_size == 28
   ft = finetune_configs.get_config("fashion_mnist_cpu").data.finetune
   assert (ft.mixup, ft.cutmix, ft.randaugment_layers, ft.reprob) == (0, 0, 0, 0)
+
+
+def test_seeds_repeat_the_study_and_report_mean_std_and_gaps(tmp_path, monkeypatch):
+  """The stages themselves are the default study's (tested above); here each seed's study is
+  stood in for, to pin down what run_seeds gives it and what it makes of the results."""
+  calls = []
+
+  def one_study(workdir, pre, ft, **options):
+    calls.append((workdir, pre.seed, ft.seed, options["baselines_dir"]))
+    mae, scratch = 0.90 + pre.seed / 100, 0.88 + pre.seed / 50
+    frozen = {init: {"tokens": {"linear_top1": top1}} for init, top1 in (("mae", 0.8),
+                                                                          ("random", 0.7))}
+    return {"baselines": {"seconds": 60.0}, "frozen": frozen, "total_seconds": 600.0,
+            "finetune_mae": {"best_top1": mae}, "finetune_random": {"best_top1": scratch}}
+
+  monkeypatch.setattr(study, "run_study", one_study)
+  pre, ft = _configs()
+  pre.seed = 3
+  workdir = epath.Path(tmp_path)
+  results = study.run_seeds(workdir, pre, ft, 3, **_EVAL)
+  # Seeds 3, 4, 5 (from the pre-training config's), each in its own directory, for pre-training
+  # and fine-tuning alike; one baselines directory for all.
+  assert calls == [(workdir / f"seed_{s}", s, s, workdir / "baselines") for s in (3, 4, 5)]
+  assert pre.seed == 3 and ft.seed == 0  # the caller's configs are left alone
+  summary = results["summary"]
+  mae, scratch = [0.93, 0.94, 0.95], [0.94, 0.96, 0.98]
+  assert summary["finetune_mae"]["values"] == pytest.approx(mae)
+  assert summary["gap"]["values"] == pytest.approx([m - r for m, r in zip(mae, scratch)])
+  assert summary["finetune_mae"]["mean"] == pytest.approx(0.94)
+  assert summary["finetune_mae"]["std"] == pytest.approx(0.01)  # sample std
+  assert summary["finetune_random"]["std"] == pytest.approx(0.02)
+  assert summary["mae_above_random_in_every_seed"] is False
+  assert results["total_seconds"] == 3 * 600 - 2 * 60  # the shared baselines counted once
+  assert json.loads((workdir / "results.json").read_text()) == results
+  table = (workdir / "results.md").read_text()
+  assert "| mean ± std (3 seeds) | 94.00 ± 1.00 | 96.00 ± 2.00 | -2.00 ± 1.00 |" in table
+  assert "| 5 | 95.00 | 98.00 | -3.00 | 80.00 | 70.00 | 10.0 min |" in table
+  assert "MAE above random init in every seed: no." in table
+  assert (workdir / "seeds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  with pytest.raises(ValueError, match="--seeds=0"):
+    study.run_seeds(workdir, pre, ft, 0)
+
+
+def test_seeds_with_a_sweep_is_refused_before_any_compute(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "mae_jax.studies.mae_vs_scratch",
+                           f"--workdir={tmp_path}", "--seeds=3", "--partial=0"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--seeds repeats the default study" in result.stderr
+  assert not os.listdir(tmp_path)

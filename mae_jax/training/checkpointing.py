@@ -90,7 +90,7 @@ class CheckpointManager(ocp.CheckpointManager):
 # tensorstore (orbax's arrays) after 32 retries, about 15 min; google-cloud-storage (orbax's listing
 # and deletion) after a 120 s deadline. A pod's burst of writes that the store throttles (429), or
 # a few minutes of 503, is ridden out by tensorstore but stopped the run at TensorFlow's next
-# write: 14 retries give it about 3 min, as long as google-cloud-storage's deadline and more.
+# write: 14 retries give it about 3.5 min, longer than google-cloud-storage's deadline.
 TF_GCS_RETRIES = {"GCS_RETRY_CONFIG_MAX_RETRIES": "14"}
 # tensorstore's "gcs_request_retries" context resource as JSON, e.g. {"max_retries": 32,
 # "initial_delay": "1s", "max_delay": "32s"} (its defaults); for rehearsals that must fail fast.

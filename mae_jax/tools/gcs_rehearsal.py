@@ -25,7 +25,8 @@ they are removed at the end. The command's exit status is this tool's; SIGTERM a
 passed on to it (a rehearsed preemption).
 
 The TLS front is also where tests inject store faults (`LocalGCS.set_faults`): a status such as
-503 or 429, or a delay, for the requests that match, for a while or a number of times.
+503 or 429, a dropped connection, or a delay, for the requests that match, for a while or a
+number of times.
 
 Needs Linux, openssl and util-linux's nsenter; root, or unprivileged user namespaces (then the
 command runs as root of its own user namespace, its files outside still yours).
@@ -95,7 +96,8 @@ def buckets_in(argv) -> list[str]:
 class LocalGCS:
   """A local Cloud Storage server in a network namespace of its own; `command(argv)` runs argv
   there, with `environ()` as its environment. Files: ROOT/store/BUCKET/OBJECT (the server's,
-  readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json."""
+  readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json, ROOT/requests.log (one line per request the
+front answered: "METHOD /path?query STATUS", STATUS "-" for a dropped connection)."""
 
   def __init__(self, root: str, buckets=("rehearsal",), binary: str | None = None):
     self.root = os.path.abspath(root)
@@ -180,14 +182,24 @@ class LocalGCS:
 
   def set_faults(self, *rules):
     """Each rule: {"match": regex on "METHOD /path?query", "status": 503 (answered instead of
-    passing the request on), "delay_s": seconds before it, "for_s": how long from now,
-    "times": how many requests}; the first rule that matches applies."""
+    passing the request on), "drop": true (the connection closed with no answer, as by a
+    stopped server), "delay_s": seconds before it, "for_s": how long from now, "times": how many
+    requests}; the first rule that matches applies."""
     now = time.time()
     rules = [{**r, "until": now + r["for_s"]} if "for_s" in r else dict(r) for r in rules]
     _write_atomically(os.path.join(self.root, "faults.json"), json.dumps(rules))
 
   def clear_faults(self):
     self.set_faults()
+
+  def requests(self) -> list[tuple[str, str, str]]:
+    """(method, path with query, status) of every request answered so far, in order (the
+    OAuth token exchanges included; fault answers too, with their status)."""
+    try:
+      with open(os.path.join(self.root, "requests.log")) as f:
+        return [tuple(line.split(" ")) for line in f.read().splitlines() if line.count(" ") == 2]
+    except FileNotFoundError:
+      return []
 
   def objects(self, bucket: str, prefix: str = "") -> list[str]:
     """The object names in `bucket` under `prefix`, read from the server's files (not through
@@ -226,7 +238,8 @@ def _serve(root: str, binary: str) -> int:
          "-backend", "filesystem", "-filesystem-root", os.path.join(root, "store"),
          "-external-url", f"https://{HOSTS[0]}", "-public-host", HOSTS[0]],
         stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    front = _TlsFront(tls, os.path.join(root, "store"), os.path.join(root, "faults.json"), log)
+    front = _TlsFront(tls, os.path.join(root, "store"), os.path.join(root, "faults.json"), log,
+                      os.path.join(root, "requests.log"))
     threading.Thread(target=front.serve_forever, daemon=True).start()
     _wait_until_answering(server, os.path.join(root, "tls", "ca.pem"))
   except Exception as err:  # pylint: disable=broad-except
@@ -331,13 +344,14 @@ class _TlsFront(http.server.ThreadingHTTPServer):
   on."""
   daemon_threads = True
 
-  def __init__(self, tls: tuple[str, str], store: str, faults_path: str, log):
+  def __init__(self, tls: tuple[str, str], store: str, faults_path: str, log, requests_path: str):
     self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     self.tls.load_cert_chain(*tls)
     self.tls.set_alpn_protocols(["http/1.1"])
     self.store, self.faults_path, self.log = store, faults_path, log
     self._faults, self._faults_stamp, self._counts = [], None, {}
     self._lock = threading.Lock()
+    self.requests = open(requests_path, "a", buffering=1)  # pylint: disable=consider-using-with
     super().__init__(("127.0.0.1", 443), _Handler)
 
   def get_request(self):
@@ -354,6 +368,10 @@ class _TlsFront(http.server.ThreadingHTTPServer):
   def handle_error(self, request, client_address):
     import traceback  # pylint: disable=import-outside-toplevel
     self.log.write(f"front: connection from {client_address}:\n{traceback.format_exc()}")
+
+  def record(self, method: str, path: str, status):
+    with self._lock:
+      self.requests.write(f"{method} {path.replace(' ', '%20')} {status}\n")
 
   def fault_for(self, request_line: str) -> dict | None:
     with self._lock:
@@ -409,6 +427,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if fault:
       self.server.log.write(f"fault {fault} for {self.command} {self.path}\n")
       time.sleep(fault.get("delay_s", 0))
+      if fault.get("drop"):  # as a stopped server: the connection closes with no answer
+        self.server.record(self.command, self.path, "-")
+        self.close_connection = True
+        return None
       if fault.get("status"):
         return self._answer(fault["status"], [("Content-Type", "application/json")], json.dumps(
             {"error": {"code": fault["status"], "message": "injected by mae_jax's rehearsal",
@@ -426,6 +448,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       data = answer.read()
     except OSError as err:  # fake-gcs-server stopped: the client sees the connection drop
       self.server.log.write(f"front: {self.command} {self.path}: {err}\n")
+      self.server.record(self.command, self.path, "-")
       self.close_connection = True
       return None
     # fake-gcs-server speaks plain HTTP behind this front, so its upload session URLs do too.
@@ -453,6 +476,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     return None
 
   def _answer(self, status: int, headers, data: bytes):
+    self.server.record(self.command, self.path, status)
     self.send_response_only(status)
     for key, value in headers:
       self.send_header(key, value)

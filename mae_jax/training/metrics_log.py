@@ -1,5 +1,13 @@
 """The run's metrics log, `workdir/metrics.jsonl`: one JSON line per logged step, {"step": N, ...};
-process 0 writes it."""
+process 0 writes it.
+
+On a local disk every line is appended as it comes. An object store (gs://) cannot append: each
+append downloaded and re-uploaded the whole object, two requests and the whole file per log line,
+quadratic over a long run. There the lines wait in memory and are written at the trainer's flush
+points, before every checkpoint save and at the end: one upload of the file (known in memory, never
+read back) per checkpoint. A kill loses only lines of steps after the newest flush, which the
+relaunch, resuming from a checkpoint no newer than it, computes and writes again; a flush that
+fails raises MetricsWriteError before the checkpoint it precedes is saved, so the same holds."""
 import json
 import logging
 
@@ -18,18 +26,39 @@ def summarise(pending: list) -> dict:
   return out
 
 
-class MetricsLog:
-  """Appends records; on resume, first drops the lines of the steps the run is about to repeat."""
+class MetricsWriteError(RuntimeError):
+  """Metrics lines could not be written; the run stops before its next checkpoint."""
 
-  def __init__(self, path, writer: bool):
+
+class MetricsLog:
+  """Appends records; on resume, first drops the lines of the steps the run is about to repeat.
+
+  `buffered` (default: for a path on an object store, `scheme://...`): append keeps the lines in
+  memory until flush() writes them."""
+
+  def __init__(self, path, writer: bool, buffered: bool | None = None):
     self.path, self.writer = epath.Path(path), writer
+    self.buffered = "://" in str(path) if buffered is None else buffered
+    self._pending = []   # lines not yet written (buffered only)
+    self._written = None  # the file's text as last read or written (buffered only)
+    self.uploads = 0     # whole-file writes by flush()
+
+  def _text(self) -> str:
+    if self._written is None:
+      self._written = self.path.read_text() if self.path.exists() else ""
+    return self._written
 
   def records(self) -> list[dict]:
-    """Every complete line (a line cut short by a kill is skipped)."""
-    if not self.path.exists():
+    """Every complete line, those not yet flushed included (a line cut short by a kill is
+    skipped)."""
+    if self.buffered:
+      text = self._text() + "".join(self._pending)
+    elif self.path.exists():
+      text = self.path.read_text()
+    else:
       return []
     out = []
-    for line in self.path.read_text().splitlines():
+    for line in text.splitlines():
       try:
         out.append(json.loads(line))
       except ValueError:
@@ -49,7 +78,7 @@ class MetricsLog:
     if not self.writer or not self.path.exists():
       return 0
     kept, dropped = [], 0
-    for line in self.path.read_text().splitlines():
+    for line in (self._text() if self.buffered else self.path.read_text()).splitlines():
       try:
         keep = int(json.loads(line)["step"]) <= step
       except (ValueError, KeyError, TypeError):
@@ -60,12 +89,37 @@ class MetricsLog:
         dropped += 1
     if dropped:
       checkpointing.write_atomically(self.path, "".join(kept))
+      self._written = "".join(kept)
       logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
                       "run resumes from; the resumed run writes those steps again.", self.path,
                       dropped, step)
     return dropped
 
   def append(self, step: int, record: dict):
-    if self.writer:
+    if not self.writer:
+      return
+    line = json.dumps({"step": step, **record}) + "\n"
+    if self.buffered:
+      self._pending.append(line)
+    else:
       with self.path.open("a") as f:
-        f.write(json.dumps({"step": step, **record}) + "\n")
+        f.write(line)
+
+  def flush(self):
+    """Writes the lines appended since the last flush (buffered only): one whole-object write,
+    which an object store commits all or nothing. Raises MetricsWriteError naming the path and
+    the steps of the lines; they stay pending."""
+    if not self._pending:
+      return
+    text = self._text() + "".join(self._pending)
+    try:
+      self.path.write_text(text)
+    except Exception as err:  # pylint: disable=broad-except
+      steps = [json.loads(line)["step"] for line in self._pending]
+      raise MetricsWriteError(
+          f"Could not write {len(steps)} metrics line(s) of steps {steps[0]}-{steps[-1]} to "
+          f"{self.path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}\n"
+          "The run stops before saving another checkpoint: a relaunch resumes from the last "
+          "one saved and writes these steps again.") from err
+    self._written, self._pending = text, []
+    self.uploads += 1

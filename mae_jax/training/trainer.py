@@ -38,6 +38,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   of every logged metric and evaluation, and whether a preemption stopped the run."""
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check(config, jax.process_count(), jax.device_count())
+  checkpointing.configure_store_retries()  # before the first gs:// access
   # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   is_chief = jax.process_index() == 0
@@ -119,11 +120,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         writer.write_scalars(step, record)
         log.append(step, record)
         last.update(record)
+      if best is not None and best.saved_at == step:
+        log.flush()  # a resumed run reads the best value so far from the log
       if logged:  # once the line that shows the skipped steps is written
         guard.check(state, step)
 
       if preempted or step % config.checkpoint_every_steps == 0:
         guard.check(state, step)
+        log.flush()  # before the save: a checkpoint never runs ahead of its metrics lines
         checkpointing.save(manager, step, state, force=preempted)
       if preempted:
         logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
@@ -132,8 +136,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       if manager.latest_step() != step:
         guard.check(state, step)
+        log.flush()
         checkpointing.save(manager, step, state, force=True)
+    log.flush()
   finally:
+    try:
+      log.flush()  # after an error too: the lines of the steps that led to it
+    except metrics_log.MetricsWriteError as err:
+      logging.error("%s", err)
     watcher.close()
     writer.flush()
     manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
@@ -199,6 +209,7 @@ class BestCheckpoint:
   def __init__(self, workdir, metric: str, logged_as: str, log: metrics_log.MetricsLog):
     self.metric, self.logged_as = metric, logged_as
     self.value = log.best(logged_as, -math.inf)  # a resumed run's best so far
+    self.saved_at = None  # the step of the last save
     self.manager = checkpointing.create_best_manager(str(workdir))
 
   def update(self, step: int, record: dict, state, guard: NonFiniteGuard) -> dict:
@@ -209,6 +220,7 @@ class BestCheckpoint:
       guard.check(state, step)
       checkpointing.save(self.manager, step, state, force=True)
       self.manager.wait_until_finished()
+      self.saved_at = step
     return {self.logged_as: self.value}
 
   def close(self):

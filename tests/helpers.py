@@ -1,7 +1,9 @@
 """What several test modules share: the repository's root, small configs and models, running a
 user command, reading a run's losses, random official checkpoints."""
+import io
 import json
 import os
+import tarfile
 import subprocess
 import sys
 import textwrap
@@ -9,6 +11,7 @@ import textwrap
 import jax
 import numpy as np
 from absl import flags
+from PIL import Image
 
 from mae_jax import configs, models
 from mae_jax.configs import pretrain as pretrain_config
@@ -119,3 +122,42 @@ def gcs_pretrain_command(workdir: str, *overrides: str) -> list[str]:
 def gcs_losses(gcs, name: str) -> dict:
   lines = gcs.read(GCS_BUCKET, name).decode().splitlines()
   return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+# Small made-up images: ImageNet's two tars in the official layout.
+SYNSETS = ("n01440764", "n01443537")     # classes 0 and 1 of TFDS's imagenet2012 label list
+CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 truncated: no image data follows"
+
+
+def jpeg(seed, h=48, w=64, mode=None, fmt="JPEG") -> bytes:
+  rng = np.random.default_rng(seed)
+  image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  if mode:
+    image = image.convert(mode)
+  buf = io.BytesIO()
+  image.save(buf, fmt)
+  return buf.getvalue()
+
+
+def _add(tar, name: str, content: bytes):
+  info = tarfile.TarInfo(name)
+  info.size = len(content)
+  tar.addfile(info, io.BytesIO(content))
+
+
+def write_imagenet_tars(manual_dir) -> None:
+  """ILSVRC2012_img_train.tar (a tar of per-synset tars) and ILSVRC2012_img_val.tar (flat JPEGs,
+  labelled by TFDS's validation list) with 7 + 4 small images, one of them corrupt."""
+  os.makedirs(manual_dir, exist_ok=True)
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as train:
+    for c, synset in enumerate(SYNSETS):
+      inner = io.BytesIO()
+      with tarfile.open(fileobj=inner, mode="w") as t:
+        for i in range(3):
+          _add(t, f"{synset}_{i}.JPEG", jpeg(10 * c + i, 40 + 5 * i, 60))
+        if c == 1:
+          _add(t, f"{synset}_9.JPEG", CORRUPT)
+      _add(train, f"{synset}.tar", inner.getvalue())
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as val:
+    for i in range(1, 5):
+      _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", jpeg(50 + i, 50, 40))

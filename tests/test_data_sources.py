@@ -1,31 +1,17 @@
 """JPEG sources on small made-up data: an image folder and imagenet2012 from tars in the official
 layout; undecodable images skipped and counted; odd formats; the missing-data errors."""
 import glob
-import io
 import json
 import logging
 import os
 import shutil
-import tarfile
 
 import numpy as np
-from PIL import Image
 import pytest
 
 from mae_jax import data
+from tests.helpers import CORRUPT, SYNSETS, jpeg as _jpeg, write_imagenet_tars
 
-SYNSETS = ("n01440764", "n01443537")     # classes 0 and 1 of TFDS's imagenet2012 label list
-CORRUPT = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00 truncated: no image data follows"
-
-
-def _jpeg(seed, h=48, w=64, mode=None, fmt="JPEG"):
-  rng = np.random.default_rng(seed)
-  image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-  if mode:
-    image = image.convert(mode)
-  buf = io.BytesIO()
-  image.save(buf, fmt)
-  return buf.getvalue()
 
 
 def _write(path, content):
@@ -116,31 +102,12 @@ def test_image_folder_errors(folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-def _add(tar, name, content):
-  info = tarfile.TarInfo(name)
-  info.size = len(content)
-  tar.addfile(info, io.BytesIO(content))
-
-
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
-  """ILSVRC2012_img_train.tar (a tar of per-synset tars) and ILSVRC2012_img_val.tar (flat JPEGs,
-  labelled by TFDS's validation list) with 7 + 4 small images, one of them corrupt."""
+  """imagenet2012 from tests.helpers' two small tars (7 + 4 images, one corrupt)."""
   root = tmp_path_factory.mktemp("imagenet")
   manual = root / "manual"
-  manual.mkdir()
-  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
-    for c, synset in enumerate(SYNSETS):
-      inner = io.BytesIO()
-      with tarfile.open(fileobj=inner, mode="w") as t:
-        for i in range(3):
-          _add(t, f"{synset}_{i}.JPEG", _jpeg(10 * c + i, 40 + 5 * i, 60))
-        if c == 1:
-          _add(t, f"{synset}_9.JPEG", CORRUPT)
-      _add(train, f"{synset}.tar", inner.getvalue())
-  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
-    for i in range(1, 5):
-      _add(val, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(50 + i, 50, 40))
+  write_imagenet_tars(manual)
   cfg = data.default_config("imagenet2012")
   cfg.data_dir = str(root / "tfds")
   cfg.manual_dir = str(manual)

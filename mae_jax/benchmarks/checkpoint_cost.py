@@ -43,7 +43,6 @@ def _requests(path: str | None) -> list[str]:
 def measure(variant: str, root: str, repeats: int, requests_log: str | None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
   from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
   from mae_jax.training import checkpointing, pretrain, sharding  # pylint: disable=import-outside-toplevel
 

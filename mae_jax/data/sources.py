@@ -9,6 +9,7 @@ Random access is what makes the pipeline resumable at any step without reading e
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import importlib
@@ -16,6 +17,7 @@ import importlib.resources
 import os
 import re
 import sys
+import tempfile
 from typing import Any, Callable
 
 from absl import logging
@@ -23,6 +25,7 @@ from etils import epath
 import numpy as np
 import tensorflow as tf
 
+from mae_jax import paths
 from mae_jax.data import shards as shards_lib
 from mae_jax.data.config import KNOWN_SPLITS
 
@@ -202,9 +205,11 @@ def prepare_imagenet2012(cfg, split: str, rebuild: bool = False) -> tfds.core.Da
   builder = _imagenet_builder(cfg)
   if builder.is_prepared() and not rebuild:
     return builder
+  if paths.is_remote(builder.data_dir):
+    return _prepare_remote(cfg, split, rebuild, builder)
   manual_dir = _imagenet_manual_dir(cfg, builder)
   base_split = split.split("[")[0]
-  present = {f for f in IMAGENET_TARS.values() if os.path.exists(os.path.join(manual_dir, f))}
+  present = {f for f in IMAGENET_TARS.values() if (epath.Path(manual_dir) / f).exists()}  # gs:// too
   if rebuild:  # TFDS writes every split again
     needed, purpose = set(IMAGENET_TARS.values()), f"is to be prepared again in {builder.data_dir}"
   else:
@@ -230,6 +235,35 @@ def prepare_imagenet2012(cfg, split: str, rebuild: bool = False) -> tfds.core.Da
         builder, lambda: _imagenet_builder(cfg).is_prepared(), file_format="array_record",
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return _imagenet_builder(cfg)
+
+
+def _prepare_remote(cfg, split: str, rebuild: bool, builder) -> tfds.core.DatasetBuilder:
+  """imagenet2012 for a gs:// data_dir: array_record writes local files only, so it is prepared
+  in a local folder (under $TMPDIR: it needs room for the whole dataset), then uploaded with
+  dataset_info.json last. Until then the copy does not read as prepared, so a copy cut short
+  (a preemption, a store fault) is prepared again, never read."""
+  remote = epath.Path(builder.data_dir)
+  manual_dir = _imagenet_manual_dir(cfg, builder)
+  with tempfile.TemporaryDirectory(prefix="imagenet2012-") as staging:
+    local = cfg.copy_and_resolve_references()
+    local.data_dir, local.manual_dir = staging, manual_dir
+    try:
+      prepared = epath.Path(prepare_imagenet2012(local, split, rebuild).data_dir)
+    except FileNotFoundError as err:  # the message names the local folder: name the gs:// one
+      raise FileNotFoundError(str(err).replace(str(_version_dir(staging, builder)),
+                                               str(remote))) from None
+    (remote / "dataset_info.json").unlink(missing_ok=True)  # a rebuild: not prepared until done
+    files = sorted(f for f in prepared.iterdir() if f.name != "dataset_info.json")
+    logging.info("Uploading imagenet2012 (%d files) to %s", len(files) + 1, remote)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+      list(pool.map(lambda f: f.copy(remote / f.name, overwrite=True), files))
+    (prepared / "dataset_info.json").copy(remote / "dataset_info.json", overwrite=True)
+  return _imagenet_builder(cfg)
+
+
+def _version_dir(data_dir: str, builder) -> epath.Path:
+  """Where `builder`'s dataset and version are prepared under `data_dir`."""
+  return epath.Path(data_dir) / builder.name / str(builder.version)
 
 
 def _other_versions_note(builder) -> str:

@@ -43,7 +43,7 @@ import flax.serialization
 import jax
 import numpy as np
 
-from mae_jax import models
+from mae_jax import models, paths
 from mae_jax.interop import pth, safe_load
 from mae_jax.models import pos_embed as pos_embed_lib
 from mae_jax.models.mae import MaskedAutoencoder
@@ -619,9 +619,8 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
   state_dict = to_official(params, model, encoder_only=encoder_only)
   if path.endswith(".safetensors"):
     from safetensors import numpy as safetensors_np  # pylint: disable=import-outside-toplevel
-    if "://" in path:  # gs://: safetensors writes local files only
-      from etils import epath  # pylint: disable=import-outside-toplevel
-      epath.Path(path).write_bytes(safetensors_np.save(state_dict, metadata={"format": "pt"}))
+    if paths.is_remote(path):  # safetensors writes local files only
+      paths.resolve(path).write_bytes(safetensors_np.save(state_dict, metadata={"format": "pt"}))
     else:
       safetensors_np.save_file(state_dict, path, metadata={"format": "pt"})
   elif path.endswith((".pth", ".pt")):

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from mae_jax import models
+from mae_jax import models, paths
 from mae_jax.interop import convert, safe_load
 from mae_jax.models import pos_embed, vit_classifier
 
@@ -37,10 +37,6 @@ def model_from_pretrain_config(config: ml_collections.ConfigDict):
 def _mae_of(config: ml_collections.ConfigDict):
   name, overrides = model_from_pretrain_config(config)
   return models.create_model(name, **overrides)
-
-
-def _workdir(path) -> epath.Path:
-  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
 
 def _pretrain_config(workdir: epath.Path) -> ml_collections.ConfigDict:
@@ -65,7 +61,7 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   (see checkpointing.restore_for_reading)."""
   # Imported here: loading an exported encoder must not import the training code.
   from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
-  workdir = _workdir(workdir)
+  workdir = paths.resolve(workdir)
   config = _pretrain_config(workdir)
   model = _mae_of(config)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -101,7 +97,7 @@ def export_official(path: str, model_name: str | None, output: str,
 def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
   model = models.create_model(model_name, **overrides)
   params = jax.tree_util.tree_map(np.asarray, encoder_only(params))
-  output = _workdir(output)  # a local directory or gs://
+  output = paths.resolve(output)  # a local directory or gs://
   output.mkdir(parents=True, exist_ok=True)
   (output / PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
   convert.save_official(params, model, str(output / SAFETENSORS_FILE), encoder_only=True)
@@ -112,14 +108,14 @@ def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
 def _exported_file(directory: str, name: str) -> epath.Path:
   """directory/name of an exported encoder; a local one is refused if it links outside the
   directory (gs:// has no links)."""
-  if "://" in directory:
+  if paths.is_remote(directory):
     return epath.Path(directory) / name
   return epath.Path(safe_load.file_in(directory, name))
 
 
 def _source_kind(path: str) -> str:
   """'exported' encoder directory, pre-training 'workdir', or 'official' .pth/.safetensors file."""
-  if "://" in path:  # gs://: a directory, exported or a workdir
+  if paths.is_remote(path):  # gs://: a directory, exported or a workdir
     return "exported" if (epath.Path(path) / PARAMS_FILE).exists() else "workdir"
   if os.path.isdir(path) and os.path.exists(os.path.join(path, PARAMS_FILE)):
     return "exported"
@@ -141,7 +137,7 @@ def encoder_model(path: str, model_name: str | None = None):
     info = json.loads(_exported_file(path, CONFIG_FILE).read_text())
     return models.create_model(info["model"], **info.get("overrides", {}))
   if kind == "workdir":
-    return _mae_of(_pretrain_config(_workdir(path)))
+    return _mae_of(_pretrain_config(paths.resolve(path)))
   if model_name is None:
     raise ValueError(f"{path} is an official checkpoint file: name its size too (e.g. "
                      "mae_vit_base_patch16).")

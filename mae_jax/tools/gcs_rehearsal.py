@@ -18,6 +18,8 @@ clients get a test token instead of credentials:
   CURL_CA_BUNDLE                 TensorFlow's libcurl trusts the test CA
   TENSORSTORE_CA_BUNDLE          tensorstore's libcurl trusts the test CA
   SSL_CERT_FILE, REQUESTS_CA_BUNDLE  Python's ssl and requests do too
+  (and in the namespace the system's CA file holds the test CA as well: array_record's client,
+  which reads ImageNet's shards, reads only that)
 
 The buckets named by gs:// arguments of the command (and --bucket) are created empty. --root
 keeps the server's files (ROOT/store/BUCKET/...) for a later rehearsal or to look at; without it
@@ -60,6 +62,8 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encodin
                "trailer", "upgrade", "expect", "content-length"}
 _HTTP_URL = re.compile(r"^http://(?=(?:%s)(?:[:/]|$))" % "|".join(map(re.escape, HOSTS)))
 _STORAGE_LAYOUT = re.compile(r"^/storage/v1/b/([^/]+)/storageLayout$")
+# Where libcurl builds (array_record's google-cloud-cpp) look for the system's CA certificates.
+_SYSTEM_CA_FILES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/ssl/cert.pem")
 _BUCKET_IN_ARG = re.compile(r"gs://([a-z0-9][a-z0-9._-]{1,221}[a-z0-9])")
 
 
@@ -232,7 +236,7 @@ def _serve(root: str, binary: str) -> int:
     _write_atomically(os.path.join(root, "tls", "credentials.json"), json.dumps(
         {"type": "authorized_user", "client_id": "rehearsal", "client_secret": "rehearsal",
          "refresh_token": "rehearsal"}))
-    _enter_namespaces(hosts)
+    _enter_namespaces(hosts, _trusted_bundle(os.path.join(root, "tls")))
     server = subprocess.Popen(
         [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", str(_BACKEND_PORT),
          "-backend", "filesystem", "-filesystem-root", os.path.join(root, "store"),
@@ -282,10 +286,22 @@ def _make_certificates(directory: str) -> tuple[str, str]:
   return path("server.pem"), path("server.key")
 
 
-def _enter_namespaces(hosts: str):
+def _trusted_bundle(directory: str) -> str:
+  """The system's CA certificates and the test CA in one file, for clients that read only the
+  system's store (google-cloud-cpp in array_record, which reads ImageNet's shards)."""
+  bundle = os.path.join(directory, "system_and_test_ca.pem")
+  parts = []
+  for path in (_SYSTEM_CA_FILES[0], os.path.join(directory, "ca.pem")):
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+      parts.append(f.read().rstrip("\n") + "\n")
+  _write_atomically(bundle, "".join(parts))
+  return bundle
+
+
+def _enter_namespaces(hosts: str, ca_bundle: str):
   """This process (single-threaded still) moves to a new network namespace, with only loopback,
-  and a mount namespace where `hosts` is /etc/hosts; non-root users also to a user namespace,
-  as its root."""
+  and a mount namespace where `hosts` is /etc/hosts and `ca_bundle` the system's CA files;
+  non-root users also to a user namespace, as its root."""
   uid, gid = os.getuid(), os.getgid()
   flags = os.CLONE_NEWNET | os.CLONE_NEWNS | (os.CLONE_NEWUSER if uid else 0)
   try:
@@ -303,8 +319,10 @@ def _enter_namespaces(hosts: str):
         f.write(text)
   libc = ctypes.CDLL(None, use_errno=True)
   ms_bind, ms_rec, ms_private = 4096, 16384, 1 << 18
-  for source, target, flag in ((None, b"/", ms_rec | ms_private),
-                               (hosts.encode(), b"/etc/hosts", ms_bind)):
+  mounts = [(None, b"/", ms_rec | ms_private), (hosts.encode(), b"/etc/hosts", ms_bind)]
+  mounts += [(ca_bundle.encode(), path.encode(), ms_bind)
+             for path in _SYSTEM_CA_FILES if os.path.isfile(path)]
+  for source, target, flag in mounts:
     if libc.mount(source, target, None, flag, None):
       raise RehearsalError(f"mount of {target.decode()} failed: "
                            f"{os.strerror(ctypes.get_errno())}")

@@ -11,6 +11,7 @@ raw pixels; `mae_pretrain_vit_*_full.pth` were trained with --norm_pix_loss, so 
 Images are resized (shorter side, bicubic) and centre-cropped to the model's size; grayscale ones
 become RGB, as in training.
 """
+import io
 import os
 import sys
 
@@ -21,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from mae_jax import models
+from mae_jax import models, paths
 from mae_jax.interop import convert, export
 from mae_jax.training import figures
 
@@ -51,7 +52,7 @@ def load_mae(init: str, model_name: str | None = None, norm_pix_loss: bool | Non
   checkpoint file; mean/std are the normalisation its images were trained with. `model_name` and
   `norm_pix_loss` describe a file, `allow_unsafe_pickle` as in `convert.read_state_dict`;
   `overrides` (e.g. mask_ratio) apply to either."""
-  if os.path.isdir(init) or "://" in init:
+  if paths.is_remote(init) or os.path.isdir(init):
     if model_name or norm_pix_loss is not None:
       raise ValueError("--model and --norm_pix_loss describe an --init file; a workdir's "
                        "config.json already says both.")
@@ -77,7 +78,7 @@ def load_mae(init: str, model_name: str | None = None, norm_pix_loss: bool | Non
 def load_image(path: str, size: int) -> np.ndarray:
   """(size, size, 3) in [0, 1]: shorter side resized to `size` (bicubic), centre-cropped."""
   try:
-    with Image.open(path) as image:
+    with paths.resolve(path).open("rb") as f, Image.open(f) as image:  # a local file or gs://
       image = image.convert("RGB")
   except (FileNotFoundError, UnidentifiedImageError) as e:
     raise ValueError(f"Cannot read the image {path}: {e}") from e
@@ -117,7 +118,9 @@ def main(argv):
   if model.norm_pix_loss:
     info.add_text("Comment", NORM_PIX_NOTE)
     print(f"note: {NORM_PIX_NOTE}")
-  Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(_OUT.value, pnginfo=info)
+  png = io.BytesIO()
+  Image.fromarray(np.round(grid * 255).astype(np.uint8)).save(png, "PNG", pnginfo=info)
+  paths.resolve(_OUT.value).write_bytes(png.getvalue())  # a local file or gs://
   print(f"Wrote {_OUT.value} ({grid.shape[1]}x{grid.shape[0]} px): {len(images)} image(s), "
         f"columns masked input | reconstruction | visible pasted back | original.")
 

@@ -5,7 +5,7 @@ import uuid
 
 from etils import epath
 
-from mae_jax import data, models
+from mae_jax import data, models, paths
 from mae_jax.interop import export
 from mae_jax.evaluation import knn_monitor
 from mae_jax.models import vit_classifier
@@ -88,7 +88,7 @@ def _check_classify(config, num_devices: int):
   del num_devices
   if config.task == "finetune" and config.batch_size % 2:
     raise ValueError(f"config.batch_size={config.batch_size} must be even for mixup/cutmix.")
-  if config.init and not (os.path.exists(config.init) or "://" in config.init):
+  if config.init and not (paths.is_remote(config.init) or os.path.exists(config.init)):
     raise FileNotFoundError(f"config.init={config.init} does not exist; give an exported "
                             "encoder, a pre-training workdir or an official .pth file.")
   try:

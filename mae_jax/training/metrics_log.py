@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from mae_jax import paths
 from mae_jax.training import checkpointing
 
 
@@ -38,7 +39,7 @@ class MetricsLog:
 
   def __init__(self, path, writer: bool, buffered: bool | None = None):
     self.path, self.writer = epath.Path(path), writer
-    self.buffered = "://" in str(path) if buffered is None else buffered
+    self.buffered = paths.is_remote(path) if buffered is None else buffered
     self._pending = []   # lines not yet written (buffered only)
     self._written = None  # the file's text as last read or written (buffered only)
     self.uploads = 0     # whole-file writes by flush()

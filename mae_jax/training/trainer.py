@@ -13,16 +13,14 @@ finite.
 """
 import logging
 import math
-import os
 import time
 
 import jax
 import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
-from etils import epath
 
-from mae_jax import data
+from mae_jax import data, paths
 from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
                               preemption, pretrain, sharding)
 
@@ -39,8 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check(config, jax.process_count(), jax.device_count())
   checkpointing.configure_store_retries()  # before the first gs:// access
-  # Orbax wants absolute paths; a relative local workdir is taken from the current directory.
-  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
+  workdir = paths.resolve(workdir)  # a relative local workdir: from the current directory
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)

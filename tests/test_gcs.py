@@ -150,7 +150,8 @@ def test_finetuning_and_visualize_read_the_gs_workdir_and_write_to_gs(local_gcs,
        f"--config.data.data_dir={DATA_DIR}", "--config.model.name=vit_test_patch4",
        "--config.batch_size=64", "--config.mesh.data=8", "--config.total_steps=4",
        "--config.warmup_steps=2", "--config.eval_every_steps=4",
-       "--config.log_every_steps=1", "--config.checkpoint_every_steps=4"],
+       "--config.data.eval_split=test[:512]", "--config.log_every_steps=1",
+       "--config.checkpoint_every_steps=4", "--config.peak_flops_per_device=1e11"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert finetune.returncode == 0, finetune.stderr[-4000:]
   assert f"pre-trained tensors from {PRETRAIN}" in finetune.stderr, finetune.stderr[-4000:]

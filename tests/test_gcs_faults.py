@@ -2,22 +2,29 @@
 compared with the same run unbroken. Apart from tests/test_gcs.py so that the two share the suite's
 workers.
 
-One run goes through the store's faults (injected by the server's front) in one gs:// workdir
-(starting a process costs as much as the training here): slow, 503 and 429 answers that the
-clients retry, then 503 through a save, the store stopped through the next one, kill -9 during a
-save's commit, each stopped run relaunched, and the relaunch that finishes. Apart, SIGTERM once
-step 5 is committed, and the relaunch."""
+Two tests, each a chain of runs in one gs:// workdir (starting a process costs as much as the
+training here):
+- one run through the store's faults (injected by the server's front): slow, 503 and 429 answers
+  that the clients retry, then 503 through a save, the store stopped through the next one,
+  kill -9 during a save's commit, each stopped run relaunched, and the relaunch that finishes;
+- a 2-process pod (launch/local.sh) preempted as a whole (SIGTERM to local.sh and every process)
+  and relaunched as a pod, against one process: the multi-process code paths (per-process data,
+  global arrays, multi-process orbax checkpoints, logs and metrics of process 0 only), a whole
+  pod's SIGTERM and SIGTERM on gs://. (A pod process killed and one process of a pod preempted are
+  in test_reliability.py, SIGTERM to one host on a local disk in test_pretrain.py.)"""
 import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.parse
 
 import numpy as np
 import pytest
 
+from mae_jax.studies import preemption_trials
 from mae_jax.training import trainer
 from tests.helpers import GCS_BUCKET as BUCKET
 from tests.helpers import REPO, gcs_losses, gcs_pretrain_command, gcs_python, losses, parse
@@ -101,6 +108,19 @@ def _wait_for(predicate, proc, what: str, timeout: float = 400):
       return
     time.sleep(0.05)
   raise AssertionError(f"{what}: not seen; process status {proc.poll()}")
+
+
+def _children(parent: int, workdir: str) -> dict[int, int]:
+  """{process id: pid} of the pod processes of `workdir` that `parent` (local.sh) started (not
+  those of another run of these tests)."""
+  def ppid(pid):
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+      return None
+  return {i: pid for i, pid in preemption_trials.processes(workdir).items()
+          if ppid(pid) == parent}
 
 
 @pytest.fixture(scope="module")
@@ -245,29 +265,73 @@ def test_a_run_on_gs_through_store_faults_failed_saves_and_kill9_ends_as_the_unb
 
 
 # ----------------------------------------------------------------------------------------------
-# SIGTERM on gs://
+# A 2-process pod on gs://, preempted as a whole.
 @pytest.mark.slow
-def test_sigterm_on_gs_saves_one_step_exits_0_and_the_relaunch_continues(
+def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_one_process(
     local_gcs, unbroken, tmp_path):
-  prefix = "sigterm"
-  command = gcs_pretrain_command(f"gs://{BUCKET}/{prefix}", *FAULT_RUN)
-  with open(tmp_path / "first.log", "w") as log:
-    proc = local_gcs.popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  prefix = "whole_pod"
+  workdir = f"gs://{BUCKET}/{prefix}"
+  env = local_gcs.environ()
+  env["LAUNCH_PYTHON"] = sys.executable
+
+  def pod(log_dir):
+    """launch/local.sh: 2 processes of 4 CPU devices (the 8 of the single-process run), in the
+    server's namespace; local.sh passes the rest of XLA_FLAGS on (compiled as the reference).
+
+    There this machine's host name resolves to nothing (only loopback, and an /etc/hosts of the
+    storage hosts), and gloo, the pod's CPU collectives, looks it up for its address: "Unable to
+    initialize backend 'cpu': ... gloo/transport/tcp/device.cc:99". The pod runs in a UTS
+    namespace of its own, named localhost (each command replaces itself: local.sh keeps the
+    pid)."""
+    return ["unshare", "--uts", "sh", "-c", 'hostname localhost && exec "$@"', "sh",
+            "bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4",
+            f"--grace_period={preemption_trials.GRACE_S}", f"--log_dir={log_dir}", "--",
+            *gcs_pretrain_command(workdir, *FAULT_RUN)[3:]]
+
+  # 1. SIGTERM to local.sh and both processes at once (a VM shutdown) once step 5 is committed.
+  first = tmp_path / "first"
+  with open(tmp_path / "local_sh.log", "w") as log:
+    proc = local_gcs.popen(pod(first), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  pids = {}
   try:
     _wait_for(lambda: _committed(local_gcs, prefix), proc, "step 5 committed")
-    proc.send_signal(signal.SIGTERM)
+    pids = _children(proc.pid, workdir)
+    assert sorted(pids) == [0, 1], pids
+    sent = time.time()
+    for pid in (proc.pid, *pids.values()):
+      os.kill(pid, signal.SIGTERM)
     returncode = proc.wait(timeout=300)
+    seconds = time.time() - sent
   finally:
     if proc.poll() is None:
       proc.kill()
-  text = (tmp_path / "first.log").read_text()
-  assert returncode == 0, text[-4000:]
-  saved = int(re.search(r"Preempted: checkpoint saved at step (\d+)", text).group(1))
-  assert 5 < saved < 30 and max(_committed(local_gcs, prefix)) == saved
-  # The metrics lines were written before the save: none lost, none ahead of it.
-  assert max(gcs_losses(local_gcs, f"{prefix}/metrics.jsonl")) == saved
-  second = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert f"Resumed from the checkpoint at step {saved}." in second.stderr
-  _assert_equal_losses(gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  print(f"SIGTERM after step 5 was saved: step {saved} saved, exit 0; the relaunch resumed there")
+      proc.wait()
+    left_behind = sorted(set(pids.values()) & set(preemption_trials.processes(workdir).values()))
+    for pid in left_behind:  # never leave them running, whatever the outcome
+      os.kill(pid, signal.SIGKILL)
+  texts = [(first / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
+  tails = "".join(t[-2000:] for t in texts) + (tmp_path / "local_sh.log").read_text()[-2000:]
+  assert returncode == 0, tails   # every process ended by itself, before local.sh's SIGKILL
+  assert not left_behind
+  saved = [re.findall(r"Preempted: checkpoint saved at step (\d+)", t) for t in texts]
+  assert all(saved) and saved[0][-1] == saved[1][-1], (saved, tails)
+  step = int(saved[0][-1])
+  assert 5 < step < TOTAL and max(_committed(local_gcs, prefix)) == step
+  # The metrics lines were written before the save, once, by process 0: none lost, none ahead.
+  assert _metrics_steps(local_gcs, prefix) == list(range(1, step + 1))
+
+  # 2. The relaunched pod resumes there and ends with the losses of one process, unbroken.
+  second = tmp_path / "second"
+  done = local_gcs.run(pod(second), cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+  texts = [(second / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
+  assert done.returncode == 0, "".join(t[-2000:] for t in texts) + done.stderr[-2000:]
+  assert all(f"Resumed from the checkpoint at step {step}." in t for t in texts)
+  assert _metrics_steps(local_gcs, prefix) == list(range(1, TOTAL + 1))
+  _assert_equal_losses(gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken, rtol=2e-5)
+  assert max(_committed(local_gcs, prefix)) == TOTAL
+  difference = preemption_trials.max_relative_difference(
+      gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
+  print(f"SIGTERM to local.sh and both processes after step 5 was committed: both saved step "
+        f"{step}; local.sh exited 0 {seconds:.1f} s after the signal; the relaunched pod resumed "
+        f"there; its losses and one process's differ by at most {difference:.1e} (relative)")

@@ -123,6 +123,19 @@ def _children(parent: int, workdir: str) -> dict[int, int]:
           if ppid(pid) == parent}
 
 
+def _end_pod(proc, workdir: str, pids: dict[int, int]) -> list[int]:
+  """Kills local.sh (`proc`) if it still runs, then those of its processes (`pids`, else those it
+  has now) still alive; returns their pids."""
+  pids = pids or _children(proc.pid, workdir)
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
+  left = sorted(set(pids.values()) & set(preemption_trials.processes(workdir).values()))
+  for pid in left:
+    os.kill(pid, signal.SIGKILL)
+  return left
+
+
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory):
   """The losses of FAULT_RUN with nothing going wrong: the config of the same command line, run in
@@ -303,12 +316,7 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
     returncode = proc.wait(timeout=300)
     seconds = time.time() - sent
   finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-    left_behind = sorted(set(pids.values()) & set(preemption_trials.processes(workdir).values()))
-    for pid in left_behind:  # never leave them running, whatever the outcome
-      os.kill(pid, signal.SIGKILL)
+    left_behind = _end_pod(proc, workdir, pids)  # never left running, whatever the outcome
   texts = [(first / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
   tails = "".join(t[-2000:] for t in texts) + (tmp_path / "local_sh.log").read_text()[-2000:]
   assert returncode == 0, tails   # every process ended by itself, before local.sh's SIGKILL
@@ -322,10 +330,15 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
 
   # 2. The relaunched pod resumes there and ends with the losses of one process, unbroken.
   second = tmp_path / "second"
-  done = local_gcs.run(pod(second), cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600)
+  with open(tmp_path / "local_sh_2.log", "w") as log:
+    proc = local_gcs.popen(pod(second), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+  try:
+    returncode = proc.wait(timeout=600)
+  finally:
+    _end_pod(proc, workdir, {})
   texts = [(second / f"process_{i}.log").read_text(errors="replace") for i in range(2)]
-  assert done.returncode == 0, "".join(t[-2000:] for t in texts) + done.stderr[-2000:]
+  assert returncode == 0, "".join(t[-2000:] for t in texts) + (
+      tmp_path / "local_sh_2.log").read_text()[-2000:]
   assert all(f"Resumed from the checkpoint at step {step}." in t for t in texts)
   assert _metrics_steps(local_gcs, prefix) == list(range(1, TOTAL + 1))
   _assert_equal_losses(gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken, rtol=2e-5)

@@ -1,9 +1,9 @@
 """Faults a long run meets: kill -9 (also during an async save), a damaged checkpoint, a full or
-read-only disk, bad configuration, a pod process that dies, a pod preempted (SIGTERM to all of it
-or to one process). Nothing is lost beyond the steps since the last checkpoint, and every failure
-explains itself. (SIGTERM to one host is in test_pretrain.py, the non-finite guard and an
-unwritable workdir in test_trainer.py, bad images in test_data_*.py; more preemption trials at
-random moments:
+read-only disk, bad configuration, a pod process that dies, one process of a pod preempted.
+Nothing is lost beyond the steps since the last checkpoint, and every failure explains itself.
+(SIGTERM to one host is in test_pretrain.py; SIGTERM to a whole pod, and a pod against one
+process, in test_gcs_faults.py, on gs://; the non-finite guard and an unwritable workdir in
+test_trainer.py, bad images in test_data_*.py; more preemption trials at random moments:
 `python -m mae_jax.studies.preemption_trials`.)
 
 Each test prints what it observed; `python -m pytest -q -rP tests/test_reliability.py` shows it.
@@ -536,7 +536,8 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 
 
 # ----------------------------------------------------------------------------------------------
-# A pod preempted: SIGTERM to local.sh and both processes at once (a VM shutdown), or to one.
+# One process of a pod preempted (SIGTERM to local.sh and both processes at once, a VM shutdown,
+# is in test_gcs_faults.py, with the pod's workdir on gs://).
 def preempted_pod(workdir, caches, target, moment, first_step):
   """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
   (the same step saved by both, no earlier than `first_step`) and returns that step."""
@@ -555,13 +556,6 @@ def preempted_pod(workdir, caches, target, moment, first_step):
   print(f"SIGTERM to {target} {result['moment']}: both processes saved step {step}; local.sh "
         f"exited 0 {result['seconds']:.1f} s after the signal")
   return step
-
-
-def test_sigterm_to_a_whole_pod_saves_one_step_everywhere_and_the_relaunch_continues(
-    reference, caches, tmp_path, caplog):
-  workdir = tmp_path / "pod"
-  step = preempted_pod(workdir, caches, "all", preemption_trials.after_step(5), first_step=6)
-  relaunch_matches_the_unbroken_run(workdir, caches, reference, caplog, step)
 
 
 def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(

@@ -14,6 +14,7 @@ training here):
   in test_reliability.py, SIGTERM to one host on a local disk in test_pretrain.py.)"""
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -289,25 +290,21 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
 
   def pod(log_dir):
     """launch/local.sh: 2 processes of 4 CPU devices (the 8 of the single-process run), in the
-    server's namespace; local.sh passes the rest of XLA_FLAGS on (compiled as the reference).
-
-    There this machine's host name resolves to nothing (only loopback, and an /etc/hosts of the
-    storage hosts), and gloo, the pod's CPU collectives, looks it up for its address: "Unable to
-    initialize backend 'cpu': ... gloo/transport/tcp/device.cc:99". The pod runs in a UTS
-    namespace of its own, named localhost (each command replaces itself: local.sh keeps the
-    pid)."""
-    return ["unshare", "--uts", "sh", "-c", 'hostname localhost && exec "$@"', "sh",
-            "bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4",
+    server's namespace; local.sh passes the rest of XLA_FLAGS on (compiled as the reference)."""
+    return ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4",
             f"--grace_period={preemption_trials.GRACE_S}", f"--log_dir={log_dir}", "--",
             *gcs_pretrain_command(workdir, *FAULT_RUN)[3:]]
 
-  # 1. SIGTERM to local.sh and both processes at once (a VM shutdown) once step 5 is committed.
+  # 1. SIGTERM to local.sh and both processes at once (a VM shutdown), at a random moment after
+  # step 5 is committed (printed, with the step that was saved).
+  delay = random.uniform(0.0, 3.0)
   first = tmp_path / "first"
   with open(tmp_path / "local_sh.log", "w") as log:
     proc = local_gcs.popen(pod(first), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
   pids = {}
   try:
     _wait_for(lambda: _committed(local_gcs, prefix), proc, "step 5 committed")
+    time.sleep(delay)
     pids = _children(proc.pid, workdir)
     assert sorted(pids) == [0, 1], pids
     sent = time.time()
@@ -345,6 +342,7 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
   assert max(_committed(local_gcs, prefix)) == TOTAL
   difference = preemption_trials.max_relative_difference(
       gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
-  print(f"SIGTERM to local.sh and both processes after step 5 was committed: both saved step "
+  print(f"SIGTERM to local.sh and both processes {delay:.2f} s after step 5 was committed: both "
+        f"saved step "
         f"{step}; local.sh exited 0 {seconds:.1f} s after the signal; the relaunched pod resumed "
         f"there; its losses and one process's differ by at most {difference:.1e} (relative)")

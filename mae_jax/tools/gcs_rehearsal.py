@@ -229,8 +229,10 @@ def _serve(root: str, binary: str) -> int:
   try:
     tls = _make_certificates(os.path.join(root, "tls"))
     hosts = os.path.join(root, "tls", "hosts")
+    # This machine's own name too: a pod's processes (gloo, JAX's CPU collectives) look it up
+    # for their address, and only loopback exists here.
     _write_atomically(hosts, "127.0.0.1 localhost\n::1 localhost\n" +
-                      "".join(f"127.0.0.1 {h}\n" for h in HOSTS))
+                      "".join(f"127.0.0.1 {h}\n" for h in (*HOSTS, socket.gethostname())))
     # A user's refresh token, as `gcloud auth application-default login` leaves: every client
     # exchanges it at the OAuth host (this front) for an access token, as on a workstation.
     _write_atomically(os.path.join(root, "tls", "credentials.json"), json.dumps(

@@ -7,7 +7,9 @@ r"""Prepares a dataset once, before training, and prints its splits.
 Training prepares a missing dataset itself, but on a multi-host job every host would then
 prepare ImageNet (hours) at once; run this on one machine first. For imagenet2012 it also opens
 every shard file and compares it with what dataset_info.json recorded; --rebuild prepares the
-dataset again from the tars, replacing a damaged copy.
+dataset again from the tars, replacing a damaged copy. For a gs:// data_dir, imagenet2012 is
+prepared in a local temporary folder ($TMPDIR: room for the whole dataset) and then uploaded,
+dataset_info.json last.
 """
 from __future__ import annotations
 

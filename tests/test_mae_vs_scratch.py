@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from absl import app
 from etils import epath
 
+from mae_jax import data
 from mae_jax.configs import finetune as finetune_configs
 from mae_jax.configs import pretrain as pretrain_configs
 from mae_jax.studies import mae_vs_scratch as study
@@ -211,3 +213,20 @@ def test_seeds_with_a_sweep_is_refused_before_any_compute(tmp_path):
   assert result.returncode != 0
   assert "--seeds repeats the default study" in result.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_holdout_trains_and_evaluates_on_train_images_only():
+  """--holdout: the last N train images are every stage's eval split; the test split is never
+  read (choices of recipe are made on them)."""
+  pre, ft = _configs()
+  given = [(c.data.train_split, c.data.eval_split) for c in (pre, ft)]
+  held_pre, held_ft, eval_train, eval_test = study.hold_out(pre, ft, 10000, 60000, 10000)
+  for config in (held_pre, held_ft):
+    assert (config.data.train_split, config.data.eval_split) == ("train[:-10000]",
+                                                                 "train[-10000:]")
+    assert data.num_examples(config.data, config.data.train_split) == 50000
+    assert data.num_examples(config.data, data.resolve_split(config.data, "", "eval")) == 10000
+  assert (eval_train, eval_test) == (50000, 10000)
+  assert [(c.data.train_split, c.data.eval_split) for c in (pre, ft)] == given  # unchanged
+  with pytest.raises(app.UsageError, match="between 1 and 59999"):
+    study.hold_out(pre, ft, 60000, 60000, 10000)

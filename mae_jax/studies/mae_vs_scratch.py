@@ -37,6 +37,7 @@ from etils import epath
 import ml_collections
 
 from mae_jax import configs, process
+from mae_jax.data.config import KNOWN_SPLITS
 from mae_jax.training import trainer
 
 configs.DEFINE_config_file("pretrain", "configs/pretrain.py:fashion_mnist_cpu",
@@ -52,6 +53,9 @@ flags.DEFINE_integer("seeds", 1, "Run the default study with this many seeds and
                      "mean, standard deviation and per-seed gap.")
 flags.DEFINE_integer("eval_train", 60000, "Train images of the frozen k-NN / linear protocol.")
 flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linear protocol.")
+flags.DEFINE_integer("holdout", 0, "For choices of recipe: the last N train images become every "
+                     "stage's eval split (fine-tuning eval, frozen protocol, baselines) and the "
+                     "rest the train split, so the test split is never read. 0: off.")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -517,6 +521,28 @@ def _plot_partial(plt, results):
   return fig
 
 
+def hold_out(pretrain_config, finetune_config, count: int, eval_train: int, eval_test: int):
+  """(pretrain, finetune configs, eval_train, eval_test) that train on the train split but its
+  last `count` images, and evaluate every stage on those: tuning that never reads the test
+  split."""
+  name = pretrain_config.data.name
+  if (name, pretrain_config.data.train_split) not in KNOWN_SPLITS:
+    raise app.UsageError(f"--holdout needs a known train split; {name} "
+                         f"{pretrain_config.data.train_split} is not one of "
+                         f"{sorted(k for k in KNOWN_SPLITS if k[0] == name)}.")
+  total = KNOWN_SPLITS[(name, pretrain_config.data.train_split)][0]
+  if not 0 < count < total:
+    raise app.UsageError(f"--holdout={count} must be between 1 and {total - 1} ({name} train "
+                         f"has {total} images).")
+  split = pretrain_config.data.train_split
+  configs_ = []
+  for config in (pretrain_config, finetune_config):
+    config = copy.deepcopy(config)
+    config.data.train_split, config.data.eval_split = f"{split}[:-{count}]", f"{split}[-{count}:]"
+    configs_.append(config)
+  return (*configs_, min(eval_train, total - count), min(eval_test, count))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -524,13 +550,19 @@ def main(argv):
     raise app.UsageError("--seeds repeats the default study; run --sweep or --partial without it.")
   process.prepare()
   workdir = epath.Path(os.path.abspath(FLAGS.workdir))
-  options = dict(budget=FLAGS.budget, eval_train=FLAGS.eval_train, eval_test=FLAGS.eval_test)
+  pretrain, finetune, eval_train, eval_test = (
+      FLAGS.pretrain, FLAGS.finetune, FLAGS.eval_train, FLAGS.eval_test)
+  if FLAGS.holdout:
+    pretrain, finetune, eval_train, eval_test = hold_out(
+        pretrain, finetune, FLAGS.holdout, eval_train, eval_test)
+    logging.info("Held out the last %d train images: every stage evaluates on %s.",
+                 FLAGS.holdout, pretrain.data.eval_split)
+  options = dict(budget=FLAGS.budget, eval_train=eval_train, eval_test=eval_test)
   try:
     if FLAGS.seeds != 1:
-      run_seeds(workdir, FLAGS.pretrain, FLAGS.finetune, FLAGS.seeds, **options)
+      run_seeds(workdir, pretrain, finetune, FLAGS.seeds, **options)
     else:
-      run_study(workdir, FLAGS.pretrain, FLAGS.finetune, sweep=FLAGS.sweep,
-                partial=FLAGS.partial, **options)
+      run_study(workdir, pretrain, finetune, sweep=FLAGS.sweep, partial=FLAGS.partial, **options)
   except Interrupted as stopped:
     logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", stopped)
 

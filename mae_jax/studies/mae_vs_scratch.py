@@ -525,16 +525,14 @@ def hold_out(pretrain_config, finetune_config, count: int, eval_train: int, eval
   """(pretrain, finetune configs, eval_train, eval_test) that train on the train split but its
   last `count` images, and evaluate every stage on those: tuning that never reads the test
   split."""
-  name = pretrain_config.data.name
-  if (name, pretrain_config.data.train_split) not in KNOWN_SPLITS:
-    raise app.UsageError(f"--holdout needs a known train split; {name} "
-                         f"{pretrain_config.data.train_split} is not one of "
+  name, split = pretrain_config.data.name, pretrain_config.data.train_split
+  if (name, split) not in KNOWN_SPLITS:
+    raise app.UsageError(f"--holdout needs a known train split; {name} {split} is not one of "
                          f"{sorted(k for k in KNOWN_SPLITS if k[0] == name)}.")
-  total = KNOWN_SPLITS[(name, pretrain_config.data.train_split)][0]
+  total = KNOWN_SPLITS[(name, split)][0]
   if not 0 < count < total:
     raise app.UsageError(f"--holdout={count} must be between 1 and {total - 1} ({name} train "
                          f"has {total} images).")
-  split = pretrain_config.data.train_split
   configs_ = []
   for config in (pretrain_config, finetune_config):
     config = copy.deepcopy(config)

@@ -100,8 +100,9 @@ def buckets_in(argv) -> list[str]:
 class LocalGCS:
   """A local Cloud Storage server in a network namespace of its own; `command(argv)` runs argv
   there, with `environ()` as its environment. Files: ROOT/store/BUCKET/OBJECT (the server's,
-  readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json, ROOT/requests.log (one line per request the
-front answered: "METHOD /path?query STATUS", STATUS "-" for a dropped connection)."""
+  readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json, ROOT/requests.log
+  (one line per request the front answered: "METHOD /path?query STATUS", STATUS "-" for a
+  dropped connection)."""
 
   def __init__(self, root: str, buckets=("rehearsal",), binary: str | None = None):
     self.root = os.path.abspath(root)

@@ -176,7 +176,8 @@ def test_seeds_repeat_the_study_and_report_mean_std_and_gaps(tmp_path, monkeypat
     frozen = {init: {"tokens": {"linear_top1": top1}} for init, top1 in (("mae", 0.8),
                                                                           ("random", 0.7))}
     return {"baselines": {"seconds": 60.0}, "frozen": frozen, "total_seconds": 600.0,
-            "finetune_mae": {"best_top1": mae}, "finetune_random": {"best_top1": scratch}}
+            "finetune_mae": {"final_top1": mae, "best_top1": mae + 0.5},
+            "finetune_random": {"final_top1": scratch, "best_top1": scratch + 0.5}}
 
   monkeypatch.setattr(study, "run_study", one_study)
   pre, ft = _configs()

@@ -33,7 +33,7 @@ _RECIPES = {"vit_base": Recipe("vit_base_patch16", 100, 5e-4, 0.65, 0.1),
             "vit_large": Recipe("vit_large_patch16", 50, 1e-3, 0.75, 0.2),
             "vit_huge": Recipe("vit_huge_patch14", 50, 1e-3, 0.75, 0.3),
             "fashion_mnist": Recipe("vit_small_patch4", 1, 1e-3, 0.75, 0.1),
-            "fashion_mnist_cpu": Recipe("vit_small_patch4", 3, 4e-3, 0.75, 0.0)}
+            "fashion_mnist_cpu": Recipe("vit_small_patch4", 4, 4e-3, 0.75, 0.0)}
 
 
 def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:

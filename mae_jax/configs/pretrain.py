@@ -4,7 +4,7 @@ r"""MAE pre-training (the paper's recipe for ViT-B/L/H on ImageNet; small varian
   python -m mae_jax.main --config=configs/pretrain.py:vit_large --workdir=gs://BUCKET/mae/vit_large \
       --config.data.manual_dir=gs://BUCKET/imagenet/manual
 
-Variants: fashion_mnist (default: 28x28, 800 steps), fashion_mnist_cpu (the study's: 28x28, 1000 steps),
+Variants: fashion_mnist (default: 28x28, 800 steps), fashion_mnist_cpu (the study's: 28x28, 1400 steps),
 tiny, vit_base, vit_large, vit_huge. Every field can be
 overridden with --config.KEY=VALUE; unknown keys and wrong types are refused.
 """
@@ -105,9 +105,13 @@ def get_config(variant: str = "fashion_mnist") -> ml_collections.ConfigDict:
     c.knn.feature = "tokens"
     c.knn.linear_probe = True
   if variant == "fashion_mnist_cpu":
-    # The study's pre-training (mae_jax.studies.mae_vs_scratch).
+    # The study's pre-training (mae_jax.studies.mae_vs_scratch). A 1-block decoder costs 0.74x
+    # the 2-block one per step, so 1400 steps take the time of 1000; on held-out train images
+    # fine-tuning from it is better (docs/fashion_mnist_study.md), as the paper finds fine-tuning
+    # insensitive to decoder depth (Table 1a).
     c.batch_size = 256
-    c.total_steps = 1000          # 4.3 epochs
+    c.total_steps = 1400          # 6 epochs
+    c.model.decoder_depth = 1
     c.warmup_steps = 100
     c.base_lr = 1.5e-3
     c.log_every_steps = 50

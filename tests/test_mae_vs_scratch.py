@@ -127,6 +127,49 @@ def test_partial_finetuning_stages(default_study):
   assert (workdir / "partial.png").exists()
 
 
+def _copy_stages(source: epath.Path, target: epath.Path, names):
+  for name in names:
+    subprocess.run(["cp", "-r", str(source / name), str(target / name)], check=True)
+
+
+def test_jobs_run_the_finetunings_side_by_side_each_on_its_own_cores(default_study, tmp_path):
+  first_dir, first = default_study
+  workdir = epath.Path(tmp_path)
+  _copy_stages(first_dir, workdir, ("baselines", "pretrain", "frozen"))
+  pre, ft = _configs()
+  results = study.run_study(workdir, pre, ft, jobs=2, **_EVAL)
+  together = json.loads((workdir / study.SIDE_BY_SIDE / study.STAGE_FILE).read_text())
+  assert together["stages"] == ["finetune_mae", "finetune_random"]
+  shares = study._core_shares(2)  # pylint: disable=protected-access
+  cores = [results[name]["cores"] for name in together["stages"]]
+  assert all(c in shares for c in cores) and len({tuple(c) for c in cores}) == len(shares)
+  for name in together["stages"]:
+    # The same stage as in one process: its own init, steps and evaluations.
+    assert json.loads((workdir / name / "config.json").read_text())["init"] == json.loads(
+        (first_dir / name / "config.json").read_text())["init"].replace(str(first_dir),
+                                                                         str(workdir))
+    assert [s for s, _ in results[name]["curve"]] == [2, 4]
+    assert results[name]["final_top1"] == pytest.approx(first[name]["final_top1"], abs=0.02)
+  # The total counts their wall time together, not the sum of their own.
+  before = sum(results[name]["seconds"] for name in ("baselines", "pretrain", "frozen"))
+  assert results["total_seconds"] == pytest.approx(before + together["seconds"], abs=0.1)
+  if len(shares) == 2:
+    assert together["seconds"] < sum(results[n]["seconds"] for n in together["stages"])
+  assert study.run_study(workdir, pre, ft, jobs=2, **_EVAL) == results  # read back
+
+
+def test_a_side_by_side_finetuning_that_fails_is_named(default_study, tmp_path):
+  first_dir, _ = default_study
+  workdir = epath.Path(tmp_path)
+  _copy_stages(first_dir, workdir, ("baselines", "frozen"))
+  (workdir / "pretrain").mkdir()  # finished, but its checkpoints are gone
+  (workdir / "pretrain" / study.STAGE_FILE).write_text(
+      (first_dir / "pretrain" / study.STAGE_FILE).read_text())
+  with pytest.raises(RuntimeError, match="Fine-tuning finetune_mae stopped without finishing"):
+    study.run_study(workdir, *_configs(), jobs=2, **_EVAL)
+  assert (workdir / "finetune_random" / study.STAGE_FILE).exists()  # the other one finished
+
+
 @pytest.mark.parametrize("spec", ["model.nope=1", "model.mask_ratio", "model=1"])
 def test_bad_sweep_is_refused_with_the_fix(spec):
   with pytest.raises(ValueError, match="KEY=V1,V2"):
@@ -207,12 +250,17 @@ def test_seeds_repeat_the_study_and_report_mean_std_and_gaps(tmp_path, monkeypat
     study.run_seeds(workdir, pre, ft, 0)
 
 
-def test_seeds_with_a_sweep_is_refused_before_any_compute(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds=3", "--partial=0"], "--seeds repeats the default study"),
+    (["--jobs=2", "--sweep=model.mask_ratio=0.5,0.9"], "--sweep runs its fine-tunings one at a"),
+    (["--jobs=0"], "--jobs=0: give 1")])
+def test_options_that_do_not_go_together_are_refused_before_any_compute(tmp_path, flags,
+                                                                        message):
   result = subprocess.run([sys.executable, "-m", "mae_jax.studies.mae_vs_scratch",
-                           f"--workdir={tmp_path}", "--seeds=3", "--partial=0"], cwd=REPO,
+                           f"--workdir={tmp_path}", *flags], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "--seeds repeats the default study" in result.stderr
+  assert message in result.stderr
   assert not os.listdir(tmp_path)
 
 

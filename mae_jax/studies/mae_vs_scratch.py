@@ -18,6 +18,9 @@ an interrupted one resumes from its checkpoints:
   finetune_mae     configs/finetune.py:fashion_mnist_cpu from the pre-trained encoder
   finetune_random  the same recipe and budget from a random initialisation
   partial_K        --partial: fine-tune only the last K blocks (paper Fig. 9; `all` = finetune_mae)
+--jobs=2 runs the fine-tunings side by side, each in a process of its own on its own half of the
+CPU cores (their wall time together: side_by_side/stage.json); on a small CPU this is faster than
+one after the other, because fine-tuning gains little from a second core.
 --sweep=KEY=V1,V2,... (a pre-training config key) gives each value its own directory
 sweep/KEY=V/ with its own pretrain, frozen and finetune_mae; the pixel baselines are shared.
 --budget scales the pre-training and fine-tuning steps. --seeds=N runs the default study N times,
@@ -27,9 +30,14 @@ mean, the standard deviation and the per-seed gap between MAE and random init. R
 results.json, results.md and plots (curves.png; sweep.png, partial.png, seeds.png when asked for)
 in --workdir.
 """
+import contextlib
 import copy
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
+import signal
+import sys
 import time
 
 from absl import app, flags, logging
@@ -51,6 +59,9 @@ flags.DEFINE_string("sweep", "", "KEY=V1,V2,...: pre-train (and probe, fine-tune
 flags.DEFINE_list("partial", [], "Partial fine-tuning: numbers of last blocks to train, or `all`.")
 flags.DEFINE_integer("seeds", 1, "Run the default study with this many seeds and report their "
                      "mean, standard deviation and per-seed gap.")
+flags.DEFINE_integer("jobs", 1, "Fine-tunings (the default study's, --seeds', --partial's) run "
+                     "this many at a time, each in its own process on its own share of the CPU "
+                     "cores. 1: one after the other, in this process.")
 flags.DEFINE_integer("eval_train", 60000, "Train images of the frozen k-NN / linear protocol.")
 flags.DEFINE_integer("eval_test", 10000, "Test images of the frozen k-NN / linear protocol.")
 flags.DEFINE_integer("holdout", 0, "For choices of recipe: the last N train images become every "
@@ -61,6 +72,7 @@ FLAGS = flags.FLAGS
 
 STAGE_FILE = "stage.json"       # written when a stage finishes: its result and wall time
 ELAPSED_FILE = "elapsed_s"      # seconds spent in a stage's interrupted earlier attempts
+SIDE_BY_SIDE = "side_by_side"   # the stage of fine-tunings run side by side: their wall time
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +108,11 @@ def train(config, directory: epath.Path) -> dict:
   if trainer.run(config, str(directory)).get("preempted"):
     raise Interrupted(directory.name)
   return {}
+
+
+def finetune_stage(config, directory: epath.Path) -> dict:
+  train(config, directory)
+  return classify_summary(directory)
 
 
 def read_metrics(directory: epath.Path) -> list[dict]:
@@ -208,7 +225,7 @@ def parse_partial(values, depth: int) -> list[int]:
 # ----------------------------------------------------------------------------------------------
 def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: float = 1.0,
               sweep: str = "", partial=(), eval_train: int = 60000, eval_test: int = 10000,
-              baselines_dir: epath.Path | None = None) -> dict:
+              baselines_dir: epath.Path | None = None, jobs: int = 1) -> dict:
   """Runs every stage the options ask for (skipping finished ones) and writes the results."""
   from mae_jax import data  # pylint: disable=import-outside-toplevel
   workdir.mkdir(parents=True, exist_ok=True)
@@ -228,8 +245,7 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
     return out
 
   def finetune(root: epath.Path, name: str, config) -> dict:
-    return run_stage(root / name, lambda: (train(config, root / name),
-                                           classify_summary(root / name))[1])
+    return run_stage(root / name, lambda: finetune_stage(config, root / name))
 
   init_dir = str(workdir / "pretrain")
   if sweep:
@@ -243,29 +259,124 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
       out["finetune_mae"] = finetune(root, "finetune_mae",
                                      finetune_config(finetune_base, str(root / "pretrain")))
       results["sweep"]["values"][str(value)] = out
+    results["total_seconds"] = round(sum(_stage_seconds(results)), 1)
   else:
     results.update(pretrain_and_probe(workdir, pretrain_config))
     from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
     depth = vit_classifier.create_classifier(finetune_base.model.name, 1).depth
     blocks = parse_partial(list(partial), depth)
+    stages = {}
     if not blocks or -1 in blocks:
-      results["finetune_mae"] = finetune(workdir, "finetune_mae",
-                                         finetune_config(finetune_base, init_dir))
+      stages["finetune_mae"] = finetune_config(finetune_base, init_dir)
     if not blocks:
-      results["finetune_random"] = finetune(workdir, "finetune_random",
-                                            finetune_config(finetune_base, ""))
+      stages["finetune_random"] = finetune_config(finetune_base, "")
+    stages.update({f"partial_{k}": finetune_config(finetune_base, init_dir, k)
+                   for k in blocks if k >= 0})
+    done, finetune_seconds = run_finetunings(workdir, stages, jobs)
+    before = sum(_stage_seconds(results))  # baselines, pretrain, frozen
+    results.update({k: v for k, v in done.items() if not k.startswith("partial_")})
     if blocks:
-      results["partial"] = {
-          ("all" if k < 0 else str(k)): results["finetune_mae"] if k < 0 else finetune(
-              workdir, f"partial_{k}", finetune_config(finetune_base, init_dir, k))
-          for k in blocks}
-  results["total_seconds"] = round(sum(_stage_seconds(results)), 1)
+      results["partial"] = {("all" if k < 0 else str(k)): done[
+          "finetune_mae" if k < 0 else f"partial_{k}"] for k in blocks}
+    results["total_seconds"] = round(before + finetune_seconds, 1)
   write_results(workdir, results)
   return results
 
 
+# ----------------------------------------------------------------------------------------------
+# Fine-tunings side by side.
+def run_finetunings(workdir: epath.Path, stages: dict, jobs: int) -> tuple[dict, float]:
+  """Each fine-tuning stage's result (name -> record), and the wall seconds they took together.
+  With jobs > 1 the unfinished ones first run side by side, in the stage side_by_side/."""
+  todo = {name: config for name, config in stages.items()
+          if not (workdir / name / STAGE_FILE).exists()}
+  if jobs > 1 and len(todo) > 1:
+    (workdir / SIDE_BY_SIDE / STAGE_FILE).unlink(missing_ok=True)  # an earlier group's time
+    run_stage(workdir / SIDE_BY_SIDE, lambda: {"stages": _side_by_side(workdir, todo, jobs)})
+  done = {name: run_stage(workdir / name, lambda c=config, n=name: finetune_stage(c, workdir / n))
+          for name, config in stages.items()}  # read back, or run here one after the other
+  together = workdir / SIDE_BY_SIDE / STAGE_FILE
+  record = json.loads(together.read_text()) if together.exists() else {"seconds": 0, "stages": []}
+  return done, record["seconds"] + sum(
+      r["seconds"] for name, r in done.items() if name not in record["stages"])
+
+
+def _core_shares(jobs: int) -> list[list[int]]:
+  """This process's CPU cores, split into min(jobs, cores) contiguous shares."""
+  cores = sorted(os.sched_getaffinity(0))
+  count = min(jobs, len(cores))
+  return [cores[i * len(cores) // count:(i + 1) * len(cores) // count] for i in range(count)]
+
+
+@contextlib.contextmanager
+def _pinned(cores):
+  """This thread (and the processes it starts meanwhile) on `cores` only."""
+  before = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, cores)
+  try:
+    yield
+  finally:
+    os.sched_setaffinity(0, before)
+
+
+def _finetune_process(directory: str, config, verbosity: int):
+  """The body of a side-by-side fine-tuning: one stage, which records the cores it ran on."""
+  logging.set_verbosity(verbosity)
+  process.prepare()
+  directory = epath.Path(directory)
+  try:
+    run_stage(directory, lambda: {**finetune_stage(config, directory),
+                                  "cores": sorted(os.sched_getaffinity(0))})
+  except Interrupted:
+    sys.exit(1)
+
+
+def _side_by_side(workdir: epath.Path, stages: dict, jobs: int) -> list[str]:
+  """Runs the stages `jobs` at a time, each in a fresh process (spawned: JAX does not survive a
+  fork) on its own share of the cores. A SIGTERM is passed on to them: each saves a checkpoint."""
+  context = multiprocessing.get_context("spawn")
+  free, pending, running = _core_shares(jobs), list(stages), {}
+  stopping = False
+
+  def stop(signum, frame):  # pylint: disable=unused-argument
+    nonlocal stopping
+    stopping = True
+    for child, _ in running.values():
+      child.terminate()
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    while running or (pending and not stopping):
+      while pending and free and not stopping:
+        name, share = pending.pop(0), free.pop(0)
+        child = context.Process(target=_finetune_process, name=name, args=(
+            str(workdir / name), stages[name], logging.get_verbosity()))
+        with _pinned(share):
+          child.start()
+        logging.info("Stage %s started on cores %s (pid %d).", name, share, child.pid)
+        running[child.sentinel] = (child, share)
+      for sentinel in multiprocessing.connection.wait(list(running)):
+        child, share = running.pop(sentinel)
+        child.join()
+        free.append(share)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    for child, _ in running.values():  # an exception here (Ctrl-C): stop them and wait
+      child.terminate()
+      child.join()
+  unfinished = [name for name in stages if not (workdir / name / STAGE_FILE).exists()]
+  if unfinished and stopping:
+    raise Interrupted(", ".join(unfinished))
+  if unfinished:
+    raise RuntimeError(f"Fine-tuning {', '.join(unfinished)} stopped without finishing (its log "
+                       "is above); run the same command again to resume it from its last "
+                       "checkpoint.")
+  return list(stages)
+
+
 def run_seeds(workdir: epath.Path, pretrain_config, finetune_base, num_seeds: int, *,
-              budget: float = 1.0, eval_train: int = 60000, eval_test: int = 10000) -> dict:
+              budget: float = 1.0, eval_train: int = 60000, eval_test: int = 10000,
+              jobs: int = 1) -> dict:
   """The default study once per seed, in seed_S/, and what holds over the seeds."""
   if num_seeds < 1:
     raise ValueError(f"--seeds={num_seeds}: give the number of seeds, 1 or more.")
@@ -276,7 +387,7 @@ def run_seeds(workdir: epath.Path, pretrain_config, finetune_base, num_seeds: in
     pre.seed = ft.seed = seed
     per_seed[str(seed)] = run_study(workdir / f"seed_{seed}", pre, ft, budget=budget,
                                     eval_train=eval_train, eval_test=eval_test,
-                                    baselines_dir=workdir / "baselines")
+                                    baselines_dir=workdir / "baselines", jobs=jobs)
   # Every seed's total counts the shared baselines stage; the study ran it once.
   shared = (num_seeds - 1) * per_seed[str(first)]["baselines"]["seconds"]
   results = {"budget": budget, "seeds": per_seed, "summary": seed_summary(per_seed),
@@ -548,6 +659,9 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.seeds != 1 and (FLAGS.sweep or FLAGS.partial):
     raise app.UsageError("--seeds repeats the default study; run --sweep or --partial without it.")
+  if FLAGS.jobs < 1 or (FLAGS.jobs > 1 and FLAGS.sweep):
+    raise app.UsageError(f"--jobs={FLAGS.jobs}: give 1 (one fine-tuning at a time) or more; "
+                         "--sweep runs its fine-tunings one at a time, so leave --jobs out.")
   process.prepare()
   workdir = epath.Path(os.path.abspath(FLAGS.workdir))
   pretrain, finetune, eval_train, eval_test = (
@@ -557,7 +671,7 @@ def main(argv):
         pretrain, finetune, FLAGS.holdout, eval_train, eval_test)
     logging.info("Held out the last %d train images: every stage evaluates on %s.",
                  FLAGS.holdout, pretrain.data.eval_split)
-  options = dict(budget=FLAGS.budget, eval_train=eval_train, eval_test=eval_test)
+  options = dict(budget=FLAGS.budget, eval_train=eval_train, eval_test=eval_test, jobs=FLAGS.jobs)
   try:
     if FLAGS.seeds != 1:
       run_seeds(workdir, pretrain, finetune, FLAGS.seeds, **options)

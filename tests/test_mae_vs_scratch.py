@@ -2,6 +2,7 @@
 partial fine-tuning, and the default command end to end."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -129,7 +130,7 @@ def test_partial_finetuning_stages(default_study):
 
 def _copy_stages(source: epath.Path, target: epath.Path, names):
   for name in names:
-    subprocess.run(["cp", "-r", str(source / name), str(target / name)], check=True)
+    shutil.copytree(source / name, target / name)
 
 
 def test_jobs_run_the_finetunings_side_by_side_each_on_its_own_cores(default_study, tmp_path):

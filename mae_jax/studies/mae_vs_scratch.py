@@ -110,9 +110,12 @@ def train(config, directory: epath.Path) -> dict:
   return {}
 
 
-def finetune_stage(config, directory: epath.Path) -> dict:
-  train(config, directory)
-  return classify_summary(directory)
+def finetune_stage(config, directory: epath.Path, **extra) -> dict:
+  """A fine-tuning stage (read back once it has finished); `extra` goes into its record."""
+  def run():
+    train(config, directory)
+    return {**classify_summary(directory), **extra}
+  return run_stage(directory, run)
 
 
 def read_metrics(directory: epath.Path) -> list[dict]:
@@ -244,9 +247,6 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
         config, root / "pretrain", eval_train, eval_test))
     return out
 
-  def finetune(root: epath.Path, name: str, config) -> dict:
-    return run_stage(root / name, lambda: finetune_stage(config, root / name))
-
   init_dir = str(workdir / "pretrain")
   if sweep:
     key, values = parse_sweep(sweep, pretrain_config)
@@ -256,8 +256,8 @@ def run_study(workdir: epath.Path, pretrain_config, finetune_base, *, budget: fl
       config = copy.deepcopy(pretrain_config)
       config.update_from_flattened_dict({key: value})
       out = pretrain_and_probe(root, config)
-      out["finetune_mae"] = finetune(root, "finetune_mae",
-                                     finetune_config(finetune_base, str(root / "pretrain")))
+      out["finetune_mae"] = finetune_stage(
+          finetune_config(finetune_base, str(root / "pretrain")), root / "finetune_mae")
       results["sweep"]["values"][str(value)] = out
     results["total_seconds"] = round(sum(_stage_seconds(results)), 1)
   else:
@@ -293,8 +293,8 @@ def run_finetunings(workdir: epath.Path, stages: dict, jobs: int) -> tuple[dict,
   if jobs > 1 and len(todo) > 1:
     (workdir / SIDE_BY_SIDE / STAGE_FILE).unlink(missing_ok=True)  # an earlier group's time
     run_stage(workdir / SIDE_BY_SIDE, lambda: {"stages": _side_by_side(workdir, todo, jobs)})
-  done = {name: run_stage(workdir / name, lambda c=config, n=name: finetune_stage(c, workdir / n))
-          for name, config in stages.items()}  # read back, or run here one after the other
+  done = {name: finetune_stage(config, workdir / name)  # read back, or run here in turn
+          for name, config in stages.items()}
   together = workdir / SIDE_BY_SIDE / STAGE_FILE
   record = json.loads(together.read_text()) if together.exists() else {"seconds": 0, "stages": []}
   return done, record["seconds"] + sum(
@@ -323,10 +323,8 @@ def _finetune_process(directory: str, config, verbosity: int):
   """The body of a side-by-side fine-tuning: one stage, which records the cores it ran on."""
   logging.set_verbosity(verbosity)
   process.prepare()
-  directory = epath.Path(directory)
   try:
-    run_stage(directory, lambda: {**finetune_stage(config, directory),
-                                  "cores": sorted(os.sched_getaffinity(0))})
+    finetune_stage(config, epath.Path(directory), cores=sorted(os.sched_getaffinity(0)))
   except Interrupted:
     sys.exit(1)
 

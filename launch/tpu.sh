@@ -308,6 +308,7 @@ cmd_plan() {
     [[ "$a" != --config.* ]] || overrides+=("$a")
   done
   [[ "$search" == 0 ]] || overrides+=(--choose)
+  [[ -z "${PLAN_OUT-}" ]] || overrides+=("--plan_out=$PLAN_OUT")
   local rc=0
   (cd "$ROOT" && run_cmd "$PYTHON" -m mae_jax.tools.scaling "--topology=$accelerator_type" \
     "--config=$config" ${overrides[@]+"${overrides[@]}"} --check_fits) || rc=$?
@@ -330,7 +331,10 @@ cmd_run() {
     || die "--workdir must be a gs:// path that every worker can reach, got: $workdir"
   if [[ -n "$accelerator_type" && "$plan" == 1 ]]; then
     local rc=0
+    PLAN_OUT=$(mktemp)  # the step model's time for it: the run's first throughput line shows it
     cmd_plan 0 || rc=$?  # the config that is about to run, alone
+    if [[ -s "$PLAN_OUT" ]]; then job_args+=("--config.plan=$(cat "$PLAN_OUT")"); fi
+    rm -f "$PLAN_OUT"
     if [[ "$rc" != 0 && "$force" == 1 ]]; then
       warn "--force: starting anyway."
     elif [[ "$rc" != 0 ]]; then

@@ -62,6 +62,12 @@ flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HB
 flags.DEFINE_bool("choose", False, "On one TPU slice: compile the config, then the meshes, remat "
                   "and gradient accumulation of mae_jax.tpu.choose; rank them by the compiler's "
                   "estimate and print the overrides of the fastest that fits.")
+flags.DEFINE_float("input_images_per_core", 0.0, "--choose: the input pipeline's images/s per "
+                   "host core to check the step against (0: the one measured in "
+                   "benchmarks/README.md, mae_jax.tpu.choose.INPUT_IMAGES_PER_CORE).")
+flags.DEFINE_string("plan_out", "", "Write the plan of the run here (the chosen candidate with "
+                    "--choose, else the compile): `mae_jax.main --config.plan=FILE` sets its step "
+                    "time beside the measured one (launch/tpu.sh run passes it on).")
 flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this process.")
 FLAGS = flags.FLAGS
 
@@ -189,11 +195,12 @@ def _fmt(x, spec: str) -> str:
 
 
 def markdown(results: list) -> str:
+  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   out = ["| slice | task | model | global batch | batch/dev | mesh (data x fsdp) | remat | "
          "required GiB/dev | HBM GiB | fits | TFLOP/dev/step | all-gather | reduce-scatter | "
-         "all-reduce | est. step s | est. img/s | est. hours | est. chip-hours | est. MFU | "
-         "compile s |",
-         "|" + "---|" * 20]
+         "all-reduce | model step s (range) | bound | model hours | model chip-hours | "
+         "compiler's est. step s | est. hours | compile s |",
+         "|" + "---|" * 21]
   for r in results:
     if "error" in r:
       out.append(f"| {r.get('topology') or r.get('devices')} | error: {r['error'][:200]} |")
@@ -209,9 +216,10 @@ def markdown(results: list) -> str:
         f"{_gib(r.get('hbm_per_device'))} | {fits} | "
         f"{_fmt(r.get('flops_per_device') and r['flops_per_device'] / 1e12, '.2f')} | "
         f"{count('all-gather')} | {count('reduce-scatter')} | {count('all-reduce')} | "
-        f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_images_per_sec'), '.0f')} | "
-        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_chip_hours'), '.0f')} | "
-        f"{_fmt(r.get('est_mfu'), '.2f')} | {compile_time(r)} |")
+        f"{choose.span(r, 'model_step_s', '.3g')} | {r.get('model_bound', '-')} | "
+        f"{choose.span(r, 'model_hours', '.3g')} | {choose.span(r, 'model_chip_hours', '.4g')} | "
+        f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_hours'), '.1f')} | "
+        f"{compile_time(r)} |")
   return "\n".join(out)
 
 
@@ -286,13 +294,26 @@ def main(argv):
     from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
     results, given = run_choose(specs[0], emit)
     # Nothing to rank when the config as given failed to compile: its error is the answer.
-    table = markdown(results) if given is None else choose.summary(choose.rank(results), given)
+    ranked = choose.rank(results) if given is not None else []
+    # The fastest that fits by the model (None: none has a model time).
+    best = next((r for group, r in ranked if group == "model"), None)
+    check = choose.input_check(best, FLAGS.input_images_per_core) if best else ""
+    table = markdown(results) if given is None else choose.summary(ranked, given, check)
   else:
     results = [emit(run_worker(spec, config_args(spec["variant_arg"]))) for spec in specs]
-    table = markdown(results)
+    table, best = markdown(results), None
   if out:
     out.close()
   print(table)
+  planned = best if FLAGS.choose else results[0]
+  if FLAGS.plan_out and planned is not None and planned.get("model_step_s"):
+    # Function-local: the plan file's format belongs to the run that reads it (training).
+    from mae_jax.training import plan_check  # pylint: disable=import-outside-toplevel
+    with open(FLAGS.plan_out, "w") as f:
+      json.dump(plan_check.record(planned), f)
+  elif FLAGS.plan_out:
+    print(f"error: no plan written to {FLAGS.plan_out}: no candidate has a model time.",
+          file=sys.stderr)
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
       f.write(table + "\n")

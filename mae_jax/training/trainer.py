@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 
 from mae_jax import data, paths
 from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
-                              preemption, pretrain, sharding)
+                              plan_check, preemption, pretrain, sharding)
 
 TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
 
@@ -43,6 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_checks.check_writable(workdir)
     checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
+  check_plan = plan_check.PlanCheck(config.get("plan", ""), workdir, is_chief)
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -109,6 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record["skipped_steps"] = int(jax.device_get(state["skipped"]))
         record.update(_throughput(config, step - tick_step, time.perf_counter() - tick,
                                   step_flops, peak_flops))
+        check_plan(record)
         pending, tick, tick_step = [], time.perf_counter(), step
       record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
       if best is not None:

@@ -193,3 +193,21 @@ def test_a_plan_file_is_kept_in_the_workdir_and_checked_once(tmp_path):
     plan_check.load(json.dumps({"est_step_s": 1.0}))
   with pytest.raises(ValueError, match="neither a plan file nor"):
     plan_check.load("{not json")
+
+
+@pytest.mark.slow  # trains
+def test_the_first_throughput_line_of_a_run_sets_the_plan_beside_the_measured_step(
+    tmp_path, caplog):
+  from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from tests.helpers import tiny_config  # pylint: disable=import-outside-toplevel
+  plan_file = tmp_path / "plan.json"
+  plan_file.write_text(json.dumps(plan_check.record(_report(0.25))))
+  workdir = tmp_path / "run"
+  with caplog.at_level("INFO"):
+    trainer.run(tiny_config(total_steps=3, plan=str(plan_file)), str(workdir))
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan: ")]
+  assert len(lines) == 1, lines  # once, with the first step time
+  measured = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  first = next(r for r in measured if "step_time_s" in r)
+  assert lines[0] == plan_check.line(json.loads(plan_file.read_text()), first["step_time_s"])
+  assert json.loads((workdir / "plan.json").read_text())["model_step_s"] == 0.25

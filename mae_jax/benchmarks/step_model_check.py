@@ -32,20 +32,23 @@ flags.DEFINE_string("hlo_out", "", "Also write the compiled step's HLO text here
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
-_double = jax.jit(lambda x: x * 2)  # module level: repeated measurements compile once
+# Module level: repeated measurements compile once. Donated, so the result is written in place:
+# a fresh output buffer would add the first touch of its pages to the time.
+_double = jax.jit(lambda x: x * 2, donate_argnums=0)
 
 
 def measure_bandwidth(mib: int = 256, repeats: int = 10) -> float:
-  """Bytes/s of an element-wise pass over a large float32 array: one read and one write of
-  each element, median of `repeats` after one untimed pass."""
-  x = jnp.ones((mib * 2 ** 20 // 4,), jnp.float32)
-  _double(x).block_until_ready()
+  """Bytes/s of an element-wise pass over a large float32 array in place: one read and one
+  write of each element, median of `repeats` after one untimed pass."""
+  x = _double(jnp.ones((mib * 2 ** 20 // 4,), jnp.float32))
+  nbytes = x.nbytes
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    _double(x).block_until_ready()
+    x = _double(x)
+    x.block_until_ready()
     times.append(time.perf_counter() - start)
-  return 2 * x.nbytes / float(np.median(times))
+  return 2 * nbytes / float(np.median(times))
 
 
 def published(device_kind: str) -> step_model.Hardware | None:
@@ -59,6 +62,7 @@ def published(device_kind: str) -> step_model.Hardware | None:
 
 def check(config, steps: int, warmup: int, matmul_size: int, copy_mib: int,
           hlo_out: str = "") -> dict:
+  load_before = os.getloadavg()[0]  # shared machines: how busy it was, printed with the times
   runner = timing.StepRunner(config, False, total_steps=warmup + steps + 1)
   for _ in range(warmup + 1):
     runner()
@@ -78,7 +82,8 @@ def check(config, steps: int, warmup: int, matmul_size: int, copy_mib: int,
   out = {"config": config.variant, "model": config.model.name, "global_batch": config.batch_size,
          "devices": jax.device_count(), "device_kind": device.device_kind,
          "dtype": config.model.dtype, "measured_step_s": measured, "timed_steps": steps,
-         "xla_flops_per_device": runner.flops_per_device()}
+         "xla_flops_per_device": runner.flops_per_device(),
+         "load_average_1min": [load_before, os.getloadavg()[0]]}
   for label, hw in (("measured_constants", own), ("published_constants", published(
       device.device_kind))):
     if hw is None:

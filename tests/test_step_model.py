@@ -211,3 +211,19 @@ def test_the_first_throughput_line_of_a_run_sets_the_plan_beside_the_measured_st
   first = next(r for r in measured if "step_time_s" in r)
   assert lines[0] == plan_check.line(json.loads(plan_file.read_text()), first["step_time_s"])
   assert json.loads((workdir / "plan.json").read_text())["model_step_s"] == 0.25
+
+
+def test_a_gpu_library_matmul_counts_its_flops():
+  text = """
+ENTRY %main (a: bf16[512,1024], b: bf16[1024,256]) -> bf16[512,256] {
+  %a = bf16[512,1024]{1,0} parameter(0)
+  %b = bf16[1024,256]{1,0} parameter(1)
+  %g = (bf16[512,256]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %r = bf16[512,256]{1,0} get-tuple-element(%g), index=0
+}
+"""
+  summary = step_model.summarize(text)
+  assert summary["unknown_ops"] == {}
+  assert summary["ops"][0][1] == 2 * 512 * 256 * 1024
+  h100 = step_model.price(summary, step_model.GPUS["H100 SXM"])
+  assert h100["model_hardware"]["peak_flops"] == 989e12

@@ -108,6 +108,18 @@ def dot_flops(ins: Instr, shapes: dict) -> float:
   return 2.0 * math.prod(first_array(ins.shape)) * k
 
 
+def gemm_flops(ins: Instr, shapes: dict) -> float:
+  """FLOPs of a library matmul custom call (GPU: `__cublas$gemm`, `__cublas$lt$matmul`), from
+  the dot dimension numbers in its backend config; 0 when it has none."""
+  found = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', ins.attrs)
+  if not found or not ins.operands:
+    return 0.0
+  lhs = first_array(shapes.get(ins.operands[0], ""))
+  contracting = [int(d) for d in re.findall(r"\d+", found.group(1))]
+  k = math.prod(lhs[d] for d in contracting if d < len(lhs))
+  return 2.0 * math.prod(first_array(ins.shape)) * k
+
+
 def _valid_pairs(out: int, lhs: int, size: int, stride: int, lo: int, lhs_dilate: int,
                  rhs_dilate: int) -> int:
   """(output position, kernel tap) pairs that read a real input element, not padding or a

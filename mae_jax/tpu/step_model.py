@@ -173,6 +173,9 @@ def summarize(hlo_text: str, layout: list | None = None) -> dict:
         ops.append(["op", hlo.dot_flops(ins, shapes), hbm, mult])
       elif op == "convolution":
         ops.append(["op", hlo.conv_flops(ins, shapes), hbm, mult])
+      elif op == "custom-call" and re.search(r"gemm|matmul", hlo.attr(ins.attrs,
+                                                                      "custom_call_target")):
+        ops.append(["op", hlo.gemm_flops(ins, shapes), hbm, mult])
       elif op in _DMA:
         ops.append(["op", 0.0, _dma_bytes(ins.shape), mult])
       elif op in _BYTES_ONLY or (op == "custom-call" and hlo.attr(

@@ -12,14 +12,18 @@ The compiled program is the one `mae_jax.main` trains for that config and overri
 builders: step, shardings, dtype, remat, gradient accumulation), built from abstract arrays.
 TPU compiles use libtpu's compile-only devices for the slice (`pip install -e ".[tpu]"`); no TPU
 is needed. Every compile runs in its own process and prints one JSON line; a table follows.
-Times labelled `est_` are the TPU compiler's cost-model estimates, not measurements.
+Times labelled `est_` are the TPU compiler's cost-model estimates, `model_` the step model's
+(mae_jax.tpu.step_model: the compiled HLO priced with the slice table's constants): both
+estimates, not measurements, never mixed.
 `--check_fits` exits with status 3 when a compile does not fit in HBM (launch/tpu.sh plan/run).
 
   python -m mae_jax.tools.scaling --choose --topology=v5p-128 --config=configs/pretrain.py:vit_huge
 
 `--choose` (launch/tpu.sh plan) compiles the config as given, then other meshes, remat and
 gradient accumulation on the one slice (mae_jax.tpu.choose says which and in what order), ranks
-them by the compiler's estimate and prints the --config overrides of the fastest that fits.
+them by the step model's time, prints hours and chip-hours with their range, whether the input
+keeps up, and the --config overrides of the fastest that fits (--plan_out=FILE keeps its
+times for the run: `mae_jax.main --config.plan=FILE`).
 Compiles are kept (--compile_cache): a plan asked again lowers each candidate and compiles none.
 """
 import json
@@ -60,8 +64,8 @@ flags.DEFINE_string("compile_cache", None, "Where TPU compiles are kept and look
 flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM (with --choose: "
                   "the config as given).")
 flags.DEFINE_bool("choose", False, "On one TPU slice: compile the config, then the meshes, remat "
-                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the compiler's "
-                  "estimate and print the overrides of the fastest that fits.")
+                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the step "
+                  "model's time and print the overrides of the fastest that fits.")
 flags.DEFINE_float("input_images_per_core", 0.0, "--choose: the input pipeline's images/s per "
                    "host core to check the step against (0: the one measured in "
                    "benchmarks/README.md, mae_jax.tpu.choose.INPUT_IMAGES_PER_CORE).")

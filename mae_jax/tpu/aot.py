@@ -4,8 +4,9 @@ the TPU compiler (libtpu) for a slice's devices without the slice and with nothi
   from mae_jax.tpu import aot
   report = aot.compile_config(config, aot.tpu_target("v3-128"))
 
-The report says what the step needs per device (memory, FLOPs, collectives) and the compiler's
-own time estimate (`optimal_seconds` of its cost model): an estimate, never a measurement. The
+The report says what the step needs per device (memory, FLOPs, collectives), the compiler's
+own time estimate (`optimal_seconds` of its cost model) and the step model's
+(mae_jax.tpu.step_model, from the compiled HLO): estimates, never measurements. The
 same function compiles for simulated CPU devices (`cpu_target`), where no estimate exists.
 
 What a TPU compile returned is kept in a cache of its own (`cache_dir`), keyed by the lowered

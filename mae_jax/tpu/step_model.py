@@ -10,8 +10,9 @@ while bodies times their trip count, calls and the costlier branch of conditiona
 top-level op gives its matrix-unit FLOPs (dot and convolution, inside its fusion) and its HBM
 bytes: its operands plus its result, with the TPU's tiled padding, and only arrays in HBM
 (memory space 0; VMEM and SMEM arrays, `S(n)` in the layout, move no HBM bytes). This is the
-traffic between fusions; XLA's `bytes accessed` also counts what moves inside a fusion, which
-never leaves the chip, and is many times larger. Each collective gives its kind, bytes and
+traffic between fusions. XLA's `bytes accessed` also counts operands staged in VMEM and what
+moves inside fusions: for ViT-L on v6e-256 it is 3.0x these bytes, on v3-128 about the same
+(docs/tpu.md); it is not used. Each collective gives its kind, bytes and
 replica group, placed on the slice's torus through `layout` (the chip coordinates of each
 partition): the group's size and which torus axes it spans.
 

@@ -227,3 +227,23 @@ ENTRY %main (a: bf16[512,1024], b: bf16[1024,256]) -> bf16[512,256] {
   assert summary["ops"][0][1] == 2 * 512 * 256 * 1024
   h100 = step_model.price(summary, step_model.GPUS["H100 SXM"])
   assert h100["model_hardware"]["peak_flops"] == 989e12
+
+
+def test_a_collective_offloaded_in_an_async_call_is_counted_until_its_done():
+  # TPU7x: the gradient all-reduce runs on the SparseCores, wrapped in call-start .. call-done.
+  text = """
+%wrapped (p: f32[1024]) -> f32[1024] {
+  %p = f32[1024]{0} parameter(0)
+  ROOT %ar = f32[1024]{0} all-reduce(%p), replica_groups={{0,1,2,3}}, to_apply=%add
+}
+
+ENTRY %main (x: f32[1024]) -> f32[1024] {
+  %x = f32[1024]{0} parameter(0)
+  %cs = ((), (), (s32[1]{0:S(2)})) call-start(), async_execution_thread="sparsecore", to_apply=%wrapped
+  ROOT %cd = f32[1024]{0} call-done(%cs)
+}
+"""
+  summary = step_model.summarize(text, LINE_OF_4)
+  assert [op[:2] for op in summary["ops"]] == [["collective", "all-reduce"], ["done", "cs"]]
+  priced = step_model.price(summary, HW)
+  assert priced["model_step_s"] == pytest.approx(2 * 4096 * 3 / 4 / 1e9)

@@ -39,7 +39,7 @@ import numpy as np
 from mae_jax.tpu import hlo, slices
 
 # Part of the compile cache's key (mae_jax.tpu.aot): a new summary format compiles again.
-SUMMARY_VERSION = "step_model 1"
+SUMMARY_VERSION = "step_model 2"
 # Ops that move or compute nothing themselves (their -done halves: the -start carries the cost).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
          "replica-id", "after-all", "opt-barrier", "add-dependency", "copy-done", "async-done",
@@ -127,14 +127,18 @@ def summarize(hlo_text: str, layout: list | None = None) -> dict:
         collective("reduce-scatter", ins, hlo.array_bytes(ins.shape) * _scatter_factor(
             computations, hlo.attr(ins.attrs, "calls")), mult, None)
         continue
-      if op == "async-start":
-        wrapped = computations.get(hlo.attr(ins.attrs, "calls"), [])
+      if op in ("async-start", "call-start"):
+        # An async wrapper: on TPU7x the gradient all-reduces run on the SparseCores as a
+        # call-start .. call-done around the collective.
+        wrapped = computations.get(hlo.attr(ins.attrs, "calls") or
+                                   hlo.attr(ins.attrs, "to_apply"), [])
+        inner_shapes = {i.name: i.shape for i in wrapped}
         kinds = [i for i in wrapped if i.op in hlo.COLLECTIVES]
         if kinds:
           open_async[ins.name] = ins.name
-          inner = kinds[0]
-          collective(inner.op, inner, _collective_bytes(inner.op, inner.shape,
-                                                        shapes, ins.operands), mult, ins.name)
+          for inner in kinds:
+            collective(inner.op, inner, _collective_bytes(inner.op, inner.shape, inner_shapes,
+                                                          inner.operands), mult, ins.name)
           continue
       if base in hlo.COLLECTIVES:
         async_id = ins.name if op.endswith("-start") else None

@@ -168,6 +168,22 @@ def _calibrated(r: dict, name: str, fit: tuple | None) -> str:
   return f"{hours:.1f} / {hours * r['chips']:.0f}"
 
 
+def readme() -> list:
+  """The README's rows: hours and chip-hours of each current generation's slice."""
+  out = ["| slice (chips) | step, s (range) | hours (range) | chip-hours (range) | bound |",
+         "|---|---|---|---|---|"]
+  for name in CURRENT:
+    r = load(name)
+    if r is None:
+      continue
+    low, high = r["model_step_s_range"]
+    (h_low, h_high), chips = r["hours_range"], r["chips"]
+    out.append(f"| {r['topology']} ({chips}) | {r['model_step_s']:.4f} ({low:.4f}-{high:.4f}) | "
+               f"{r['hours']:.1f} ({h_low:.1f}-{h_high:.1f}) | {r['hours'] * chips:.0f} "
+               f"({h_low * chips:.0f}-{h_high * chips:.0f}) | {r['model_bound']} |")
+  return out
+
+
 def cpu_row() -> list:
   path = os.path.join(DIR, "cpu_check.json")
   if not os.path.exists(path):
@@ -210,7 +226,7 @@ def main():
     return
   names = sorted(f[:-6] for f in os.listdir(DIR) if f.endswith(".jsonl"))
   print("\n".join(table2() + [""] + libtpu_rows(names) + [""] + current() + [""] +
-                  cpu_row()))
+                  cpu_row() + [""] + readme()))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ _CUSTOM_CALLS_BYTES_ONLY = {"ConcatBitcast", "AssumeGatherIndicesInBound",
 # Ops the model knows as data movement or element-wise work: costed by their HBM bytes.
 _BYTES_ONLY = {
     "abs", "add", "and", "atan2", "broadcast", "cbrt", "ceil", "clamp", "compare", "concatenate",
-    "convert", "copy", "call-start", "cosine", "divide", "dynamic-slice", "dynamic-update-slice",
+    "convert", "copy", "call-start", "async-start", "cosine", "divide", "dynamic-slice", "dynamic-update-slice",
     "erf", "exponential", "exponential-minus-one", "floor", "gather", "imag", "iota", "is-finite",
     "log", "log-plus-one", "logistic", "map", "maximum", "minimum", "multiply", "negate", "not",
     "or", "pad", "popcnt", "power", "real", "reduce", "reduce-precision", "reduce-window",
@@ -80,10 +80,6 @@ def place(group: list, layout: list) -> dict | None:
           "cores": len(cores) > 1}
 
 
-# ----------------------------------------------------------------------------------------------
-# The summary: what the compiled step does, hardware-free.
-
-
 def layout_of(mesh) -> list | None:
   """Per partition id (the mesh's devices in order): (chip coordinates, core on the chip);
   None where the devices have no coordinates (CPU)."""
@@ -93,6 +89,8 @@ def layout_of(mesh) -> list | None:
   return [(list(d.coords), int(getattr(d, "core_on_chip", 0))) for d in devices]
 
 
+# ----------------------------------------------------------------------------------------------
+# The summary: what the compiled step does, hardware-free.
 def summarize(hlo_text: str, layout: list | None = None) -> dict:
   """Per top-level op, in schedule order: ["op", flops, hbm_bytes, multiplier] for compute and
   ["collective", kind, bytes, placement or None, async_id or None, multiplier], plus

@@ -12,7 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from mae_jax.tools.scaling import markdown
-from mae_jax.tpu import choose, slices
+from mae_jax import hardware
+from mae_jax.tpu import choose
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2 ** 30
@@ -21,7 +22,7 @@ TABLE2 = (("t2_vit_large_dec8", "ViT-L, decoder 8 blocks", 15.4),
           ("t2_vit_large_mask_tokens", "ViT-L w/ [M] (encoder on all tokens), decoder 8", 42.4),
           ("t2_vit_large_dec1", "ViT-L, decoder 1 block", 11.6),
           ("t2_vit_huge_dec8", "ViT-H, decoder 8 blocks", 34.5))
-V3_128_CHIPS = slices.get("v3-128").chips
+V3_128_CHIPS = hardware.get("v3-128").chips
 MODELS = (("vit_large", "ViT-L/16"), ("vit_huge", "ViT-H/14"))
 CURRENT = ("v5p-128", "tpu7x-128", "v6e-256", "v5litepod-256")
 
@@ -30,7 +31,7 @@ def with_chips(r: dict) -> dict:
   """Rows compiled before the report had chips get them, and chip-hours, from the slice table."""
   if "chips" in r or "error" in r:
     return r
-  chips = slices.get(r["topology"]).chips
+  chips = hardware.get(r["topology"]).chips
   hours = r.get("est_hours")
   return {**r, "chips": chips, "est_chip_hours": None if hours is None else hours * chips}
 

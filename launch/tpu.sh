@@ -34,7 +34,7 @@
 #   --project=PROJECT        PROJECT           default: gcloud's configured project
 #   --accelerator-type=TYPE  ACCELERATOR_TYPE  create, plan, run: v3-8, v3-128, v4-64,
 #                                              v5litepod-16, v5p-128, v6e-256, tpu7x-128
-#                                              ... (the table: python3 -m mae_jax.tpu.slices)
+#                                              ... (the table: python3 -m mae_jax.hardware)
 #   --runtime-version=VER    RUNTIME_VERSION   create: default from the type, e.g.
 #                                              tpu-ubuntu2204-base for v2, v3, v4
 #   --spot                   SPOT=1            create: a Spot VM
@@ -223,9 +223,9 @@ home_path() {
 }
 
 # slice_field FIELD TYPE: one field of an accelerator type from the slice table
-# (mae_jax/tpu/slices.py, the one source of truth); fails for an unknown type.
+# (mae_jax/hardware.py, the one source of truth); fails for an unknown type.
 slice_field() {
-  (cd "$ROOT" && "$PYTHON" -m mae_jax.tpu.slices "$1" "$2" 2>/dev/null)
+  (cd "$ROOT" && "$PYTHON" -m mae_jax.hardware "$1" "$2" 2>/dev/null)
 }
 
 # The job's processes: python3 -m mae_jax.main, the interpreter's path in front or not.
@@ -246,7 +246,7 @@ cmd_create() {
   require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
   if [[ -z "$runtime_version" ]]; then
     runtime_version=$(slice_field runtime "$accelerator_type") \
-      || die "unknown accelerator type $accelerator_type (python3 -m mae_jax.tpu.slices lists the known ones), so no default runtime: pass --runtime-version=... or set RUNTIME_VERSION"
+      || die "unknown accelerator type $accelerator_type (python3 -m mae_jax.hardware lists the known ones), so no default runtime: pass --runtime-version=... or set RUNTIME_VERSION"
   fi
   [[ "$spot" == 1 && "$preemptible" == 1 ]] && die "--spot and --preemptible exclude each other"
   tpu_vm create "$name" "--accelerator-type=$accelerator_type" "--version=$runtime_version"

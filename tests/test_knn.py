@@ -76,7 +76,9 @@ def test_k_larger_than_train_set_uses_all():
 @pytest.mark.slow
 def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   from mae_jax.evaluation import knn_monitor
-  from mae_jax.training import pretrain, sharding, trainer
+  from mae_jax.training.tasks import pretrain
+  from mae_jax import sharding
+  from mae_jax.training import trainer
   config = tiny_config(**{"total_steps": 4, "knn.every_steps": 2, "knn.num_train": 50,
                           "knn.num_eval": 40})
   workdir = tmp_path / "run"

@@ -44,7 +44,8 @@ def measure(variant: str, root: str, repeats: int, requests_log: str | None) -> 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import checkpointing, pretrain, sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax import checkpointing, sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax.training.tasks import pretrain  # pylint: disable=import-outside-toplevel
 
   config = pretrain_config.get_config(variant)
   config.mesh.data, config.mesh.fsdp = 1, 1

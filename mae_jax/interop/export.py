@@ -60,7 +60,7 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   reported and the previous one read; a damaged `step` asked for raises CheckpointUnreadableError
   (see checkpointing.restore_for_reading)."""
   # Imported here: loading an exported encoder must not import the training code.
-  from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  from mae_jax import checkpointing  # pylint: disable=import-outside-toplevel
   workdir = paths.resolve(workdir)
   config = _pretrain_config(workdir)
   model = _mae_of(config)

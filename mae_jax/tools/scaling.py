@@ -256,10 +256,11 @@ def main(argv):
   if FLAGS.worker:
     print(json.dumps(compile_one(json.loads(FLAGS.worker))))
     return 0
-  from mae_jax.tpu import aot, slices  # pylint: disable=import-outside-toplevel
+  from mae_jax import hardware
+  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   try:
     for name in FLAGS.topology:
-      slices.get(name)
+      hardware.get(name)
     if FLAGS.topology:
       aot.require_libtpu()
   except (ValueError, aot.LibtpuMissingError) as err:

@@ -24,7 +24,7 @@ import re
 import tempfile
 import time
 
-from mae_jax.tpu import slices
+from mae_jax import hardware
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
@@ -60,7 +60,7 @@ def require_libtpu():
 
 def tpu_target(name: str) -> Target:
   """The compile-only devices of a TPU slice (`v3-128`, `v5litepod-16`, ...)."""
-  slice_ = slices.get(name)  # unknown names fail before libtpu is loaded
+  slice_ = hardware.get(name)  # unknown names fail before libtpu is loaded
   require_libtpu()
   # No metadata server to ask, and other processes may be compiling with libtpu too.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -221,25 +221,25 @@ def train_split_size(config, train_examples: int = 0) -> int:
 def build_program(config, target: Target, train_examples: int = 0):
   """(train program, mesh) of `config` on `target`'s devices, after the config checks the train
   loop makes (for `target.hosts` processes): the loop's own builders, nothing allocated."""
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
   devices = len(target.devices)
   # Only the schedule's length depends on it, never the compiled program.
   steps_per_epoch = max(1, train_split_size(config, train_examples) // config.batch_size)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices))
   from mae_jax.training import config_checks  # pylint: disable=import-outside-toplevel
   if config.task == "pretrain":
-    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
+    from mae_jax.training.tasks import pretrain  # pylint: disable=import-outside-toplevel
     config_checks.check(config, target.hosts, devices)
     return pretrain.build_program(config, mesh, steps_per_epoch), mesh
   if config.task in ("finetune", "linprobe"):
     from mae_jax import data  # pylint: disable=import-outside-toplevel
-    from mae_jax.training import downstream  # pylint: disable=import-outside-toplevel
+    from mae_jax.training.tasks import classification  # pylint: disable=import-outside-toplevel
     planned = config.copy_and_resolve_references()
     with planned.unlocked():
       planned.init = ""  # the encoder's values do not change the program; nothing is read
     config_checks.check(planned, target.hosts, devices)
     classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
-    return downstream.build_program(planned, mesh, steps_per_epoch, classes,
+    return classification.build_program(planned, mesh, steps_per_epoch, classes,
                                   load_pretrained=False)[0], mesh
   raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
 
@@ -247,7 +247,7 @@ def build_program(config, target: Target, train_examples: int = 0):
 def fsdp_laid_out(devices) -> list:
   """The FSDP sizes (powers of two) whose mesh the train loop's make_mesh lays out on these
   devices: it maps mesh axes onto whole physical axes, so a 16x16 torus takes 1, 16 or 256."""
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
   n, out = len(devices), []
   for fsdp in (2 ** k for k in range(n.bit_length())):
     try:

@@ -9,7 +9,7 @@ from mae_jax import data, models, paths
 from mae_jax.interop import export
 from mae_jax.evaluation import knn_monitor
 from mae_jax.models import vit_classifier
-from mae_jax.training import sharding
+from mae_jax import sharding
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _POSITIVE = ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.tpu import slices
+from mae_jax import hardware
 
-# Dense bf16 peak per GPU; TPUs' come from the slice table (mae_jax.tpu.slices).
+# Dense bf16 peak per GPU; TPUs' come from the slice table (mae_jax.hardware).
 PEAK_FLOPS_PER_GPU = {
     "NVIDIA H100 80GB HBM3": 989e12,
     "NVIDIA H200": 989e12,
@@ -48,7 +48,7 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
   if configured > 0:
     return configured, "config"
   kind = jax.devices()[0].device_kind
-  tpu = slices.generation_of_device_kind(kind)
+  tpu = hardware.generation_of_device_kind(kind)
   if tpu is not None:
     return tpu.peak_flops_per_device, f"table ({kind})"
   for name, peak in PEAK_FLOPS_PER_GPU.items():

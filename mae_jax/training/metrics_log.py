@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 
 from mae_jax import paths
-from mae_jax.training import checkpointing
+from mae_jax import checkpointing
 
 
 def summarise(pending: list) -> dict:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 
-from mae_jax.training import sharding
+from mae_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)

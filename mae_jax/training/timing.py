@@ -8,7 +8,9 @@ import jax
 import numpy as np
 
 from mae_jax import models
-from mae_jax.training import flops, pretrain, sharding
+from mae_jax.training.tasks import pretrain
+from mae_jax import sharding
+from mae_jax.training import flops
 
 
 def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):

@@ -1,7 +1,7 @@
 """The one training driver: pre-training, fine-tuning and linear probing all run here.
 
 A task supplies only what differs, as data (`program.Task`, built by `pretrain.task` or
-`downstream.task`): its program (the jitted step with its state's shapes and shardings, which
+`classification.task`): its program (the jitted step with its state's shapes and shardings, which
 `mae_jax.tpu.aot` compiles too), its evaluators and its input mode. The driver owns the run, in
 this order: config checks -> workdir (writable, config.json) -> mesh -> the task's program ->
 sharded state -> restore (automatic resume) -> input, metrics log, TensorBoard -> loop (step,
@@ -21,10 +21,11 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 
 from mae_jax import data, paths
-from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
-                              preemption, pretrain, sharding)
+from mae_jax import checkpointing, sharding
+from mae_jax.training.tasks import classification, pretrain
+from mae_jax.training import config_checks, flops, metrics_log, preemption
 
-TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
+TASKS = {"pretrain": pretrain.task, "finetune": classification.task, "linprobe": classification.task}
 
 
 class NonFiniteError(RuntimeError):

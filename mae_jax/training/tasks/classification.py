@@ -20,7 +20,8 @@ from mae_jax import data
 from mae_jax.interop import export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
-from mae_jax.training import lars, lr_decay, optimizer, program, sharding, train_step
+from mae_jax import sharding
+from mae_jax.training import lars, lr_decay, optimizer, program, train_step
 
 
 # ----------------------------------------------------------------------------------------------

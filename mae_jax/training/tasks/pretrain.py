@@ -7,7 +7,8 @@ import numpy as np
 
 from mae_jax import data, models
 from mae_jax.evaluation import knn_monitor
-from mae_jax.training import figures, optimizer, program, sharding, train_step
+from mae_jax import sharding
+from mae_jax.training import figures, optimizer, program, train_step
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from mae_jax import models
 from mae_jax.interop import export
 from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
-from mae_jax.training.tasks import classification
+from mae_jax.training.tasks import finetune
 from mae_jax.training import config_checks, trainer
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
@@ -93,7 +93,7 @@ def test_partial_finetuning_trains_exactly_the_last_blocks(trainable_blocks, tra
                        init="")
   config.batch_size = 16
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  train_program, _ = classification.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
+  train_program, _ = finetune.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
   state = train_program.create_state()
   before = jax.device_get(state["params"])
   rng = np.random.default_rng(0)

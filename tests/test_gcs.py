@@ -257,7 +257,8 @@ def test_imagenet_on_gs_is_prepared_read_checked_and_rebuilt(local_gcs, tmp_path
       cfg.data_dir, cfg.manual_dir, cfg.image_size, cfg.num_threads = (
           "{data_dir}", "{manual_dir}", 32, 2)
       counts = prepare_data.prepare(cfg)
-      batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=8, mode="eval",
+      batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=8,
+                                            preprocess=data.eval_preprocess(cfg),
                                             process_index=0, process_count=1)
                         .as_numpy_iterator()))
       [shard] = glob.glob("{store}/imagenet_tfds/imagenet2012/5.1.0/*-train.array_record-*")

@@ -25,7 +25,7 @@ from absl import flags
 
 from mae_jax.studies import preemption_trials
 from mae_jax import checkpointing, sharding
-from mae_jax.training.tasks import classification, pretrain
+from mae_jax.training.tasks import classification, finetune, pretrain
 from mae_jax.training import config_checks, trainer
 from tests.helpers import REPO, losses, parse, tiny_config
 
@@ -312,7 +312,7 @@ def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step
     # The fine-tuning init (config.init = the workdir).
     config = finetune_config.get_config("fashion_mnist")
     config.model.name, config.init = "vit_test_patch4", str(workdir)
-    classifier = classification.build_classifier(config, 10)
+    classifier = finetune.build_classifier(config, 10)
     init, report = classification.load_init(config, classifier, jax.random.key(0))
     copied = sorted(encoder.keys() & init.keys())   # the classifier's own norm is fc_norm
     assert {"patch_embed", "cls_token", "blocks_0", "blocks_1"} <= set(copied)

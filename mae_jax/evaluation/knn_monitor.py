@@ -73,7 +73,7 @@ class KnnMonitor:
     if split not in self._batches:  # read once, kept on device
       it = data.create_iterator(self._data_cfg, split=split, global_batch_size=self._batch_size,
                                 seed=self._seed, sharding=sharding.batch_sharding(self.mesh),
-                                mode="eval")
+                                preprocess=data.eval_preprocess(self._data_cfg))
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
     return self._batches[split]
 

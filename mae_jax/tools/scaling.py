@@ -29,13 +29,16 @@ import subprocess
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from mae_jax import configs
+from mae_jax import configs, hardware, models
+from mae_jax.tpu import aot, choose
+from mae_jax.training import tasks
 
 flags.DEFINE_list("topology", [], "TPU slices (accelerator types): v3-128,v4-64,v5litepod-256,...")
 flags.DEFINE_list("devices", [], "Simulated CPU device counts instead of TPU slices.")
-flags.DEFINE_enum("task", "pretrain", ["pretrain", "finetune", "linprobe"],
+flags.DEFINE_enum("task", "pretrain", list(tasks.TASKS),
                   "Which configs/<task>.py the --variants come from.")
 flags.DEFINE_list("variants", ["vit_large"], "Variants of configs/<task>.py (unless --config).")
 config_flags.DEFINE_config_file("config", None, "A config (path:variant), overridable with "
@@ -76,10 +79,9 @@ _NOISE = re.compile(r"^(E\d{4} |WARNING: Logging before|=== Source Location|lear
 def planned_config(config, spec: dict, devices: int):
   """The config as the spec asks it compiled: model, mesh, batch, remat, dtype, accumulation."""
   if spec["model"]:
-    from mae_jax import models  # pylint: disable=import-outside-toplevel
     config.model.name = spec["model"]
-    config.data.image_size = models.create_model(spec["model"]).img_size \
-        if config.task == "pretrain" else config.data.image_size
+    if spec["model"] in models.MODELS:  # an MAE takes images of one size; a classifier any
+      config.data.image_size = models.create_model(spec["model"]).img_size
   mesh = spec["mesh"]
   if mesh == "data":
     config.mesh.data, config.mesh.fsdp = -1, 1
@@ -92,8 +94,9 @@ def planned_config(config, spec: dict, devices: int):
   elif spec["global_batch"]:
     config.batch_size = spec["global_batch"]
   if spec["remat"] != "config":
-    if config.task != "pretrain":
-      raise ValueError("--remat applies to pre-training configs only.")
+    if "remat" not in config.model:
+      raise ValueError("--remat applies to pre-training configs only (their model has a remat "
+                       "field).")
     config.model.remat = spec["remat"] == "true"
   if spec["dtype"]:
     config.model.dtype = spec["dtype"]
@@ -103,8 +106,6 @@ def planned_config(config, spec: dict, devices: int):
 
 
 def compile_one(spec: dict) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   if spec["topology"]:
     # JAX's own cache writes compile-only TPU executables (hundreds of MB for ViT-L) that it
     # cannot read back (see mae_jax.tpu.aot); the report cache below replaces it.
@@ -176,7 +177,6 @@ def specs_from_flags() -> list:
 
 
 def compile_cache() -> str:
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   return aot.default_cache_dir() if FLAGS.compile_cache is None else FLAGS.compile_cache
 
 
@@ -221,7 +221,6 @@ def compile_time(r: dict) -> str:
 
 def choose_meshes(given: dict) -> list:
   """The fsdp sizes --choose compiles: mae_jax.tpu.choose's, or those of --meshes when given."""
-  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   devices = given["devices"]
   if not FLAGS["meshes"].present:
     return choose.fsdp_sizes(devices, given["hosts"], given["fsdp_laid_out"])
@@ -232,7 +231,6 @@ def choose_meshes(given: dict) -> list:
 def run_choose(spec: dict, emit) -> tuple:
   """Compiles the config as given, then the candidates of mae_jax.tpu.choose; returns (reports,
   the given config's candidate)."""
-  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   args = config_args(spec["variant_arg"])
   given_report = emit(run_worker(spec, args))
   if "error" in given_report:
@@ -256,8 +254,6 @@ def main(argv):
   if FLAGS.worker:
     print(json.dumps(compile_one(json.loads(FLAGS.worker))))
     return 0
-  from mae_jax import hardware
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   try:
     for name in FLAGS.topology:
       hardware.get(name)
@@ -284,7 +280,6 @@ def main(argv):
       out.flush()
     return result
   if FLAGS.choose:
-    from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
     results, given = run_choose(specs[0], emit)
     # Nothing to rank when the config as given failed to compile: its error is the answer.
     table = markdown(results) if given is None else choose.summary(choose.rank(results), given)

@@ -24,11 +24,15 @@ import re
 import tempfile
 import time
 
-from mae_jax import hardware
+import jax
+from jax.experimental import topologies
+import numpy as np
+
+from mae_jax import data, hardware, sharding
+from mae_jax.training import config_checks, flops, tasks
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-TASKS = ("pretrain", "finetune", "linprobe")
 
 
 class LibtpuMissingError(RuntimeError):
@@ -51,7 +55,6 @@ class Target:
 
 def require_libtpu():
   if importlib.util.find_spec("libtpu") is None:
-    import jax  # pylint: disable=import-outside-toplevel
     raise LibtpuMissingError(
         "Compiling for TPU needs libtpu, the TPU compiler (it runs without a TPU): "
         f"pip install \"jax[tpu]=={jax.__version__}\" (or pip install -e \".[tpu]\", or "
@@ -65,7 +68,6 @@ def tpu_target(name: str) -> Target:
   # No metadata server to ask, and other processes may be compiling with libtpu too.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   g = slice_.generation
   devices = topologies.get_topology_desc(
       platform="tpu", topology_name=slice_.topology, chip_config_name=g.chip_config,
@@ -82,7 +84,6 @@ def tpu_target(name: str) -> Target:
 
 def cpu_target() -> Target:
   """This process's CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
-  import jax  # pylint: disable=import-outside-toplevel
   devices = tuple(jax.devices("cpu"))
   return Target(name=f"cpu-{len(devices)}", devices=devices, hosts=1,
                 topology=f"{len(devices)} simulated CPU devices",
@@ -210,7 +211,6 @@ def _out_of_memory(message: str) -> dict | None:
 def train_split_size(config, train_examples: int = 0) -> int:
   if train_examples > 0:
     return train_examples
-  from mae_jax import data  # pylint: disable=import-outside-toplevel
   key = (config.data.name, config.data.train_split)
   if key not in data.KNOWN_SPLITS:
     raise ValueError(f"the size of {config.data.name}/{config.data.train_split} is not known "
@@ -220,34 +220,21 @@ def train_split_size(config, train_examples: int = 0) -> int:
 
 def build_program(config, target: Target, train_examples: int = 0):
   """(train program, mesh) of `config` on `target`'s devices, after the config checks the train
-  loop makes (for `target.hosts` processes): the loop's own builders, nothing allocated."""
-  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
+  loop makes (for `target.hosts` processes): the task's own builders, nothing allocated and no
+  data or pre-trained weights read."""
+  task = tasks.get(config.task)
   devices = len(target.devices)
   # Only the schedule's length depends on it, never the compiled program.
   steps_per_epoch = max(1, train_split_size(config, train_examples) // config.batch_size)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices))
-  from mae_jax.training import config_checks  # pylint: disable=import-outside-toplevel
-  if config.task == "pretrain":
-    from mae_jax.training.tasks import pretrain  # pylint: disable=import-outside-toplevel
-    config_checks.check(config, target.hosts, devices)
-    return pretrain.build_program(config, mesh, steps_per_epoch), mesh
-  if config.task in ("finetune", "linprobe"):
-    from mae_jax import data  # pylint: disable=import-outside-toplevel
-    from mae_jax.training.tasks import classification  # pylint: disable=import-outside-toplevel
-    planned = config.copy_and_resolve_references()
-    with planned.unlocked():
-      planned.init = ""  # the encoder's values do not change the program; nothing is read
-    config_checks.check(planned, target.hosts, devices)
-    classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
-    return classification.build_program(planned, mesh, steps_per_epoch, classes,
-                                  load_pretrained=False)[0], mesh
-  raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
+  planned = task.for_compile(config)
+  config_checks.check(planned, target.hosts, devices)
+  return task.compile_program(planned, mesh, steps_per_epoch), mesh
 
 
 def fsdp_laid_out(devices) -> list:
   """The FSDP sizes (powers of two) whose mesh the train loop's make_mesh lays out on these
   devices: it maps mesh axes onto whole physical axes, so a 16x16 torus takes 1, 16 or 256."""
-  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
   n, out = len(devices), []
   for fsdp in (2 ** k for k in range(n.bit_length())):
     try:
@@ -260,8 +247,6 @@ def fsdp_laid_out(devices) -> list:
 
 def state_bytes(program) -> dict:
   """Train-state bytes, whole and per device, as its shardings split it (no layout padding)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   leaves = jax.tree_util.tree_leaves(program.abstract_state)
   shardings = jax.tree_util.tree_leaves(program.state_shardings)
   total = sum(a.size * a.dtype.itemsize for a in leaves)
@@ -281,7 +266,6 @@ def default_cache_dir() -> str:
 def cache_key(lowered, mesh, target: Target) -> str:
   """What decides the compiled program: the lowered module (shapes, shardings, the step itself),
   the devices in mesh order on the slice, the compiler and its flags."""
-  import jax  # pylint: disable=import-outside-toplevel
   parts = (lowered.as_text(), target.topology, target.device_kind, str(target.hosts),
            " ".join(str(d.id) for d in mesh.devices.flat), jax.__version__,
            importlib.metadata.version("libtpu"), os.environ.get("XLA_FLAGS", ""),
@@ -307,8 +291,6 @@ def _write_cache(cache_dir: str, key: str, facts: dict):
 def compile_facts(lowered, hlo_path: str = "") -> dict:
   """What the compiler says of a lowered program: memory, FLOPs, collectives and its cost
   model's numbers, or its refusal when the program does not fit."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:
     compiled = lowered.compile()

@@ -1,43 +1,79 @@
-"""Fine-tuning and linear probing of a pre-trained encoder (official main_finetune.py and
-main_linprobe.py) as tasks of the trainer: the config's `task` picks the model, optimizer and loss.
+"""What fine-tuning and linear probing share: a ViT classifier started from a pre-trained encoder
+(official main_finetune.py and main_linprobe.py), trained with cross-entropy on the labels,
+evaluated by top-1/top-5/loss on the eval split, the checkpoint of the best top-1 kept.
 
-- finetune: global-pool ViT (fc_norm), drop path, trainable position table, layer-wise lr decay,
-  AdamW(0.9, 0.999), mixup/cutmix + label smoothing on device, RandAugment + erasing on the host;
-  `trainable_blocks=k` trains only the last k blocks and the head (partial fine-tuning).
-- linprobe: frozen encoder (no gradients are computed through it), cls token after the final norm,
-  BatchNorm without affine + linear head, LARS; plain cross-entropy.
-Both evaluate top-1/top-5/loss on the eval split; the trainer keeps the last checkpoints and the
-one of the best top-1.
+Each task module (`finetune`, `linprobe`) builds its own state layout, optimizer and logits and
+hands them to `assemble`; this module holds the rest.
 """
 import logging
+import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import data
+from mae_jax import data, paths, sharding
 from mae_jax.interop import export
 from mae_jax.models import pos_embed as sincos
 from mae_jax.models import vit_classifier
-from mae_jax import sharding
-from mae_jax.training import lars, lr_decay, optimizer, program, train_step
+from mae_jax.training import program, train_step
+from mae_jax.training.tasks import base
+
+# The class count a compile assumes for a dataset whose splits are not known without the data
+# (ImageNet's): only the head's size depends on it.
+CLASSES_WITHOUT_DATA = 1000
 
 
 # ----------------------------------------------------------------------------------------------
-def build_classifier(config, num_classes: int):
-  m = config.model
-  options = dict(global_pool=m.global_pool, dtype=jnp.dtype(m.dtype))
-  if config.task == "finetune":
-    options.update(drop_path=m.drop_path, head_init_std=2e-5)
-  return vit_classifier.create_classifier(m.name, num_classes, img_size=config.data.image_size,
-                                          **options)
+# The config checks both tasks make.
+def check_config(config) -> vit_classifier.VisionTransformer:
+  """Checks the model, the image size and the pre-trained init; returns the classifier (one
+  class: for its geometry only)."""
+  if config.init and not (paths.is_remote(config.init) or os.path.exists(config.init)):
+    raise FileNotFoundError(f"config.init={config.init} does not exist; give an exported "
+                            "encoder, a pre-training workdir or an official .pth file.")
+  try:
+    classifier = vit_classifier.create_classifier(config.model.name, 1)
+  except ValueError as err:  # an unknown name
+    raise ValueError(f"config.model: {err}") from err
+  base.check_image_size(config, classifier.patch_size,
+                        f"use a multiple of {classifier.patch_size}")
+  if config.init:
+    export.check_official_pickle(config.init, config.init_allow_unsafe_pickle)
+    _check_init_architecture(config, classifier)
+  return classifier
 
 
+def _check_init_architecture(config, classifier):
+  """Refuses a pre-trained encoder of another size than the classifier, from its config alone (no
+  weights are read)."""
+  mae = export.encoder_model(config.init, config.init_model or None)
+  if (mae.patch_size, mae.embed_dim, mae.depth) != (classifier.patch_size, classifier.embed_dim,
+                                                   classifier.depth):
+    raise ValueError(
+        f"config.init={config.init} holds a {mae.depth}-block, {mae.embed_dim}-wide, patch-"
+        f"{mae.patch_size} encoder but config.model.name={config.model.name} is "
+        f"{classifier.depth}-block, {classifier.embed_dim}-wide, patch-{classifier.patch_size}; "
+        "choose the classifier of the pre-trained size.")
+
+
+def without_init(config):
+  """The config a compile checks and builds: the pre-trained encoder's values never change the
+  program, so no file is read (the init stays random and abstract)."""
+  planned = config.copy_and_resolve_references()
+  with planned.unlocked():
+    planned.init = ""
+  return planned
+
+
+# ----------------------------------------------------------------------------------------------
+# The classifier's parameters: pre-trained encoder or random.
 def load_init(config, classifier, rng):
   """Classifier params: the pre-trained encoder from `config.init` (export dir, pre-training
-  workdir or official .pth), or a random init when `config.init` is empty (check_config has made
-  sure the encoder is of the classifier's architecture)."""
+  workdir or official .pth), or a random init when `config.init` is empty (the config checks have
+  made sure the encoder is of the classifier's architecture)."""
   params = random_params(classifier, rng)
   if not config.init:
     return params, None
@@ -58,51 +94,40 @@ def _dummy_images(classifier):
   return jnp.zeros((1, classifier.img_size, classifier.img_size, classifier.in_chans))
 
 
+def initial_params(config, classifier, load_pretrained: bool) -> Callable[[], dict]:
+  """() -> the classifier's params. The pre-trained encoder (`config.init`) is read on the host
+  now and becomes a constant of the state's init; `load_pretrained=False` (compiling only) reads
+  no file and leaves the init random and abstract: the step, its state and shardings are the
+  same."""
+  rng = jax.random.key(config.seed)
+  if config.init and load_pretrained:
+    loaded, _ = load_init(config, classifier, rng)
+    return lambda: loaded
+  return lambda: random_params(classifier, rng)
+
+
+def logical_params(classifier) -> dict:
+  """The logical axis names of the classifier's params (what the sharding rules place)."""
+  return nn.get_partition_spec(jax.eval_shape(
+      lambda: classifier.init(jax.random.key(0), _dummy_images(classifier))))["params"]
+
+
 # ----------------------------------------------------------------------------------------------
-def trained_keys(config, param_names, depth: int) -> tuple[str, ...]:
-  """The top-level parameters the step updates. Fine-tuning with `trainable_blocks=k >= 0` (paper
-  Fig. 9, partial fine-tuning) trains the last k blocks and what follows them (fc_norm or norm,
-  head) and leaves the embedding and the other blocks exactly as loaded; -1 trains everything."""
-  k = config.trainable_blocks if config.task == "finetune" else -1
-  if k < 0:
-    return tuple(param_names)
-  frozen = {f"blocks_{i}" for i in range(depth - k)} | {"patch_embed", "cls_token", "pos_embed"}
-  return tuple(n for n in param_names if n not in frozen)
-
-
-def make_logits(config, classifier, num_classes):
-  """logits(state, params, images, train, rng) -> (logits, updated variables): the fine-tuned
-  classifier, or the probe's head (BatchNorm + linear) on the frozen encoder's cls token, whose
-  BatchNorm statistics training updates ({"batch_stats": ...}; else {})."""
-  probe_head = vit_classifier.LinearProbeHead(num_classes)
-
-  def logits_fn(state, params, images, train, rng):
-    if config.task == "finetune":
-      rngs = {"dropout": rng} if train else {}
-      return classifier.apply({"params": params}, images, deterministic=not train,
-                              rngs=rngs), {}
-    features = jax.lax.stop_gradient(classifier.apply(
-        {"params": state["encoder"]}, images, method=classifier.features))
-    out = probe_head.apply({"params": params, "batch_stats": state["batch_stats"]}, features,
-                           train, mutable=["batch_stats"] if train else False)
-    return out if train else (out, {})
-  return logits_fn
-
-
-def make_gradients(config, logits_fn, num_classes, trained):
+# The step and the evaluation, from a task's logits.
+def make_gradients(config, logits_fn, num_classes, trained, mix=None):
   """(loss, grads of the `trained` parameters, new BatchNorm statistics of a probe) of a batch:
-  cross-entropy, after mixup/cutmix when fine-tuning (randomness keyed by the state's step)."""
-  ft = config.data.finetune
+  cross-entropy, after `mix(key, images, one-hot targets)` when given (randomness keyed by the
+  state's step).
+
+  logits_fn(state, params, images, train, rng) -> (logits, updated variables): the variables
+  training updates ({"batch_stats": ...}; else {})."""
 
   def gradients(state, batch):
     key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
     images = batch["image"]
     targets = jax.nn.one_hot(batch["label"], num_classes)
-    if config.task == "finetune":
-      images, targets = data.mixup_cutmix(
-          jax.random.fold_in(key, 0), images, targets, mixup_alpha=ft.mixup,
-          cutmix_alpha=ft.cutmix, switch_prob=ft.mixup_switch_prob, mix_prob=ft.mixup_prob,
-          label_smoothing=ft.label_smoothing)
+    if mix is not None:
+      images, targets = mix(jax.random.fold_in(key, 0), images, targets)
     # Gradients of the trained parameters only: the frozen ones are carried over untouched, and
     # no backward pass runs through the frozen blocks.
     params = state["params"]
@@ -135,63 +160,19 @@ def make_eval_step(logits_fn, shardings, mesh):
                  out_shardings=sharding.replicated(mesh))
 
 
-def build_program(config, mesh, steps_per_epoch: int, num_classes: int,
-                  load_pretrained: bool = True):
-  """(train program, eval step) of `config` on `mesh`: what the trainer runs and what
-  `mae_jax.tpu.aot` compiles. The pre-trained encoder (`config.init`) is read on the host and
-  becomes a constant of the state's init; `load_pretrained=False` (compiling only) reads no
-  file and leaves the init random and abstract: the step, its state and shardings are the same."""
-  classifier = build_classifier(config, num_classes)
-  schedule, total_steps = optimizer.schedule_from_config(config, steps_per_epoch)
-  tx = make_optimizer(config, classifier, schedule)
-  rng = jax.random.key(config.seed)
-  if config.init and load_pretrained:
-    loaded, _ = load_init(config, classifier, rng)
-    initial_params = lambda: loaded
-  else:
-    initial_params = lambda: random_params(classifier, rng)
-  logical = nn.get_partition_spec(jax.eval_shape(
-      lambda: classifier.init(jax.random.key(0), _dummy_images(classifier))))["params"]
-
-  if config.task == "finetune":
-    trained = trained_keys(config, logical, classifier.depth)
-
-    def init():
-      params = initial_params()
-      return {"params": params, "opt": tx.init({k: params[k] for k in trained}),
-              **train_step.counters()}
-    specs = {"params": logical}
-  else:
-    head = vit_classifier.LinearProbeHead(num_classes)
-    init_head = lambda: nn.unbox(head.init(jax.random.key(config.seed + 1),
-                                           jnp.zeros((2, classifier.embed_dim)), False))
-
-    def init():
-      head_vars = init_head()
-      encoder = {k: v for k, v in initial_params().items() if k != "head"}
-      return {"params": head_vars["params"], "batch_stats": head_vars["batch_stats"],
-              "encoder": encoder, "opt": tx.init(head_vars["params"]), **train_step.counters()}
-    replicate = lambda x: jax.sharding.PartitionSpec(*([None] * x.ndim))
-    specs = {"encoder": {k: v for k, v in logical.items() if k != "head"},
-             "params": jax.tree_util.tree_map(replicate, jax.eval_shape(init_head)["params"])}
-    trained = tuple(specs["params"])
-  abstract, shardings = sharding.sharded_shapes(init, specs, mesh)
-  logits_fn = make_logits(config, classifier, num_classes)
-  step = train_step.make_train_step(make_gradients(config, logits_fn, num_classes, trained), tx,
-                                    schedule, shardings, mesh)
+def assemble(config, mesh, classifier, *, init, logical_specs: dict, trained, logits_fn, tx,
+             schedule, total_steps: int, num_classes: int, mix=None):
+  """(train program, eval step) of a classification state: `init() -> state` with the
+  parameter subtrees `logical_specs` names (state key -> logical axes) placed by the sharding
+  rules, and the step that trains the `trained` parameters."""
+  abstract, shardings = sharding.sharded_shapes(init, logical_specs, mesh)
+  step = train_step.make_train_step(make_gradients(config, logits_fn, num_classes, trained, mix),
+                                    tx, schedule, shardings, mesh)
   return program.TrainProgram(
       mesh=mesh, model=classifier, init=init, abstract_state=abstract,
       state_shardings=shardings, train_step=step,
       batch=program.abstract_batch(config.batch_size, classifier.img_size, mesh),
       total_steps=total_steps), make_eval_step(logits_fn, shardings, mesh)
-
-
-def make_optimizer(config, classifier, schedule):
-  if config.task == "finetune":
-    return lr_decay.adamw_layer_decay(schedule, classifier.depth, config.layer_decay,
-                                      weight_decay=config.weight_decay, b1=config.b1,
-                                      b2=config.b2)
-  return lars.lars(schedule, weight_decay=config.weight_decay, momentum=config.momentum)
 
 
 class Accuracy:
@@ -203,7 +184,8 @@ class Accuracy:
   def __call__(self, state) -> dict:
     it = data.create_iterator(self.config.data, split=self.config.data.eval_split or "",
                               global_batch_size=self.config.batch_size, seed=self.config.seed,
-                              sharding=sharding.batch_sharding(self.mesh), mode="eval")
+                              sharding=sharding.batch_sharding(self.mesh),
+                              preprocess=data.eval_preprocess(self.config.data))
     totals = None
     with jax.set_mesh(self.mesh):
       for _, batch in zip(range(len(it)), it):
@@ -216,12 +198,26 @@ class Accuracy:
 
 
 # ----------------------------------------------------------------------------------------------
-def task(config, mesh, steps_per_epoch: int) -> program.Task:
-  """Fine-tuning or probing as the trainer runs it: evaluated every `eval_every_steps` (0: every
-  epoch), the checkpoint of the best top-1 kept in workdir/best."""
-  train_program, eval_step = build_program(config, mesh, steps_per_epoch,
-                                           data.num_classes(config.data))
-  every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  return program.Task(train_program, (Accuracy(eval_step, config, mesh, every),),
-                      input_mode="finetune" if config.task == "finetune" else "pretrain",
-                      keep_best=("eval_top1", "best_top1"))
+# A classification task as the registry holds it.
+def definition(check, build_program, train_preprocess) -> base.TaskDefinition:
+  """The TaskDefinition of a classification task from its config check, its
+  `build_program(config, mesh, steps_per_epoch, num_classes, load_pretrained)` and the
+  preprocessing of its training input."""
+
+  def task(config, mesh, steps_per_epoch: int) -> program.Task:
+    """Evaluated every `eval_every_steps` (0: every epoch), the checkpoint of the best top-1 kept
+    in workdir/best."""
+    train_program, eval_step = build_program(config, mesh, steps_per_epoch,
+                                             data.num_classes(config.data))
+    every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+    return program.Task(train_program, train_preprocess(config.data),
+                        (Accuracy(eval_step, config, mesh, every),),
+                        keep_best=("eval_top1", "best_top1"))
+
+  def compile_program(config, mesh, steps_per_epoch: int) -> program.TrainProgram:
+    known = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split))
+    classes = known[1] if known else CLASSES_WITHOUT_DATA
+    return build_program(config, mesh, steps_per_epoch, classes, load_pretrained=False)[0]
+
+  return base.TaskDefinition(check_config=check, build=task, compile_program=compile_program,
+                             for_compile=without_init)

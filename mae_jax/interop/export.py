@@ -59,7 +59,8 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   restored on this host's default device whatever mesh wrote it. A damaged newest step is
   reported and the previous one read; a damaged `step` asked for raises CheckpointUnreadableError
   (see checkpointing.restore_for_reading)."""
-  # Imported here: loading an exported encoder must not import the training code.
+  # Here, not at the top: loading an exported encoder (mae_jax.load_encoder) must not import
+  # orbax, which only a pre-training workdir's checkpoints need.
   from mae_jax import checkpointing  # pylint: disable=import-outside-toplevel
   workdir = paths.resolve(workdir)
   config = _pretrain_config(workdir)

@@ -84,6 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
+      # --- Step.
       batch = next(train_iter)
       with jax.set_mesh(mesh):
         if compiled is None:  # the executable the loop runs, and its FLOPs for MFU
@@ -130,7 +131,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         break
     if not watcher.preempted and manager.latest_step() != step:  # the state the run ends with
       save_checkpoint(manager, step, state, guard, log, force=True)
-    log.flush()
+    log.flush()  # a failed write raises here; below, after another error, it is only logged
   finally:
     try:
       log.flush()  # after an error too: the lines of the steps that led to it

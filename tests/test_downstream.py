@@ -10,8 +10,8 @@ from mae_jax import models
 from mae_jax.interop import export
 from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
-from mae_jax.training.tasks import finetune
 from mae_jax.training import config_checks, trainer
+from mae_jax.training.tasks import finetune
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 

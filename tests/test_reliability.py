@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mae_jax.studies import preemption_trials
 from mae_jax import checkpointing, sharding
-from mae_jax.training.tasks import classification, finetune, pretrain
+from mae_jax.studies import preemption_trials
 from mae_jax.training import config_checks, trainer
+from mae_jax.training.tasks import classification, finetune, pretrain
 from tests.helpers import REPO, losses, parse, tiny_config
 
 # A restore that fails on a damaged file abandons orbax's other pending array reads; when they are

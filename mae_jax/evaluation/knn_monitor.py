@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import data, models
+from mae_jax import data, models, sharding
 from mae_jax.evaluation import knn, linear
-from mae_jax import sharding
 
 # The cls token after the final norm (what the linear probe reads), the mean of the patch tokens,
 # or every patch token in grid order (L * D values: a feature map that, like the pixels, keeps

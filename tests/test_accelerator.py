@@ -82,6 +82,16 @@ def test_table_shows_every_row_and_why():
   assert "failed: RuntimeError: boom" in text[5]
 
 
+def test_jax_without_an_accelerator_is_said():
+  ours = timed_row(device_kind="cpu", platform="cpu")
+  theirs = timed_row(framework="pytorch", mode="eager")
+  (line,) = accelerator.device_warnings([ours, theirs])
+  assert "JAX sees no accelerator" in line and H100 in line and "jax[cuda13]" in line
+  assert accelerator.device_warnings([ours]) == [
+      "JAX sees no accelerator here: its devices are CPUs, and the rows measure the CPU."]
+  assert accelerator.device_warnings([timed_row(platform="gpu"), theirs]) == []
+
+
 def run_benchmark(*args, env=None):
   out = subprocess.run([sys.executable, "-m", "mae_jax.benchmarks.accelerator", *args], cwd=REPO,
                        capture_output=True, text=True, timeout=900, env=env)
@@ -107,6 +117,7 @@ def test_accelerator_benchmark_on_cpu_both_frameworks(torch_ref, tmp_path):
   assert ours["ours_over_pytorch"] == pytest.approx(
       ours["images_per_sec"] / theirs["images_per_sec"])
   assert ours["mfu"] is None and "device kind 'cpu'" in stdout
+  assert result["warnings"] == accelerator.device_warnings(result["rows"]) != []
   assert json.loads(jsonl.read_text().splitlines()[-1]) == result
 
 

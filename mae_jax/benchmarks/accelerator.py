@@ -238,6 +238,25 @@ def benchmark_variant(variant: str) -> list[dict]:
   return rows
 
 
+def device_warnings(rows: list[dict]) -> list[str]:
+  """Lines for a run that measured something else than an accelerator: JAX on the CPU (where
+  PyTorch saw a GPU, JAX's GPU plugin is missing)."""
+  warnings = []
+  for r in rows:
+    if r.get("framework") != "mae_jax" or r.get("platform") != "cpu" or r.get("mode") != "jit":
+      continue
+    gpus = {t["device_kind"] for t in rows if t.get("framework") == "pytorch"
+            and t.get("device_kind", "cpu") != "cpu"}
+    if gpus:
+      warnings.append(f"JAX sees no accelerator (its devices are CPUs) while PyTorch runs on "
+                      f"{', '.join(sorted(gpus))}: the ratio compares a CPU with a GPU. Install "
+                      "JAX's GPU plugin (pip install 'jax[cuda13]') or check CUDA_VISIBLE_DEVICES.")
+    else:
+      warnings.append("JAX sees no accelerator here: its devices are CPUs, and the rows measure "
+                      "the CPU.")
+  return list(dict.fromkeys(warnings))
+
+
 def table(rows: list[dict]) -> str:
   """The rows as a markdown table."""
   lines = ["| variant | framework | mode | device | batch | images/s | step ms: median "
@@ -279,12 +298,13 @@ def main(argv):
   rows = [row for variant in FLAGS.variants for row in benchmark_variant(variant)]
   notes = [r["mfu_source"] for r in rows if r.get("mfu") is None and "mfu_source" in r]
   print(table(rows))
-  for note in dict.fromkeys(notes):
+  warnings = device_warnings(rows)
+  for note in [*dict.fromkeys(notes), *warnings]:
     print(note)
   print("Step time: each step from dispatch until its outputs are ready, after "
         f"{FLAGS.warmup} untimed steps; {FLAGS.steps} timed steps per row.")
   line = json.dumps({"benchmark": "accelerator", "steps": FLAGS.steps, "warmup": FLAGS.warmup,
-                     "rows": rows})
+                     "rows": rows, "warnings": warnings})
   if FLAGS.out:
     with open(FLAGS.out, "a", encoding="utf-8") as f:
       f.write(line + "\n")

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mae_jax.benchmarks import accelerator, torch_worker
+from mae_jax.benchmarks import side_by_side, torch_worker
 from tests.helpers import REPO
 
 H100 = "NVIDIA H100 80GB HBM3"
@@ -20,28 +20,28 @@ TINY = ["--variants=tiny", "--model=mae_vit_test_patch4", "--batch_per_device=2"
 def timed_row(device_kind=H100, batch=64, median=0.1, **extra):
   return {"variant": "vit_base", "framework": "mae_jax", "mode": "jit", "device_kind": device_kind,
           "global_batch": batch, "devices": 1, "peak_memory": {"bytes": 2 ** 30},
-          "step_time_s": accelerator.spread([median] * 3), **extra}
+          "step_time_s": side_by_side.spread([median] * 3), **extra}
 
 
 def test_spread_of_step_times():
-  s = accelerator.spread([0.3, 0.1, 0.2, 0.4, 0.5])
+  s = side_by_side.spread([0.3, 0.1, 0.2, 0.4, 0.5])
   assert (s["median"], s["min"], s["max"], s["count"]) == (0.3, 0.1, 0.5, 5)
   assert s["min"] <= s["p10"] <= s["median"] <= s["p90"] <= s["max"]
 
 
 def test_mfu_only_against_a_published_peak():
-  row = accelerator._finish(timed_row(), flops_per_image=1e11, notes=[])
+  row = side_by_side.finish(timed_row(), flops_per_image=1e11, notes=[])
   assert row["images_per_sec"] == pytest.approx(640.0)
   assert row["mfu"] == pytest.approx(1e11 * 640 / 989e12)
   assert "published dense bf16 peak" in row["mfu_source"]
-  tpu = accelerator._finish(timed_row(device_kind="TPU v5 lite"), 1e11, [])
+  tpu = side_by_side.finish(timed_row(device_kind="TPU v5 lite"), 1e11, [])
   assert tpu["mfu"] == pytest.approx(1e11 * 640 / 197e12)
-  cpu = accelerator._finish(timed_row(device_kind="cpu"), 1e11, [])
+  cpu = side_by_side.finish(timed_row(device_kind="cpu"), 1e11, [])
   assert cpu["mfu"] is None and "no published dense bf16 peak for device kind 'cpu'" in \
       cpu["mfu_source"]
   # An H100 PCIe is no SXM module: its own peak, never the SXM's.
-  assert accelerator.peak_of("NVIDIA H100 PCIe")[0] == 756e12
-  assert accelerator.peak_of("NVIDIA H200 NVL")[0] is None
+  assert side_by_side.peak_of("NVIDIA H100 PCIe")[0] == 756e12
+  assert side_by_side.peak_of("NVIDIA H200 NVL")[0] is None
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits():
@@ -53,28 +53,28 @@ def test_out_of_memory_halves_the_batch_until_it_fits():
       return {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory allocating 9 GiB"}
     return {"global_batch": batch}
 
-  assert accelerator._fitting(measure, 64, notes) == {"global_batch": 16}
+  assert side_by_side.fitting(measure, 64, notes) == {"global_batch": 16}
   assert asked == [64, 32, 16] and len(notes) == 2 and "64 per device ran out of memory" in notes[0]
   # Another failure is reported as it is, not retried smaller.
   asked.clear()
-  assert "error" in accelerator._fitting(lambda b: asked.append(b) or {"error": "ValueError: x"},
+  assert "error" in side_by_side.fitting(lambda b: asked.append(b) or {"error": "ValueError: x"},
                                          64, [])
   assert asked == [64]
   # Out of memory at one image: the row says so.
-  oom = accelerator._fitting(lambda b: {"error": "torch.OutOfMemoryError: CUDA out of memory"},
+  oom = side_by_side.fitting(lambda b: {"error": "torch.OutOfMemoryError: CUDA out of memory"},
                              2, [])
-  assert accelerator.is_oom(oom["error"])
+  assert side_by_side.is_oom(oom["error"])
 
 
 def test_table_shows_every_row_and_why():
-  ours = accelerator._finish(timed_row(ours_over_pytorch=1.25), 1e11, [])
-  theirs = accelerator._finish(timed_row(median=0.125, framework="pytorch", mode="compile"), 1e11,
+  ours = side_by_side.finish(timed_row(ours_over_pytorch=1.25), 1e11, [])
+  theirs = side_by_side.finish(timed_row(median=0.125, framework="pytorch", mode="compile"), 1e11,
                                [])
   skipped = {"variant": "vit_base", "framework": "mae_jax", "mode": "jit, real input",
              "skipped": "tensorflow is not installed here"}
   failed = {"variant": "vit_large", "framework": "pytorch", "mode": "eager",
             "error": "Traceback ...\nRuntimeError: boom"}
-  text = accelerator.table([ours, theirs, skipped, failed]).splitlines()
+  text = side_by_side.table([ours, theirs, skipped, failed]).splitlines()
   assert len(text) == 6
   assert "| 640.0 | 100.0 (100.0, 100.0, 100.0, 100.0) | 0.065 | 1.00 | 1.25x |" in text[2]
   assert "| 512.0 |" in text[3]
@@ -85,11 +85,11 @@ def test_table_shows_every_row_and_why():
 def test_jax_without_an_accelerator_is_said():
   ours = timed_row(device_kind="cpu", platform="cpu")
   theirs = timed_row(framework="pytorch", mode="eager")
-  (line,) = accelerator.device_warnings([ours, theirs])
+  (line,) = side_by_side.device_warnings([ours, theirs])
   assert "JAX sees no accelerator" in line and H100 in line and "jax[cuda13]" in line
-  assert accelerator.device_warnings([ours]) == [
+  assert side_by_side.device_warnings([ours]) == [
       "JAX sees no accelerator here: its devices are CPUs, and the rows measure the CPU."]
-  assert accelerator.device_warnings([timed_row(platform="gpu"), theirs]) == []
+  assert side_by_side.device_warnings([timed_row(platform="gpu"), theirs]) == []
 
 
 def run_benchmark(*args, env=None):
@@ -117,7 +117,7 @@ def test_accelerator_benchmark_on_cpu_both_frameworks(torch_ref, tmp_path):
   assert ours["ours_over_pytorch"] == pytest.approx(
       ours["images_per_sec"] / theirs["images_per_sec"])
   assert ours["mfu"] is None and "device kind 'cpu'" in stdout
-  assert result["warnings"] == accelerator.device_warnings(result["rows"]) != []
+  assert result["warnings"] == side_by_side.device_warnings(result["rows"]) != []
   assert json.loads(jsonl.read_text().splitlines()[-1]) == result
 
 
@@ -125,7 +125,7 @@ def test_accelerator_benchmark_on_cpu_both_frameworks(torch_ref, tmp_path):
 def test_the_step_imports_no_tensorflow():
   """The model, the trainer's step and the benchmark's measurement run without TensorFlow (the
   GPU machine has none); the input pipeline loads it only when used."""
-  code = ("import sys; from mae_jax.benchmarks import accelerator as a; "
+  code = ("import sys; from mae_jax.benchmarks import side_by_side as a; "
           "r = a.measure_ours('tiny', 'mae_vit_test_patch4', 1, 1, 0, 'float32', False, ''); "
           "print(sorted(m for m in ('tensorflow', 'tensorflow_datasets', 'clu') "
           "if m in sys.modules), r['step_time_s']['count'])")

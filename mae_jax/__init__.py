@@ -6,7 +6,7 @@ from mae_jax.tpu import presence as _presence
 
 # The floors of setup.py, checked here too: an environment pip did not build (a copied venv, a
 # PYTHONPATH checkout) would otherwise fail later on a JAX API that moved. No jax import here.
-MIN_PYTHON, MIN_JAX = (3, 12), (0, 12)
+MIN_PYTHON, MIN_JAX = (3, 12), (0, 11)
 
 
 def _check_versions():

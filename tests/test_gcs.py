@@ -9,8 +9,10 @@ namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leave
 import io
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -140,6 +142,36 @@ def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
   prepared = local_gcs.objects(BUCKET, "tfds/fashion_mnist/3.0.1/")
   assert "tfds/fashion_mnist/3.0.1/dataset_info.json" in prepared
   assert any("fashion_mnist-train.tfrecord" in n for n in prepared), prepared
+
+
+@pytest.mark.slow
+def test_tensorboard_on_gs_uploads_each_event_file_once_and_reads_back_as_one_run(
+    local_gcs, pretrained_on_gs):
+  """The bytes the run sent for its events are the bytes stored: each file uploaded once, closed,
+  so they grow linearly with the run. (TensorFlow's own gs:// file sent the whole file again at
+  every flush: docs/reliability.md has the bytes.)"""
+  sent = {}  # event file: [bytes of each upload that carried data]
+  for method, path, status, size in local_gcs.requests(sizes=True):
+    name = re.search(r"[?&]name=([^&]*)", path)
+    name = urllib.parse.unquote(name.group(1)) if name else ""
+    if method == "PUT" and status == "200" and name.startswith("pretrain/tensorboard/"):
+      sent.setdefault(name, []).append(size)
+  stored = {n: len(local_gcs.read(BUCKET, n)) for n in local_gcs.objects(BUCKET, "pretrain/")
+            if n.startswith("pretrain/tensorboard/") and ".tfevents." in n}
+  assert len(stored) >= 2, stored  # checkpoints at steps 5 and 10: a file each
+  assert sent == {n: [size] for n, size in stored.items()}, (sent, stored)
+  print(f"TensorBoard: {len(stored)} event files, {sum(stored.values())} bytes stored, "
+        f"{sum(map(sum, sent.values()))} bytes uploaded")
+  # TensorBoard's own reader, from gs://: one run, every step once.
+  steps = gcs_python(local_gcs, f"""
+      import json
+      from tensorboard.backend.event_processing import event_accumulator as ea
+      run = ea.EventAccumulator("{PRETRAIN}/tensorboard", size_guidance={{ea.TENSORS: 0}})
+      run.Reload()
+      print(json.dumps({{tag: [e.step for e in run.Tensors(tag)]
+                         for tag in ("loss", "lr", "reconstruction")}}))
+  """)
+  assert steps == {"loss": list(range(1, 11)), "lr": list(range(1, 11)), "reconstruction": [10]}
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ class UploadingWriter(interface.MetricWriter):
     self._writer = None     # the writer of the open file; None between files
     self._open = None       # (local folder of the open file, its name in logdir)
     self._upload_at = None  # the step after whose scalars the open file is uploaded
-    self._uploaded_at = None  # the previous file's
+    self._uploaded_at = None  # the previous file's upload point; the next file's is later
     self._closed = []       # (local folder of a closed file, its name in logdir), oldest first
     self._files = 0         # files opened by this writer
 

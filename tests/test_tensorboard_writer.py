@@ -43,7 +43,8 @@ def test_uploads_each_closed_file_once_at_the_upload_points(tmp_path):
   writer.flush()  # the end of the run
   writer.flush()  # nothing open: nothing uploaded
   files = uploaded()
-  assert len(files) == 3 and writer.uploads == 3 and writer._local is None  # pylint: disable=protected-access
+  assert len(files) == 3 and writer.uploads == 3
+  assert writer._local is None  # pylint: disable=protected-access  (the local files removed)
   assert all(".tfevents." in name for name in files)
   assert read_run(logdir) == {"loss": [1, 2, 3, 4, 5, 8, 12, 13], "reconstruction": [5],
                               "steps_per_sec": [5], "_hparams_/session_start_info": [0]}
@@ -70,7 +71,8 @@ def test_a_failed_upload_keeps_the_file_and_the_next_upload_sends_it(tmp_path, m
     for step in (1, 2):
       writer.write_scalars(step, {"loss": float(step)})
   assert failures and writer.uploads == 0
-  [kept] = [os.path.join(d, f) for d, _, fs in os.walk(writer._local) for f in fs]  # pylint: disable=protected-access
+  local = writer._local  # pylint: disable=protected-access
+  [kept] = [os.path.join(d, f) for d, _, fs in os.walk(local) for f in fs]
   assert f"Could not upload TensorBoard events {kept}" in caplog.text
   assert "OSError: 503 Service Unavailable" in caplog.text and "gcloud storage cp" in caplog.text
   writer.write_scalars(3, {"loss": 3.0})

@@ -19,10 +19,11 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 
 from mae_jax import checkpointing, data, paths, sharding
-from mae_jax.training import config_checks, flops, metrics_log, preemption, tasks
+from mae_jax.training import (config_checks, flops, metrics_log, preemption, tasks,
+                              tensorboard_writer)
 
 
 class NonFiniteError(RuntimeError):
@@ -68,8 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = metrics_log.MetricsLog(workdir / "metrics.jsonl", writer=is_chief)
   best = BestCheckpoint(workdir, *task.keep_best, log) if task.keep_best else None
   log.truncate(start_step)  # after reading the best so far: best/ may hold a later step
-  writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+  writer = tensorboard_writer.create(workdir / "tensorboard", is_chief,
+                                     upload_every_steps=config.checkpoint_every_steps)
   if start_step == 0:
     writer.write_hparams(_flat(config))
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)

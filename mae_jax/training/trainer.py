@@ -25,6 +25,9 @@ from mae_jax.training import (checkpointing, downstream, config_checks, flops, m
                               preemption, pretrain, sharding)
 
 TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
+# In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
+# stops on. A run that starts (or resumes) removes it first.
+FINISHED = "finished.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -41,11 +44,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
+    (workdir / FINISHED).unlink(missing_ok=True)
     checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
   # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, slices=config.mesh.slices)
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -155,6 +159,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for line in task.summary(last) if task.summary else ():
       logging.info("%s", line)
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  if is_chief and step == total_steps and not watcher.preempted:
+    checkpointing.write_atomically(workdir / FINISHED, f'{{"step": {step}}}\n')
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

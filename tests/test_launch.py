@@ -147,7 +147,7 @@ def test_bad_usage_fails_clearly(env):
         (("create", *BASE, "--accelerator-type=v3-8", "--spot", "--preemptible"), "exclude"),
         (("create", *BASE, "--accelerator-type=tpu9-8"), "RUNTIME_VERSION"),
         (("run", *BASE, "--config=c.py:x", "--workdir=/local/dir"), "gs://"),
-        (("stop", *BASE, "--config.x=1"), "for 'run' and 'plan' only"),
+        (("stop", *BASE, "--config.x=1"), "for 'run', 'watch' and 'plan' only"),
         (("run", *BASE, "--config=c.py:x", "--workdir=gs://b/w", "--env=1BAD=x"), "KEY=VALUE"),
     ]:
         proc = tpu(env, *args, check=False)

@@ -522,7 +522,7 @@ describe_queued() {
   QR_REASON=""
   if [[ "$rc" != 0 ]]; then
     QR_REASON=$(grep -v '^ *$' "$WATCH_TMP/err" | tail -n 1)
-    if grep -qi 'not.found' "$WATCH_TMP/err"; then QR_STATE=ABSENT; else QR_STATE=UNKNOWN; fi
+    if grep -qi 'not.found' "$WATCH_TMP/err"; then QR_STATE=ABSENT QR_REASON=""; else QR_STATE=UNKNOWN; fi
     return 0
   fi
   QR_STATE=${out%%$'\t'*}
@@ -554,9 +554,9 @@ cmd_watch() {
   check_run_settings
   require "$accelerator_type" --accelerator-type ACCELERATOR_TYPE "accelerator type"
   [[ "$DRY_RUN" == 0 ]] || die "watch runs gcloud again and again; --dry-run shows what create and run would run"
-  for v in "$max_relaunches:--max-relaunches" "$max_retries:--max-retries" "$poll:--poll"; do
-    is_uint "${v%%:*}" || die "${v#*:} must be a whole number, got: ${v%%:*}"
-  done
+  is_uint "$max_relaunches" || die "--max-relaunches must be a whole number, got: $max_relaunches"
+  is_uint "$max_retries" || die "--max-retries must be a whole number, got: $max_retries"
+  [[ "$poll" =~ ^[0-9]*\.?[0-9]+$ ]] || die "--poll must be a number of seconds, got: $poll"
   local limit_s
   limit_s=$(awk -v h="$max_hours" 'BEGIN { if (h !~ /^[0-9]*\.?[0-9]+$/) exit 1; printf "%d", h * 3600 }') \
     || die "--max-hours must be a number of hours, got: $max_hours"
@@ -594,7 +594,9 @@ cmd_watch() {
         tpus queued-resources delete "$name" --force --quiet
         "${TPU_VM_CMD[@]}" >/dev/null 2>&1 || true ;;
       SUSPENDING|SUSPENDED)
-        [[ "$on_slice" == 0 ]] || { event "preempted: the run stopped with the slice ($QR_STATE)"; on_slice=0; }
+        [[ "$on_slice" == 0 ]] || { event "preempted: the run stops with the slice ($QR_STATE)"; on_slice=0; }
+        # While SUSPENDING the workers have their notice: they save a checkpoint and exit.
+        [[ "$QR_STATE" == SUSPENDED ]] || { last=$QR_STATE; sleep "$poll"; continue; }
         event "deleting the suspended queued resource, to ask again"
         tpus queued-resources delete "$name" --force --quiet
         "${TPU_VM_CMD[@]}" >/dev/null 2>&1 || true ;;

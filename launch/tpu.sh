@@ -474,7 +474,7 @@ cmd_logs() {
 cmd_status() {
   if [[ "$queued" == 1 ]]; then
     tpus queued-resources describe "$name"
-    run_cmd "${TPU_VM_CMD[@]}" '--format=table(state.state,state.stateInitiator,tpu.nodeSpec[].nodeId,spot,guaranteed)'
+    run_cmd "${TPU_VM_CMD[@]}" '--format=yaml(state,tpu.nodeSpec,spot,guaranteed,reservationName)'
   else
     tpu_vm describe "$name"
     run_cmd "${TPU_VM_CMD[@]}" '--format=table(state,health,acceleratorType,runtimeVersion,schedulingConfig)'

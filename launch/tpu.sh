@@ -602,24 +602,26 @@ cmd_watch() {
         "${TPU_VM_CMD[@]}" >/dev/null 2>&1 || true ;;
       ACTIVE)
         failures=0
-        if [[ "$on_slice" == 0 ]]; then
+        job_state
+        if [[ "$on_slice" == 0 && ( "$JOB_STATE" == RUNNING || "$JOB_STATE" == FINISHED ) ]]; then
+          on_slice=1  # a watch started again finds the job it started before
+          event "queued resource $name: ACTIVE, the run there: $JOB_STATE"
+        elif [[ "$on_slice" == 0 ]]; then
           [[ "$last" == ACTIVE ]] || event "queued resource $name: ACTIVE; setting up ${nodes[*]}"
           if ! cmd_setup >>"$WATCH_TMP/setup.log" 2>&1; then
             event "set-up failed; trying again: $(tail -n 1 "$WATCH_TMP/setup.log")"
             last=$QR_STATE; sleep "$poll"; continue
           fi
           on_slice=1
-          JOB_STATE=STOPPED
-        else
-          job_state
+          JOB_STATE=NEW
         fi
         case "$JOB_STATE" in
           FINISHED)
             event "finished: $workdir/finished.json is there, after $launches launch(es)"
             return 0 ;;
-          STOPPED)
+          NEW|STOPPED)
             [[ "$launches" -le "$max_relaunches" ]] || give_up "--max-relaunches=$max_relaunches reached"
-            [[ "$launches" == 0 ]] || event "the run stopped without finishing on a live slice"
+            [[ "$JOB_STATE" == NEW ]] || event "the run stopped without finishing on a live slice"
             if launch_job >>"$WATCH_TMP/launch.log" 2>&1; then
               launches=$((launches + 1))
               event "launched (launch $launches$([[ "$launches" -gt 1 ]] && echo ", relaunch $((launches - 1)) of at most $max_relaunches"): resumes from the newest checkpoint in $workdir)"

@@ -72,10 +72,11 @@ def check_slices(slices: int, num_processes: int, num_devices: int):
 
 def device_slices(devices, slices: int = 1) -> list:
   """The devices grouped into slices. TPU devices say which slice they are on (`slice_index`),
-  and `slices` must then be that number of slices or -1. Devices without one (CPU, GPU) are
-  grouped by process: `slices` equal runs of whole processes, in process order (-1: one slice),
-  so a local pod of processes runs the multi-slice code path as TPU slices would."""
-  if hasattr(devices[0], "slice_index"):
+  and `slices` must then be that number of slices or -1. Other devices (CPU, GPU; a CPU device
+  of a multi-process job has a slice_index too, always 0) are grouped by process: `slices` equal
+  runs of whole processes, in process order (-1: one slice), so a local pod of processes runs
+  the multi-slice code path as TPU slices would."""
+  if _on_tpu_slices(devices):
     found = sorted({d.slice_index for d in devices})
     if slices not in (-1, len(found)):
       raise ValueError(f"the devices come from {len(found)} TPU slice(s) but mesh.slices={slices}; "
@@ -89,6 +90,10 @@ def device_slices(devices, slices: int = 1) -> list:
   return [[d for d in devices if rank[d.process_index] == s] for s in range(count)]
 
 
+def _on_tpu_slices(devices) -> bool:
+  return devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+
+
 def _multi_slice_mesh(data: int, fsdp: int, groups: list) -> jax.sharding.Mesh:
   sizes = {len(g) for g in groups}
   if len(sizes) > 1:
@@ -98,7 +103,7 @@ def _multi_slice_mesh(data: int, fsdp: int, groups: list) -> jax.sharding.Mesh:
   devices = [d for g in groups for d in g]
   # As jax.make_mesh does within a slice: v5e slices may split a physical axis.
   split = devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
-  if hasattr(devices[0], "slice_index"):
+  if _on_tpu_slices(devices):
     grid = mesh_utils.create_hybrid_device_mesh(shape, (len(groups), 1, 1), devices,
                                                 allow_split_physical_axes=split)
   else:  # no slice_index to group by: the same stacking, over the process groups

@@ -544,6 +544,17 @@ job_state() {
   JOB_STATE=${JOB_STATE:-UNKNOWN}
 }
 
+# attempt LOG CMD ARG...: CMD in a subshell that stops at its first failure, its output appended
+# to LOG; its status in ATTEMPT_RC. (Called as `if CMD`, bash would ignore -e all through CMD.)
+attempt() {
+  local log=$1
+  shift
+  set +e
+  (set -e; "$@") >>"$log" 2>&1
+  ATTEMPT_RC=$?
+  set -e
+}
+
 # give_up WHY: the supervisor stops at a limit; the slice is left as it is.
 give_up() {
   event "stopping: $1; the queued resource $name is left as it is (launch/tpu.sh delete --queued)"
@@ -608,7 +619,8 @@ cmd_watch() {
           event "queued resource $name: ACTIVE, the run there: $JOB_STATE"
         elif [[ "$on_slice" == 0 ]]; then
           [[ "$last" == ACTIVE ]] || event "queued resource $name: ACTIVE; setting up ${nodes[*]}"
-          if ! cmd_setup >>"$WATCH_TMP/setup.log" 2>&1; then
+          attempt "$WATCH_TMP/setup.log" cmd_setup
+          if [[ "$ATTEMPT_RC" != 0 ]]; then
             event "set-up failed; trying again: $(tail -n 1 "$WATCH_TMP/setup.log")"
             last=$QR_STATE; sleep "$poll"; continue
           fi
@@ -622,7 +634,8 @@ cmd_watch() {
           NEW|STOPPED)
             [[ "$launches" -le "$max_relaunches" ]] || give_up "--max-relaunches=$max_relaunches reached"
             [[ "$JOB_STATE" == NEW ]] || event "the run stopped without finishing on a live slice"
-            if launch_job >>"$WATCH_TMP/launch.log" 2>&1; then
+            attempt "$WATCH_TMP/launch.log" launch_job
+            if [[ "$ATTEMPT_RC" == 0 ]]; then
               launches=$((launches + 1))
               event "launched (launch $launches$([[ "$launches" -gt 1 ]] && echo ", relaunch $((launches - 1)) of at most $max_relaunches"): resumes from the newest checkpoint in $workdir)"
             else
@@ -635,4 +648,9 @@ cmd_watch() {
   done
 }
 
-"cmd_$command"
+# One statement ending in exit: bash has read all of it before the command runs, so a checkout
+# updated while `watch` runs (days) cannot feed it the new file's text from the old offset.
+case "$command" in
+  create) cmd_create ;; setup) cmd_setup ;; check) cmd_check ;; plan) cmd_plan ;; run) cmd_run ;;
+  watch) cmd_watch ;; logs) cmd_logs ;; status) cmd_status ;; stop) cmd_stop ;; delete) cmd_delete ;;
+esac; exit

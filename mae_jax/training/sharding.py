@@ -46,7 +46,7 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
-def make_mesh(data: int, fsdp: int, devices=None, slices: int = 1) -> jax.sharding.Mesh:
+def make_mesh(data: int, fsdp: int, devices=None, slices: int = -1) -> jax.sharding.Mesh:
   """The (data, fsdp) mesh over `devices`; over several slices (see `device_slices`), the
   (dcn, data, fsdp) mesh whose data and fsdp axes lie within each slice."""
   devices = jax.devices() if devices is None else devices
@@ -70,7 +70,7 @@ def check_slices(slices: int, num_processes: int, num_devices: int):
                      f"--config.mesh.slices to a divisor of {num_processes}, or -1.")
 
 
-def device_slices(devices, slices: int = 1) -> list:
+def device_slices(devices, slices: int = -1) -> list:
   """The devices grouped into slices. TPU devices say which slice they are on (`slice_index`),
   and `slices` must then be that number of slices or -1. Other devices (CPU, GPU; a CPU device
   of a multi-process job has a slice_index too, always 0) are grouped by process: `slices` equal

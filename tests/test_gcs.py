@@ -135,6 +135,7 @@ def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
   names = local_gcs.objects(BUCKET, "pretrain/")
   assert sorted(losses) == list(range(1, 11))
   assert json.loads(local_gcs.read(BUCKET, "pretrain/config.json"))["model"]["name"] == MODEL
+  assert json.loads(local_gcs.read(BUCKET, "pretrain/finished.json")) == {"step": 10}
   for step in (5, 10):
     assert f"pretrain/checkpoints/{step}/_CHECKPOINT_METADATA" in names
   events = [n for n in names if n.startswith("pretrain/tensorboard/") and ".tfevents." in n]

@@ -38,6 +38,8 @@ from mae_jax.training import tasks
 
 flags.DEFINE_list("topology", [], "TPU slices (accelerator types): v3-128,v4-64,v5litepod-256,...")
 flags.DEFINE_list("devices", [], "Simulated CPU device counts instead of TPU slices.")
+flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by the data-center "
+                     "network (multi-slice); the config's mesh.slices must be -1 or this.")
 flags.DEFINE_enum("task", "pretrain", list(tasks.TASKS),
                   "Which configs/<task>.py the --variants come from.")
 flags.DEFINE_list("variants", ["vit_large"], "Variants of configs/<task>.py (unless --config).")
@@ -110,7 +112,8 @@ def compile_one(spec: dict) -> dict:
     # JAX's own cache writes compile-only TPU executables (hundreds of MB for ViT-L) that it
     # cannot read back (see mae_jax.tpu.aot); the report cache below replaces it.
     jax.config.update("jax_enable_compilation_cache", False)
-  target = aot.tpu_target(spec["topology"]) if spec["topology"] else aot.cpu_target()
+  target = (aot.tpu_target(spec["topology"], spec.get("num_slices", 1)) if spec["topology"]
+            else aot.cpu_target())
   config = planned_config(FLAGS.config, spec, len(target.devices))
   hlo_path = ""
   if spec["hlo_dir"]:
@@ -158,6 +161,9 @@ def run_worker(spec: dict, args: list) -> dict:
 def specs_from_flags() -> list:
   if bool(FLAGS.topology) == bool(FLAGS.devices):
     raise app.UsageError("give --topology=SLICE[,...] (TPU) or --devices=N[,...] (CPU), not both.")
+  if FLAGS.num_slices > 1 and FLAGS.devices:
+    raise app.UsageError("--num_slices is for TPU slices (--topology); a local pod of CPU "
+                         "processes runs several slices instead (docs/tpu.md).")
   targets = [(t, 0) for t in FLAGS.topology] + [("", int(d)) for d in FLAGS.devices]
   batches = [int(b) for b in FLAGS.batch_per_device] or [0]
   variants = ["(config)"] if FLAGS["config"].present else FLAGS.variants
@@ -172,6 +178,7 @@ def specs_from_flags() -> list:
                           "batch_per_device": batch, "remat": remat, "dtype": FLAGS.dtype,
                           "grad_accum": FLAGS.grad_accum, "model": FLAGS.model,
                           "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir,
+                          "num_slices": FLAGS.num_slices,
                           "compile_cache": compile_cache()})
   return specs
 
@@ -213,6 +220,17 @@ def markdown(results: list) -> str:
         f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_chip_hours'), '.0f')} | "
         f"{_fmt(r.get('est_mfu'), '.2f')} | {compile_time(r)} |")
   return "\n".join(out)
+
+
+def cross_slice_line(r: dict) -> str:
+  """What one step sends between the slices (mae_jax.tpu.aot.cross_slice_traffic)."""
+  c = r["cross_slice"]
+  kinds = ", ".join(f"{k} {v['count']} ({v['bytes'] / 1e6:.1f} MB)" for k, v in
+                    c["by_kind"].items()) or "none"
+  return (f"Cross-slice traffic of {r['model']} on {r['slices']} x {r['topology']}: "
+          f"{c['bytes_per_device'] / 1e9:.3f} GB per device per step ({kinds}), "
+          f"{c['bytes_per_device'] * r['devices'] / 1e9:.1f} GB per step over all devices "
+          "(the payloads of the compiled program's sends to other slices).")
 
 
 def compile_time(r: dict) -> str:
@@ -265,6 +283,10 @@ def main(argv):
   specs = specs_from_flags()
   if FLAGS.choose:
     asked = [f for f in ("remat", "grad_accum") if FLAGS[f].present]
+    if FLAGS.num_slices > 1:
+      print("error: --choose plans one slice; for several, plan one (--num_slices=1) and "
+            "compile its choice with --num_slices.", file=sys.stderr)
+      return 2
     if len(specs) != 1 or asked or not FLAGS.topology:
       print("error: --choose plans one config on one TPU slice, and picks mesh, remat and "
             "gradient accumulation itself: give one --topology and one --config (or --variants), "
@@ -289,6 +311,9 @@ def main(argv):
   if out:
     out.close()
   print(table)
+  for r in results:
+    if "cross_slice" in r:
+      print(cross_slice_line(r))
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
       f.write(table + "\n")

@@ -36,13 +36,18 @@ def check(config, num_processes: int, num_devices: int):
 
 
 def _check_batch(config, batch: int, num_processes: int, num_devices: int):
-  data_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, num_devices)
+  slices = config.mesh.get("slices", 1)
+  sharding.check_slices(slices, num_processes, num_devices)
+  # -1: the TPU slices are counted when the mesh is made; data x fsdp is then checked per slice.
+  per_slice = num_devices // slices if slices > 0 else num_devices
+  data_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, per_slice)
   if batch % num_processes:
     raise ValueError(f"config.batch_size={batch} is not divisible by the {num_processes} "
                      f"processes; use a multiple of {num_processes}.")
-  if batch % (data_shape[0] * data_shape[1]):
-    raise ValueError(f"config.batch_size={batch} is not divisible by the mesh's "
-                     f"{data_shape[0]}x{data_shape[1]} devices; use a multiple of {num_devices}.")
+  if batch % num_devices:
+    mesh = f"{data_shape[0]}x{data_shape[1]} devices" + (f" x {slices} slices" if slices > 1 else "")
+    raise ValueError(f"config.batch_size={batch} is not divisible by the mesh's {mesh}; use a "
+                     f"multiple of {num_devices}.")
 
 
 # ----------------------------------------------------------------------------------------------

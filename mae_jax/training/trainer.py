@@ -24,6 +24,9 @@ from clu import periodic_actions
 from mae_jax import checkpointing, data, paths, sharding
 from mae_jax.training import (config_checks, flops, metrics_log, preemption, tasks,
                               tensorboard_writer)
+# In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
+# stops on. A run that starts (or resumes) removes it first.
+FINISHED = "finished.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -40,11 +43,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
+    (workdir / FINISHED).unlink(missing_ok=True)
     checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
   # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, slices=config.mesh.slices)
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -152,6 +156,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for line in task.summary(last) if task.summary else ():
       logging.info("%s", line)
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  if is_chief and step == total_steps and not watcher.preempted:
+    checkpointing.write_atomically(workdir / FINISHED, f'{{"step": {step}}}\n')
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

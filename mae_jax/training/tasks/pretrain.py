@@ -100,7 +100,7 @@ def make_gradients(model, config, mesh):
     # Micro-batch m takes examples m, m + accum, ...: each device keeps working on its own rows.
     micro = lambda x: jax.lax.with_sharding_constraint(
         x.reshape(batch_size // accum, accum, *x.shape[1:]).swapaxes(0, 1),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh))))
 
     def body(carry, xs):
       loss, grads = jax.value_and_grad(loss_fn)(params, *xs)

@@ -10,15 +10,16 @@ of a constant shows here at once. Summaries come from `python -m mae_jax.tools.s
 --topology=SLICE --mesh=DATAxFSDP --out=NAME.summary.json.gz` (the summary of a kept HLO).
 """
 import argparse
-import math
 import gzip
+import math
 import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from mae_jax.tpu import slices, step_model  # pylint: disable=wrong-import-position
+from mae_jax import hardware, sharding  # pylint: disable=wrong-import-position
+from mae_jax.tpu import aot, choose, step_model  # pylint: disable=wrong-import-position
 
 DIR = os.path.join(HERE, "tpu_plan", "step_model")
 # Table 2 of the paper (128 TPU-v3 cores, 800 epochs, TensorFlow): hours as measured there.
@@ -41,7 +42,7 @@ def _summary(name: str) -> dict:
 
 
 def _priced(report: dict, summary: dict, compute_eff: float = 1.0, hbm_eff: float = 1.0) -> dict:
-  generation = slices.generation_of_device_kind(report["device_kind"])
+  generation = hardware.generation_of_device_kind(report["device_kind"])
   hw = step_model.hardware_of(generation)
   hw = step_model.Hardware(hw.name, hw.peak_flops * compute_eff, hw.hbm_bandwidth * hbm_eff,
                            hw.ici_link_bandwidth, hw.devices_per_chip, hw.wraps_at, hw.source)
@@ -134,7 +135,6 @@ def libtpu_rows(names: list) -> list:
 
 
 def current() -> list:
-  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   fit = calibrate()
   out = ["| ViT-L/16, paper's recipe | mesh (data x fsdp) | model step s (range) | bound | hours "
          "(range) | chip-hours (range) | model MFU | calibrated on v3: hours / chip-hours | "
@@ -203,8 +203,6 @@ def cpu_row() -> list:
 
 
 def summarize_hlo(hlo_path: str, topology: str, mesh: str, out: str):
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
   data, fsdp = map(int, mesh.split("x"))
   target = aot.tpu_target(topology)
   layout = step_model.layout_of(sharding.make_mesh(data, fsdp, devices=list(target.devices)))

@@ -3,11 +3,12 @@ the other hosts of a multi-host job."""
 import logging as std_logging
 
 from absl import logging
+import jax
+import tensorflow as tf
 
 
 def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
                            heartbeat_timeout_seconds=100):
-  import jax  # pylint: disable=import-outside-toplevel
   if coordinator_address:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
@@ -32,12 +33,10 @@ def prepare(coordinator_address=None, num_processes=None, process_id=None,
   for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
   # Hide accelerators from TensorFlow: tf.data only runs on the host.
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
   tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
   initialize_distributed(coordinator_address, num_processes, process_id,
                          heartbeat_timeout_seconds)
-  import jax  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.devices()[0].device_kind)

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mae_jax.tpu import choose, hlo, slices, step_model
+from mae_jax import hardware
+from mae_jax.tpu import choose, hlo, step_model
 from mae_jax.training import plan_check
 
 HW = step_model.Hardware("test", peak_flops=1e12, hbm_bandwidth=1e9, ici_link_bandwidth=1e9,
@@ -133,7 +134,7 @@ ENTRY %main (p: f32[256]) -> f32[256] {
   assert priced["model_parts_s"]["unknown"] == pytest.approx(2 * 1024 / 1e9)
   assert priced["model_step_s"] > priced["model_parts_s"]["unknown"]  # the collective counts too
   # A generation without ICI constants: its collectives are named, not dropped.
-  v2 = step_model.hardware_of(slices.get("v2-8").generation)
+  v2 = step_model.hardware_of(hardware.get("v2-8").generation)
   placed = step_model.price(step_model.summarize(text, LINE_OF_4[:2]), v2)
   assert "no ICI constants for v2" in placed["model_unknown"]
   assert placed["model_parts_s"]["collectives"] > 0
@@ -141,7 +142,7 @@ ENTRY %main (p: f32[256]) -> f32[256] {
 
 def test_every_current_generation_has_the_constants_the_model_needs():
   for name in ("v3", "v4", "v5litepod", "v5p", "v6e", "tpu7x"):
-    g = next(g for g in slices.GENERATIONS if g.name == name)
+    g = next(g for g in hardware.GENERATIONS if g.name == name)
     hw = step_model.hardware_of(g)
     assert hw.peak_flops > 0 and hw.hbm_bandwidth > 0 and hw.ici_link_bandwidth > 0, name
     assert hw.wraps_at in (4, 16, 32), name

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from mae_jax import configs
-from mae_jax.tpu import slices, step_model
+from mae_jax import hardware
+from mae_jax.tpu import step_model
 from mae_jax.training import flops, timing
 
 configs.DEFINE_config_file("config", None, "Pre-training config (path[:variant]).")
@@ -53,7 +54,7 @@ def measure_bandwidth(mib: int = 256, repeats: int = 10) -> float:
 
 def published(device_kind: str) -> step_model.Hardware | None:
   """The table's constants for this device (a TPU generation or a GPU), None if none."""
-  tpu = slices.generation_of_device_kind(device_kind)
+  tpu = hardware.generation_of_device_kind(device_kind)
   if tpu is not None:
     return step_model.hardware_of(tpu)
   return next((hw for name, hw in step_model.GPUS.items()

@@ -150,7 +150,8 @@ def classify_summary(directory: epath.Path) -> dict:
 # The frozen protocol: one k-NN and one linear classifier, for the encoder and for the pixels.
 def frozen_monitor(pretrain_config, num_train: int, num_eval: int):
   from mae_jax.evaluation import knn_monitor  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import pretrain, sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax.training.tasks import pretrain  # pylint: disable=import-outside-toplevel
+  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
   config = copy.deepcopy(pretrain_config)
   config.knn.num_train, config.knn.num_eval = num_train, num_eval
   config.batch_size = 512        # embedding only: larger batches, fewer dispatches
@@ -165,7 +166,7 @@ def frozen_scores(pretrain_config, pretrain_dir: epath.Path, num_train: int, num
   import jax  # pylint: disable=import-outside-toplevel
   from mae_jax import models  # pylint: disable=import-outside-toplevel
   from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  from mae_jax import sharding  # pylint: disable=import-outside-toplevel
   model, monitor = frozen_monitor(pretrain_config, num_train, num_eval)
   on_mesh = lambda params: jax.device_put(params, sharding.replicated(monitor.mesh))
   _, step, params = export.restore_pretrain_params(str(pretrain_dir))

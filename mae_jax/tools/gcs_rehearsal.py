@@ -101,8 +101,8 @@ class LocalGCS:
   """A local Cloud Storage server in a network namespace of its own; `command(argv)` runs argv
   there, with `environ()` as its environment. Files: ROOT/store/BUCKET/OBJECT (the server's,
   readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json, ROOT/requests.log
-  (one line per request the front answered: "METHOD /path?query STATUS", STATUS "-" for a
-  dropped connection)."""
+  (one line per request the front answered: "METHOD /path?query STATUS BYTES", STATUS "-" for a
+  dropped connection, BYTES the size of the request's body)."""
 
   def __init__(self, root: str, buckets=("rehearsal",), binary: str | None = None):
     self.root = os.path.abspath(root)
@@ -197,14 +197,16 @@ class LocalGCS:
   def clear_faults(self):
     self.set_faults()
 
-  def requests(self) -> list[tuple[str, str, str]]:
+  def requests(self, sizes: bool = False) -> list[tuple]:
     """(method, path with query, status) of every request answered so far, in order (the
-    OAuth token exchanges included; fault answers too, with their status)."""
+    OAuth token exchanges included; fault answers too, with their status); with `sizes`, the
+    size of each request's body too (an upload's bytes)."""
     try:
       with open(os.path.join(self.root, "requests.log")) as f:
-        return [tuple(line.split(" ")) for line in f.read().splitlines() if line.count(" ") == 2]
+        lines = [line.split(" ") for line in f.read().splitlines() if line.count(" ") == 3]
     except FileNotFoundError:
       return []
+    return [(m, p, s, int(n)) if sizes else (m, p, s) for m, p, s, n in lines]
 
   def objects(self, bucket: str, prefix: str = "") -> list[str]:
     """The object names in `bucket` under `prefix`, read from the server's files (not through
@@ -390,9 +392,9 @@ class _TlsFront(http.server.ThreadingHTTPServer):
     import traceback  # pylint: disable=import-outside-toplevel
     self.log.write(f"front: connection from {client_address}:\n{traceback.format_exc()}")
 
-  def record(self, method: str, path: str, status):
+  def record(self, method: str, path: str, status, body_bytes: int):
     with self._lock:
-      self.requests.write(f"{method} {path.replace(' ', '%20')} {status}\n")
+      self.requests.write(f"{method} {path.replace(' ', '%20')} {status} {body_bytes}\n")
 
   def fault_for(self, request_line: str) -> dict | None:
     with self._lock:
@@ -433,6 +435,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _pass_on(self):
     body = self._read_body()
+    self.body_bytes = len(body or b"")
     path = self.path.split("?")[0]
     if self.command == "POST" and path in _TOKEN_PATHS:
       return self._answer(200, [("Content-Type", "application/json")], json.dumps(
@@ -449,7 +452,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.server.log.write(f"fault {fault} for {self.command} {self.path}\n")
       time.sleep(fault.get("delay_s", 0))
       if fault.get("drop"):  # as a stopped server: the connection closes with no answer
-        self.server.record(self.command, self.path, "-")
+        self.server.record(self.command, self.path, "-", self.body_bytes)
         self.close_connection = True
         return None
       if fault.get("status"):
@@ -469,7 +472,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       data = answer.read()
     except OSError as err:  # fake-gcs-server stopped: the client sees the connection drop
       self.server.log.write(f"front: {self.command} {self.path}: {err}\n")
-      self.server.record(self.command, self.path, "-")
+      self.server.record(self.command, self.path, "-", self.body_bytes)
       self.close_connection = True
       return None
     # fake-gcs-server speaks plain HTTP behind this front, so its upload session URLs do too.
@@ -497,7 +500,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     return None
 
   def _answer(self, status: int, headers, data: bytes):
-    self.server.record(self.command, self.path, status)
+    self.server.record(self.command, self.path, status, self.body_bytes)
     self.send_response_only(status)
     for key, value in headers:
       self.send_header(key, value)

@@ -14,6 +14,8 @@ only the meshes are compared.
 """
 import dataclasses
 
+from mae_jax import hardware
+
 GIB = 2 ** 30
 # The input pipeline's measured rate on one core, and where it was measured (benchmarks/README.md,
 # the input benchmark's entry).
@@ -178,14 +180,13 @@ def table(ranked: list, given: Candidate | None) -> str:
 def input_check(report: dict, images_per_core: float = 0.0) -> str:
   """Whether one host's input pipeline keeps up with the step: the images/s per host the
   model's step needs against the measured images/s per core times the host's vCPUs."""
-  from mae_jax.tpu import slices  # pylint: disable=import-outside-toplevel
   per_core = images_per_core or INPUT_IMAGES_PER_CORE
   needed = report["global_batch"] / report["model_step_s"] / report["hosts"]
   cores = needed / per_core
   line = (f"Input: the step needs {needed:,.0f} images/s per host ({report['hosts']} hosts); at "
           f"{per_core:g} images/s per core (pre-training augmentation of JPEGs, "
           f"{'given' if images_per_core else INPUT_MEASURED}) that is {cores:,.0f} host cores")
-  vcpus = slices.get(report["topology"]).generation.host_vcpus
+  vcpus = hardware.get(report["topology"]).generation.host_vcpus
   if not vcpus:
     return line + "; this generation's host vCPUs are not in the slice table: compare yourself."
   verdict = "keeps up" if cores <= vcpus else "does NOT keep up: the input will bound the step"

@@ -36,7 +36,8 @@ import re
 
 import numpy as np
 
-from mae_jax.tpu import hlo, slices
+from mae_jax import hardware
+from mae_jax.tpu import hlo
 
 # Part of the compile cache's key (mae_jax.tpu.aot): a new summary format compiles again.
 SUMMARY_VERSION = "step_model 2"
@@ -237,7 +238,7 @@ class Hardware:
   source: str = ""
 
 
-def hardware_of(generation: slices.Generation) -> Hardware:
+def hardware_of(generation: hardware.Generation) -> Hardware:
   """A TPU generation's row of the slice table, per device (sources in mae_jax.tpu.slices)."""
   return Hardware(generation.name, generation.peak_flops_per_device,
                   generation.hbm_bandwidth_per_device, generation.ici_link_bandwidth,

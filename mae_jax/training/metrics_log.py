@@ -15,8 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mae_jax import paths
-from mae_jax.training import checkpointing
+from mae_jax import checkpointing, paths
 
 
 def summarise(pending: list) -> dict:

@@ -12,7 +12,7 @@ import json
 from absl import logging
 from etils import epath
 
-from mae_jax.training import checkpointing
+from mae_jax import checkpointing
 
 # What a plan file holds: the fields of a compile report the comparison needs.
 FIELDS = ("topology", "model", "global_batch", "mesh", "remat", "grad_accum_steps",

@@ -105,6 +105,7 @@ def configure_store_retries():
     os.environ.setdefault(key, value)
   spec = os.environ.get(TENSORSTORE_RETRIES_ENV)
   if spec:
+    # Here, not at the top: a private module of orbax, imported only when a rehearsal asks for it.
     from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
     retries = json.loads(spec)
     for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access

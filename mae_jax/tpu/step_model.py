@@ -239,11 +239,11 @@ class Hardware:
 
 
 def hardware_of(generation: hardware.Generation) -> Hardware:
-  """A TPU generation's row of the slice table, per device (sources in mae_jax.tpu.slices)."""
+  """A TPU generation's row of the slice table, per device (sources in mae_jax.hardware)."""
   return Hardware(generation.name, generation.peak_flops_per_device,
                   generation.hbm_bandwidth_per_device, generation.ici_link_bandwidth,
                   generation.devices_per_chip, generation.torus_wraps_at,
-                  "Google's published peak dense bf16, HBM and ICI figures (mae_jax.tpu.slices)")
+                  "Google's published peak dense bf16, HBM and ICI figures (mae_jax.hardware)")
 
 
 # One GPU, published dense bf16 peak and HBM bandwidth (NVIDIA's H100 and H200 SXM data

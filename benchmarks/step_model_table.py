@@ -56,7 +56,7 @@ def _priced(report: dict, summary: dict, compute_eff: float = 1.0, hbm_eff: floa
 def load(name: str) -> dict | None:
   """The report of a stored compile, priced again by the model (None if not stored)."""
   path = os.path.join(DIR, name)
-  if not os.path.exists(path + ".jsonl"):
+  if not os.path.exists(path + ".summary.json.gz"):  # a plan's ranking (choose_*) has none
     return None
   with open(path + ".jsonl") as f:
     report = json.loads(f.readline())

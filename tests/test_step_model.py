@@ -248,3 +248,24 @@ ENTRY %main (x: f32[1024]) -> f32[1024] {
   assert [op[:2] for op in summary["ops"]] == [["collective", "all-reduce"], ["done", "cs"]]
   priced = step_model.price(summary, HW)
   assert priced["model_step_s"] == pytest.approx(2 * 4096 * 3 / 4 / 1e9)
+
+
+def test_the_tpu_reduce_scatter_fusion_is_placed_by_its_inner_all_reduce():
+  text = """
+%all-reduce-scatter.1 (p: f32[1024]) -> f32[256] {
+  %p = f32[1024]{0} parameter(0)
+  %ar = f32[1024]{0} all-reduce(%p), replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %s = f32[256]{0} dynamic-slice(%ar, %i), dynamic_slice_sizes={256}
+}
+
+ENTRY %main (x: f32[1024]) -> f32[256] {
+  %x = f32[1024]{0} parameter(0)
+  ROOT %rs = f32[256]{0} fusion(%x), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+  summary = step_model.summarize(text, LINE_OF_4)
+  [[kind, what, size, placed, _, _]] = summary["ops"]
+  assert (kind, what, size, placed["size"]) == ("collective", "reduce-scatter", 4096, 4)
+  assert summary["unknown_ops"] == {}
+  priced = step_model.price(summary, HW)
+  assert priced["model_step_s"] == pytest.approx(4096 * 3 / 4 / 1e9)

@@ -40,7 +40,7 @@ from mae_jax import hardware
 from mae_jax.tpu import hlo
 
 # Part of the compile cache's key (mae_jax.tpu.aot): a new summary format compiles again.
-SUMMARY_VERSION = "step_model 2"
+SUMMARY_VERSION = "step_model 3"
 # Ops that move or compute nothing themselves (their -done halves: the -start carries the cost).
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "partition-id",
          "replica-id", "after-all", "opt-barrier", "add-dependency", "copy-done", "async-done",
@@ -123,8 +123,13 @@ def summarize(hlo_text: str, layout: list | None = None) -> dict:
           ops.append(["done", open_async.pop(ins.operands[0])])
         continue
       if op == "fusion" and hlo.attr(ins.attrs, "calls") in scatter_bodies:
-        collective("reduce-scatter", ins, hlo.array_bytes(ins.shape) * _scatter_factor(
-            computations, hlo.attr(ins.attrs, "calls")), mult, None)
+        # The TPU's reduce-scatter: a fusion around an all-reduce, which holds the groups; it
+        # returns the shard, so its input is the shard times the group.
+        inner = next((i for i in computations[hlo.attr(ins.attrs, "calls")]
+                      if i.op == "all-reduce"), ins)
+        groups = hlo.replica_groups(inner.attrs, devices) or [[0]]
+        collective("reduce-scatter", inner, hlo.array_bytes(ins.shape) * len(groups[0]), mult,
+                   None)
         continue
       if op in ("async-start", "call-start"):
         # An async wrapper: on TPU7x the gradient all-reduces run on the SparseCores as a
@@ -199,15 +204,6 @@ def _dma_bytes(shape: str) -> float:
   moved = [hlo.array_bytes(m.group(0), padded=True) for m in hlo.ARRAY.finditer(shape)
            if re.search(r"S\((?!0\))", m.group(3) or "") and hlo.ints(m.group(2))]
   return sum(moved) if moved else hlo.array_bytes(shape, hbm_only=True, padded=True) / 2
-
-
-def _scatter_factor(computations: dict, body: str) -> int:
-  """A TPU reduce-scatter fusion returns the shard: its input is the shard times the group."""
-  for ins in computations.get(body, []):
-    if ins.op == "all-reduce":
-      groups = hlo.replica_groups(ins.attrs, 0) or [[0]]
-      return max(1, len(groups[0]))
-  return 1
 
 
 def _collective_bytes(kind: str, shape: str, shapes: dict, operands: list,

@@ -99,11 +99,11 @@ def pretrained(tmp_path_factory):
 def local_gcs(tmp_path_factory):
   """The local Cloud Storage server, once per test process; each test writes under a prefix of
   its own."""
-  from mae_jax.tools import gcs_rehearsal  # pylint: disable=import-outside-toplevel
+  from mae_jax.testing import local_gcs  # pylint: disable=import-outside-toplevel
   from tests.helpers import GCS_BUCKET  # pylint: disable=import-outside-toplevel
   try:
-    server = gcs_rehearsal.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [GCS_BUCKET]).start()
-  except gcs_rehearsal.RehearsalError as err:
+    server = local_gcs.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [GCS_BUCKET]).start()
+  except local_gcs.RehearsalError as err:
     pytest.fail(str(err), pytrace=False)
   yield server
   server.stop()

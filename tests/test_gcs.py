@@ -1,5 +1,5 @@
 """gs:// as a pod uses it: the real clients (TensorFlow's gfile, tensorstore, orbax) against a local
-Cloud Storage server in a network namespace of its own (mae_jax.tools.gcs_rehearsal).
+Cloud Storage server in a network namespace of its own (mae_jax.testing.local_gcs).
 
 What landed in the bucket is read from the server's own files, not through the clients under
 test. The store's faults, kill -9 and a pod's SIGTERM on gs:// are in tests/test_gcs_faults.py.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax.tools import gcs_rehearsal
+from mae_jax.testing.local_gcs import LocalGCS, RehearsalError, buckets_in
 from tests.helpers import GCS_BUCKET as BUCKET
 from tests.helpers import (MODEL, REPO, gcs_losses, gcs_pretrain_command, gcs_python, jpeg,
                            write_imagenet_tars)
@@ -80,8 +80,8 @@ def test_the_clients_reach_only_the_local_server_and_round_trip_there(local_gcs)
 
 def test_missing_server_binary_is_named_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setenv("MAE_JAX_FAKE_GCS_SERVER", str(tmp_path / "absent"))
-  with pytest.raises(gcs_rehearsal.RehearsalError, match="not an executable file"):
-    gcs_rehearsal.LocalGCS(str(tmp_path)).start()
+  with pytest.raises(RehearsalError, match="not an executable file"):
+    LocalGCS(str(tmp_path)).start()
   done = subprocess.run([sys.executable, "-m", "mae_jax.tools.gcs_rehearsal", "--", "true"],
                         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
   assert done.returncode == 1
@@ -96,7 +96,7 @@ def test_command_line_needs_a_command():
 
 def test_buckets_named_by_the_command():
   argv = ["--workdir=gs://runs/mae/1", "--config.data.data_dir=gs://data-eu/tfds", "gs://runs/x"]
-  assert gcs_rehearsal.buckets_in(argv) == ["runs", "data-eu"]
+  assert buckets_in(argv) == ["runs", "data-eu"]
 
 
 def _event_tags(path: str) -> set:

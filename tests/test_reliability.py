@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mae_jax.studies import preemption_trials
+from mae_jax.testing import preemption
 from mae_jax.training import checkpointing, config_checks, downstream, pretrain, sharding, trainer
 from tests.helpers import REPO, losses, parse, tiny_config
 
@@ -541,12 +541,12 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 def preempted_pod(workdir, caches, target, moment, first_step):
   """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
   (the same step saved by both, no earlier than `first_step`) and returns that step."""
-  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
+  result = preemption.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
                                      launcher=os.path.join(REPO, "launch", "local.sh"))
   logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
                  for i in range(2))
   # Exit 0: every process ended by itself, before local.sh's SIGKILL.
-  assert result["rc"] == 0 and result["seconds"] < preemption_trials.GRACE_S, (result, logs)
+  assert result["rc"] == 0 and result["seconds"] < preemption.GRACE_S, (result, logs)
   saved = set(result["saved"].values())
   assert len(result["saved"]) == 2 and len(saved) == 1 and None not in saved, (result, logs)
   [step] = saved
@@ -566,4 +566,4 @@ def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(
   for step in (2, 4, 6, 8):
     shutil.copytree(os.path.join(reference[0], "checkpoints", str(step)),
                     workdir / "checkpoints" / str(step))
-  preempted_pod(workdir, caches, "one", preemption_trials.once_resumed, first_step=9)
+  preempted_pod(workdir, caches, "one", preemption.once_resumed, first_step=9)

@@ -31,10 +31,9 @@ def prepare(coordinator_address=None, num_processes=None, process_id=None,
   """Quiet orbax, keep TensorFlow off the accelerators, join the other hosts if there are any."""
   for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
-  # Hide accelerators from TensorFlow: tf.data only runs on the host.
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+  # TensorFlow loads only once a command runs, so that --help and flag errors stay quick.
+  from mae_jax.data import sources  # pylint: disable=import-outside-toplevel
+  sources.hide_accelerators_from_tf()
   initialize_distributed(coordinator_address, num_processes, process_id,
                          heartbeat_timeout_seconds)
   import jax  # pylint: disable=import-outside-toplevel

@@ -17,9 +17,9 @@ from mae_jax.data.pipeline import (MODES, DataIterator, check_global_batch, crea
                                    create_iterator, default_sharding, epoch_permutation,
                                    num_eval_steps, rows_for_process, rows_for_sharding)
 from mae_jax.data.pipeline import steps_per_epoch as _steps_per_epoch
+from mae_jax.data.prepare import prepare_fashion_mnist, prepare_imagenet2012
 from mae_jax.data.shards import DamagedShardError
-from mae_jax.data.sources import (Source, hide_accelerators_from_tf, open_source,
-                                  prepare_fashion_mnist, prepare_imagenet2012, split_info)
+from mae_jax.data.sources import Source, hide_accelerators_from_tf, open_source, split_info
 
 
 def num_examples(cfg, split: str | None = None) -> int:

@@ -83,7 +83,8 @@ def main(argv):
     if FLAGS.seeds != 1:
       study.run_seeds(workdir, pretrain, finetune, FLAGS.seeds, **options)
     else:
-      study.run_study(workdir, pretrain, finetune, sweep=FLAGS.sweep, partial=FLAGS.partial, **options)
+      study.run_study(workdir, pretrain, finetune, sweep=FLAGS.sweep, partial=FLAGS.partial,
+                      **options)
   except stages.Interrupted as stopped:
     logging.warning("Stopped during %s (SIGTERM); run the same command again to go on.", stopped)
 

@@ -94,7 +94,8 @@ def _seeds_markdown(results: dict) -> str:
     cells = [_pct(summary[name]["values"][i]) for name in seeds.SEED_METRICS]
     rows.append(f"| {seed} | " + " | ".join(cells) +
                 f" | {results['seeds'][seed]['total_seconds'] / 60:.1f} min |")
-  cells = [f"{_pct(summary[name]['mean'])} ± {_pct(summary[name]['std'])}" for name in seeds.SEED_METRICS]
+  cells = [f"{_pct(summary[name]['mean'])} ± {_pct(summary[name]['std'])}"
+           for name in seeds.SEED_METRICS]
   rows.append(f"| mean ± std ({len(seeds)} seeds) | " + " | ".join(cells) + " | |")
   every = "yes" if summary["mae_above_random_in_every_seed"] else "no"
   return ("\n".join(rows) + f"\n\nTop-1 in %. MAE above random init in every seed: {every}. "

@@ -17,13 +17,7 @@ def resolve(path):
 def write_atomically(path, text: str) -> None:
   """Writes `text` to a temporary sibling, then renames it over `path`: a kill leaves the old
   file or the new one, whole, never half of it. Local or gs://."""
-  if is_remote(path):
-    target = resolve(path)
-    partial = target.parent / (target.name + ".tmp")
-    partial.write_text(text)
-    partial.replace(target)
-    return
-  partial = f"{os.fspath(path)}.tmp"
-  with open(partial, "w") as f:
-    f.write(text)
-  os.replace(partial, path)
+  path = resolve(path)
+  partial = path.parent / (path.name + ".tmp")
+  partial.write_text(text)
+  partial.replace(path)

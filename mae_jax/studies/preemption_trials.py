@@ -24,8 +24,8 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from mae_jax.testing import preemption
-from mae_jax.testing.preemption import LAUNCHER, losses, max_relative_difference
+from mae_jax.testing import pod_preemption
+from mae_jax.testing.pod_preemption import LAUNCHER, losses, max_relative_difference
 
 # The run of each task: a test-size model, a checkpoint every 5 steps (so that a signal often
 # lands during an async save), one line of metrics per step.
@@ -82,24 +82,25 @@ def main(argv):
     args = main_args(FLAGS.task, workdir, cache)
     kind = trial % 3
     if kind == 0:
-      moment = preemption.after_step(int(rng.integers(2, total - 4)), float(rng.uniform(0, 1)))
+      moment = pod_preemption.after_step(int(rng.integers(2, total - 4)),
+                                         float(rng.uniform(0, 1)))
     elif kind == 1:  # while the async save of a checkpoint step is being written
-      moment = preemption.as_save_begins(int(rng.integers(1, total // every - 1)) * every)
+      moment = pod_preemption.as_save_begins(int(rng.integers(1, total // every - 1)) * every)
     else:  # a relaunch of the unbroken run from one of its checkpoints, before its first step
       resume_from = int(rng.integers(1, total // every)) * every
       for step in range(every, resume_from + 1, every):
         shutil.copytree(os.path.join(reference, "checkpoints", str(step)),
                         os.path.join(workdir, "checkpoints", str(step)))
       shutil.copy(os.path.join(reference, "metrics.jsonl"), workdir)
-      moment = preemption.once_resumed
+      moment = pod_preemption.once_resumed
     try:
-      result = preemption.preempt(args, workdir, FLAGS.target, moment, FLAGS.launcher)
+      result = pod_preemption.preempt(args, workdir, FLAGS.target, moment, FLAGS.launcher)
     except RuntimeError as err:  # the pod ended, or never reached the moment: a failed trial
       rows.append({"trial": trial, "error": str(err)})
       print(json.dumps(rows[-1]), flush=True)
       continue
-    command, checkout = preemption.local_pod(args, FLAGS.launcher)
-    relaunch = subprocess.run(command, cwd=checkout, env=preemption.launch_env(),
+    command, checkout = pod_preemption.local_pod(args, FLAGS.launcher)
+    relaunch = subprocess.run(command, cwd=checkout, env=pod_preemption.launch_env(),
                               capture_output=True, text=True)
     result.update(relaunch_rc=relaunch.returncode,
                   loss_difference=max_relative_difference(losses(workdir), expected))

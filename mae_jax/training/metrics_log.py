@@ -16,7 +16,6 @@ import numpy as np
 from etils import epath
 
 from mae_jax import paths
-from mae_jax.training import checkpointing
 
 
 def summarise(pending: list) -> dict:
@@ -89,7 +88,7 @@ class MetricsLog:
       else:
         dropped += 1
     if dropped:
-      checkpointing.write_atomically(self.path, "".join(kept))
+      paths.write_atomically(self.path, "".join(kept))
       self._written = "".join(kept)
       logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
                       "run resumes from; the resumed run writes those steps again.", self.path,

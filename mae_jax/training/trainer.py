@@ -36,12 +36,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   of every logged metric and evaluation, and whether a preemption stopped the run."""
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check(config, jax.process_count(), jax.device_count())
-  checkpointing.configure_store_retries()  # before the first gs:// access
+  store_retries.configure()  # before the first gs:// access
   workdir = paths.resolve(workdir)  # a relative local workdir: from the current directory
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
-    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+    paths.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
   # --- Mesh.

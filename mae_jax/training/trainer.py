@@ -22,7 +22,7 @@ from clu import metric_writers, periodic_actions
 
 from mae_jax import data, paths
 from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
-                              preemption, pretrain, sharding)
+                              preemption, pretrain, sharding, store_retries)
 
 TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
 

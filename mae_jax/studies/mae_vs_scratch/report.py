@@ -5,7 +5,8 @@ from absl import logging
 from etils import epath
 
 from mae_jax.evaluation.knn_monitor import FEATURES
-from mae_jax.studies.mae_vs_scratch import plots, seeds
+from mae_jax.studies.mae_vs_scratch import plots
+from mae_jax.studies.mae_vs_scratch.seeds import SEED_METRICS
 from mae_jax.studies.mae_vs_scratch.stages import stage_seconds
 
 
@@ -87,15 +88,15 @@ def _sweep_table(sweep):
 
 def _seeds_markdown(results: dict) -> str:
   seeds, summary = list(results["seeds"]), results["summary"]
-  header = ["seed"] + [label for label, _ in seeds.SEED_METRICS.values()] + ["wall time"]
+  header = ["seed"] + [label for label, _ in SEED_METRICS.values()] + ["wall time"]
   rows = ["| " + " | ".join(header) + " |",
           "|" + "---|" * len(header)]
   for i, seed in enumerate(seeds):
-    cells = [_pct(summary[name]["values"][i]) for name in seeds.SEED_METRICS]
+    cells = [_pct(summary[name]["values"][i]) for name in SEED_METRICS]
     rows.append(f"| {seed} | " + " | ".join(cells) +
                 f" | {results['seeds'][seed]['total_seconds'] / 60:.1f} min |")
   cells = [f"{_pct(summary[name]['mean'])} ± {_pct(summary[name]['std'])}"
-           for name in seeds.SEED_METRICS]
+           for name in SEED_METRICS]
   rows.append(f"| mean ± std ({len(seeds)} seeds) | " + " | ".join(cells) + " | |")
   every = "yes" if summary["mae_above_random_in_every_seed"] else "no"
   return ("\n".join(rows) + f"\n\nTop-1 in %. MAE above random init in every seed: {every}. "

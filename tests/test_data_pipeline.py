@@ -27,7 +27,7 @@ def cfg(tmp_path_factory):
   c.data_dir = str(tmp_path_factory.mktemp("tfds"))
   c.num_threads = 2
   c.download = False
-  data.prepare_fashion_mnist(c)   # once for the module: ~25 s on 2 cores
+  data.prepare_fashion_mnist(c)   # once for the module: the slowest step of these tests
   return c
 
 

@@ -211,8 +211,8 @@ def test_a_run_on_gs_through_store_faults_failed_saves_and_kill9_ends_as_the_unb
   assert _committed(local_gcs, prefix) == [5, 10, 15]
   assert _steps_a_reader_sees(local_gcs, prefix) == [5, 10, 15]
   # metrics.jsonl: written whole before each save (5, 10, 15, 20, and 25's, which found step 20's
-  # failed), never read back. (Before the fix: a download and an upload of the whole file per
-  # log line.) The lines up to step 25 are there; a relaunch writes those after 15 again.
+  # failed), never read back: no download and no upload per log line. The lines up to step 25
+  # are there; a relaunch writes those after 15 again.
   downloads, uploads = metrics_requests(answered)
   assert not downloads, downloads
   assert len(uploads) == 5, uploads

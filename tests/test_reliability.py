@@ -386,8 +386,9 @@ def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, referenc
   shutil.copytree(os.path.join(reference[0], "checkpoints", "2"), checkpoints / "2")
   subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)], check=True)
   start = time.time()
-  # orbax used to make the step directory in the background: its writer threads then waited 5
-  # minutes for it before the process could exit.
+  # The step directory is made before save() returns (checkpointing.create_manager): made in
+  # the background, its failure would leave orbax's writer threads waiting for it, and the
+  # process could not exit within the timeout.
   result = subprocess.run(command(workdir, caches), cwd=REPO,
                           capture_output=True, text=True, timeout=240)
   seconds = time.time() - start

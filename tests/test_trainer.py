@@ -92,7 +92,8 @@ def test_pretraining_skips_nonfinite_steps_then_stops(tmp_path, monkeypatch):
 
 
 def test_finetuning_with_an_absurd_learning_rate_stops_and_saves_only_finite_weights(tmp_path):
-  """Before the one driver, this run logged a NaN loss, saved NaN weights and exited 0."""
+  """Fine-tuning goes through the same guard as pre-training: no NaN loss logged, no NaN
+  weights saved, and an error that names the fix instead of exit status 0."""
   workdir = str(tmp_path / "ft")
   with pytest.raises(trainer.NonFiniteError, match=r"3 consecutive steps .* Lower base_lr"):
     trainer.run(_classify_config(finetune_config, base_lr=1e9), workdir)

@@ -93,8 +93,8 @@ def create_manager(workdir: str, every_steps: int, keep: int) -> CheckpointManag
       preservation_policy=policies.LatestN(keep),
       enable_async_checkpointing=True,
       # The step directory is made before save() returns: made in the background, a failure
-      # (read-only or unwritable directory) left orbax's writer threads waiting minutes for it,
-      # and the process could not exit.
+      # (read-only or unwritable directory) would leave orbax's writer threads waiting minutes
+      # for it, and the process could not exit.
       async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
       cleanup_tmp_directories=True,
   )

@@ -2,8 +2,8 @@
 process 0 writes it.
 
 On a local disk every line is appended as it comes. An object store (gs://) cannot append: each
-append downloaded and re-uploaded the whole object, two requests and the whole file per log line,
-quadratic over a long run. There the lines wait in memory and are written at the trainer's flush
+append would download and re-upload the whole object, two requests and the whole file per log
+line, quadratic over a long run. There the lines wait in memory and are written at the trainer's flush
 points, before every checkpoint save and at the end: one upload of the file (known in memory, never
 read back) per checkpoint. A kill loses only lines of steps after the newest flush, which the
 relaunch, resuming from a checkpoint no newer than it, computes and writes again; a flush that

@@ -78,6 +78,7 @@ def test_the_clients_reach_only_the_local_server_and_round_trip_there(local_gcs)
   assert not [name for name in saved if name.startswith("roundtrip/ckpt/6/")]
 
 
+@pytest.mark.slow
 def test_missing_server_binary_is_named_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setenv("MAE_JAX_FAKE_GCS_SERVER", str(tmp_path / "absent"))
   with pytest.raises(RehearsalError, match="not an executable file"):
@@ -88,6 +89,7 @@ def test_missing_server_binary_is_named_with_the_fix(tmp_path, monkeypatch):
   assert done.stderr.strip().splitlines()[-1].startswith("gcs_rehearsal: fake-gcs-server at ")
 
 
+@pytest.mark.slow
 def test_command_line_needs_a_command():
   done = subprocess.run([sys.executable, "-m", "mae_jax.tools.gcs_rehearsal"], cwd=REPO,
                         capture_output=True, text=True, timeout=60, check=False)

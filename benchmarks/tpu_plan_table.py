@@ -12,7 +12,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=wrong-import-position
 from mae_jax.tools.scaling import markdown
-from mae_jax.tpu import choose, slices
+from mae_jax import hardware
+from mae_jax.tpu import choose
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GIB = 2 ** 30
@@ -21,7 +22,7 @@ TABLE2 = (("t2_vit_large_dec8", "ViT-L, decoder 8 blocks", 15.4),
           ("t2_vit_large_mask_tokens", "ViT-L w/ [M] (encoder on all tokens), decoder 8", 42.4),
           ("t2_vit_large_dec1", "ViT-L, decoder 1 block", 11.6),
           ("t2_vit_huge_dec8", "ViT-H, decoder 8 blocks", 34.5))
-V3_128_CHIPS = slices.get("v3-128").chips
+V3_128_CHIPS = hardware.get("v3-128").chips
 MODELS = (("vit_large", "ViT-L/16"), ("vit_huge", "ViT-H/14"))
 CURRENT = ("v5p-128", "tpu7x-128", "v6e-256", "v5litepod-256")
 
@@ -30,7 +31,7 @@ def with_chips(r: dict) -> dict:
   """Rows compiled before the report had chips get them, and chip-hours, from the slice table."""
   if "chips" in r or "error" in r:
     return r
-  chips = slices.get(r["topology"]).chips
+  chips = hardware.get(r["topology"]).chips
   hours = r.get("est_hours")
   return {**r, "chips": chips, "est_chip_hours": None if hours is None else hours * chips}
 
@@ -100,6 +101,36 @@ def choices(runs: dict) -> list:
                 "load average 4-10 during these compiles):", ""] + details
 
 
+def multi_slice(runs: dict) -> list:
+  """The compiles of several slices: what crosses the data-center network per step."""
+  out = ["## Several slices (multi-slice)", "",
+         "`python -m mae_jax.tools.scaling --topology=SLICE --num_slices=N --config=...`: libtpu's "
+         "deviceless topology of N slices, the mesh's outermost `dcn` axis over them. The TPU "
+         "compiler splits a collective over several slices into collectives within each slice "
+         "and host transfers between slices (Megascale sends); cross-slice bytes are those "
+         "sends' payloads per device and step, by kind: the compiler's program, not a "
+         "measurement of the network.", "",
+         "| compile | slices | mesh (dcn x data x fsdp) | global batch | required / HBM GiB per "
+         "device | within a slice: all-reduce, reduce-scatter, all-gather (count, GB per device) "
+         "| cross-slice sends | cross-slice MB per device per step | cross-slice GB per step, all "
+         "devices | compile s |", "|" + "---|" * 10]
+  for name, rows in sorted(runs.items()):
+    for r in rows:
+      if r.get("slices", 1) == 1 or "error" in r:
+        continue
+      c, x, m = r["collectives"], r["cross_slice"], r["mesh"]
+      within = ", ".join(f"{c[k]['count']} ({c[k]['bytes'] / 1e9:.2f})"
+                         for k in ("all-reduce", "reduce-scatter", "all-gather"))
+      sends = ", ".join(f"{k} {v['count']}" for k, v in x["by_kind"].items())
+      out.append(
+          f"| `{name}` | {r['slices']} x {r['topology']} | {m['dcn']} x {m['data']} x {m['fsdp']} "
+          f"| {r['global_batch']} | {r['memory_per_device']['required'] / GIB:.2f} / "
+          f"{r['hbm_per_device'] / GIB:.2f} | {within} | {sends} | "
+          f"{x['bytes_per_device'] / 1e6:.1f} | {x['bytes_per_device'] * r['devices'] / 1e9:.2f} "
+          f"| {r['compile_s']:.0f} |")
+  return out
+
+
 def repeated(runs: dict) -> list:
   """Plans asked again (benchmarks/tpu_plan/repeated_plans.json, measured by hand): every
   candidate came from the compile cache."""
@@ -134,7 +165,7 @@ def main():
          "(`optimal_seconds`): estimates, not measurements. The v3 rows were compiled with jax "
          "0.10.2 + libtpu 0.0.42 (2-core Intel Xeon, load average 5-15), the v5e, v5p, v6e and "
          "TPU7x rows with jax 0.12.0.1 + libtpu 0.0.50.1 (2-core AMD EPYC, shared).", ""]
-  out += table2(runs) + [""] + choices(runs) + repeated(runs) + [""]
+  out += table2(runs) + [""] + choices(runs) + multi_slice(runs) + [""] + repeated(runs) + [""]
   out += ["## Every compile", "", "Each named by its file in `benchmarks/tpu_plan/` (the "
           "commands are in `benchmarks/tpu_plan.sh`):", "",
           markdown([{**with_chips(r), "model": f"{r['model']} (`{name}`)"}

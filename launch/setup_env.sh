@@ -3,14 +3,19 @@
 #   bash launch/setup_env.sh          # the package and the embedded Fashion-MNIST data
 #   bash launch/setup_env.sh --tpu    # also libtpu (jax[tpu]): runs on TPU VMs, and compiles
 #                                     # TPU programs anywhere (mae_jax.tools.scaling --topology)
-#   bash launch/setup_env.sh --test   # also pytest, libtpu, the tests' PyTorch reference, and
-#                                     # the local Cloud Storage server of the gs:// tests
+#   bash launch/setup_env.sh --test   # also pytest, libtpu, the tests' PyTorch reference, the
+#                                     # local Cloud Storage server of the gs:// tests, and the
+#                                     # venvs of the oldest JAX and of the GPU machine's image
 # mae_jax goes into the active venv ($VIRTUAL_ENV, as launch/tpu.sh makes on TPU workers) when
 # its Python is 3.12 or newer, else into .venv here, made from the first Python 3.12+ found:
 # $PYTHON, python3.12, python3.13, python3, then pyenv's. Run the jobs with .venv/bin/python.
 # The PyTorch reference (--test): .venv-torch, Python 3.11 with the CPU build of torch 2.13 and
 # transformers, run as a separate process by the parity tests; or set MAE_JAX_TORCH_PYTHON to
 # any Python that has torch and transformers.
+# Versions: constraints.txt pins what CI last tested (setup.py keeps its ranges open), so the
+# main job and the tests run on the same stack. --test also makes .venv-jax0.11 (the oldest JAX
+# setup.py accepts, for the quick tier: launch/run_tests.sh) and .venv-device (the GPU machine's
+# image, launch/device_image.txt) with the wheels it lacks in .whl/ (launch/device_wheels.sh).
 set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 with_test=0
@@ -76,14 +81,33 @@ else
   fi
 fi
 pip_install() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+constraints=$PWD/constraints.txt
 extras=()
 [ "$with_test" -eq 1 ] && extras+=(test)
 # libtpu of the jax version installed (the extra pins jax[tpu] to the same range as jax).
 [ "$with_tpu" -eq 1 ] && extras+=(tpu)
 if [ "${#extras[@]}" -gt 0 ]; then
-  pip_install -e ".[$(IFS=,; echo "${extras[*]}")]"
+  pip_install -c "$constraints" -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
-  pip_install -e .
+  pip_install -c "$constraints" -e .
+fi
+
+# new_venv DIR: a venv of Python 3.12+ at DIR (kept if it exists); its pip, quiet.
+new_venv() {
+  if [ ! -x "$1/bin/python" ]; then
+    "$(python_at 12 99)" -m venv "$1"
+  fi
+}
+if [ "$with_test" -eq 1 ]; then
+  # The oldest JAX of setup.py's range, with the rest of the lock: the quick tier runs there too.
+  new_venv .venv-jax0.11
+  grep -v -E '^(jax|jaxlib|libtpu)==' "$constraints" > .venv-jax0.11/constraints.txt
+  .venv-jax0.11/bin/python -m pip install -q --disable-pip-version-check \
+    -c .venv-jax0.11/constraints.txt "jax==0.11.2" "jaxlib==0.11.2" -e ".[test]"
+  # The GPU machine's image (no TensorFlow, no ml-collections), and the wheels it lacks.
+  new_venv .venv-device
+  .venv-device/bin/python -m pip install -q --disable-pip-version-check -r launch/device_image.txt
+  PYTHON="$venv/bin/python" bash launch/device_wheels.sh
 fi
 
 if [ "$with_test" -eq 1 ] && [ -z "${MAE_JAX_TORCH_PYTHON:-}" ]; then

@@ -6,7 +6,7 @@ from mae_jax.tpu import presence as _presence
 
 # The floors of setup.py, checked here too: an environment pip did not build (a copied venv, a
 # PYTHONPATH checkout) would otherwise fail later on a JAX API that moved. No jax import here.
-MIN_PYTHON, MIN_JAX = (3, 12), (0, 12)
+MIN_PYTHON, MIN_JAX = (3, 12), (0, 11)
 
 
 def _check_versions():
@@ -37,5 +37,6 @@ def load_encoder(path: str, model_name: str | None = None, allow_unsafe_pickle: 
   UnsafeCheckpointError unless `allow_unsafe_pickle=True` (only for files you trust).
   Imported on first call so that `import mae_jax` stays light. See `mae_jax.interop.export.load_encoder`.
   """
+  # Here, not at the top: `import mae_jax` would otherwise import flax, TensorFlow and orbax.
   from mae_jax.interop import export  # pylint: disable=import-outside-toplevel
   return export.load_encoder(path, model_name, allow_unsafe_pickle)

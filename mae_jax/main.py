@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # pylint: disable=g-import-not-at-top
 
 from mae_jax import configs, process  # pylint: disable=g-import-not-at-top
+from mae_jax.training import trainer  # pylint: disable=g-import-not-at-top
 
 configs.DEFINE_config_file("config", None, "Config file (path[:variant]); configs/<task>.py names "
                            "the packaged ones from any directory.")
@@ -32,7 +33,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   process.prepare(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                   FLAGS.heartbeat_timeout_seconds)
-  from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
   trainer.run(FLAGS.config, FLAGS.workdir)
 
 

@@ -110,3 +110,15 @@ def local_gcs(tmp_path_factory):
     pytest.fail(str(err), pytrace=False)
   yield server
   server.stop()
+
+
+@pytest.fixture(scope="session")
+def unbroken_pod_run(tmp_path_factory):
+  """helpers.POD_RUN trained in this process without a break: (workdir, its data cache); the
+  pod runs of the multi-slice and supervisor tests end with its losses."""
+  from mae_jax.training import trainer  # pylint: disable=import-outside-toplevel
+  from tests.helpers import POD_RUN, tiny_config  # pylint: disable=import-outside-toplevel
+  cache = str(tmp_path_factory.mktemp("pod_data_cache"))
+  workdir = str(tmp_path_factory.mktemp("unbroken_pod_run"))
+  trainer.run(tiny_config(**POD_RUN, **{"data.cache_dir": cache}), workdir)
+  return workdir, cache

@@ -20,6 +20,12 @@ from mae_jax.models import pos_embed as pos_embed_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "mae_vit_test_patch4"  # the smallest MAE: 2 blocks of 64 wide, patch 4
+# A run for pods of 2 processes of 4 CPU devices (8 in all, a (2, 4) mesh): 16 steps, a
+# checkpoint every 2 (conftest.unbroken_pod_run trains it in one process).
+POD_RUN = {"model.name": MODEL, "batch_size": 32, "total_steps": 16, "warmup_steps": 4,
+           "base_lr": 0.002, "log_every_steps": 1, "checkpoint_every_steps": 2,
+           "keep_checkpoints": 10, "figure_every_steps": 0, "eval_every_steps": 0,
+           "mesh.data": 2, "mesh.fsdp": 4, "peak_flops_per_device": 1e11}
 
 
 def tiny_config(**overrides):

@@ -17,11 +17,11 @@ def test_defaults_follow_the_official_recipe():
 
 def test_eval_split_follows_the_dataset_name():
   cfg = data.default_config()
-  assert data.resolve_split(cfg, None, "pretrain") == "train"
-  assert data.resolve_split(cfg, None, "eval") == "test"
+  assert data.resolve_split(cfg, None) == "train"
+  assert data.resolve_split(cfg, None, evaluation=True) == "test"
   cfg.name = "imagenet2012"        # as configs change `name` on the embedded default
-  assert data.resolve_split(cfg, "", "eval") == "validation"
-  assert data.resolve_split(cfg, "train[:1%]", "eval") == "train[:1%]"
+  assert data.resolve_split(cfg, "", evaluation=True) == "validation"
+  assert data.resolve_split(cfg, "train[:1%]", evaluation=True) == "train[:1%]"
 
 
 def test_check_config_names_the_field():

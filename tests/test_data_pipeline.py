@@ -92,8 +92,8 @@ def test_missing_fashion_mnist_says_apt_get(tmp_path, monkeypatch):
 def test_batches_have_the_documented_shapes_dtypes_and_ranges(cfg):
   lo = (0 - np.array(cfg.mean)) / np.array(cfg.std)
   hi = (1 - np.array(cfg.mean)) / np.array(cfg.std)
-  for mode in ("pretrain", "eval"):
-    batch = _host_batches(cfg, 1, mode=mode)[0]
+  for preprocess in (data.train_preprocess(cfg), data.eval_preprocess(cfg)):
+    batch = _host_batches(cfg, 1, preprocess=preprocess)[0]
     assert batch["image"].shape == (200, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
     assert batch["mask"].dtype == bool and batch["mask"].all()
@@ -195,8 +195,8 @@ def test_batch_divisibility_errors_name_the_numbers(cfg):
 
 
 def test_eval_iterator_makes_one_padded_pass_with_a_mask(cfg):
-  it = data.create_iterator(_small(cfg, "test[:1000]"), global_batch_size=192, mode="eval",
-                            with_index=True)
+  it = data.create_iterator(_small(cfg, "test[:1000]"), global_batch_size=192,
+                            preprocess=data.eval_preprocess(cfg), with_index=True)
   batches = list(it)
   assert len(batches) == len(it) == 6 and it.step == 6        # ceil(1000 / 192)
   assert set(batches[0]) == {"image", "label", "mask", "index"}
@@ -210,7 +210,8 @@ def test_eval_iterator_makes_one_padded_pass_with_a_mask(cfg):
 
 def test_finetune_mode_adds_randaugment_and_erasing(cfg):
   pre = _host_batches(cfg, 1, seed=0, global_batch_size=64)[0]
-  fine = _host_batches(cfg, 1, seed=0, global_batch_size=64, mode="finetune")[0]
+  fine = _host_batches(cfg, 1, seed=0, global_batch_size=64,
+                       preprocess=data.finetune_preprocess(cfg))[0]
   assert fine["image"].shape == (64, 32, 32, 3) and np.isfinite(fine["image"]).all()
   np.testing.assert_array_equal(fine["index"], pre["index"])   # same order, other augmentation
   # Random erasing writes N(0, 1) noise, which the 3 grayscale channels never agree on.
@@ -223,10 +224,13 @@ def test_finetune_without_per_image_ops_takes_the_batched_path_and_the_same_pixe
     cfg, monkeypatch):
   light = copy.deepcopy(cfg)
   light.finetune.randaugment_layers, light.finetune.reprob = 0, 0.0
-  assert pipeline.per_image_ops(cfg, "finetune") and not pipeline.per_image_ops(light, "finetune")
-  batched = _host_batches(light, 2, seed=0, global_batch_size=64, mode="finetune")
-  monkeypatch.setattr(pipeline, "per_image_ops", lambda *_: True)   # the per-image map
-  per_image = _host_batches(light, 2, seed=0, global_batch_size=64, mode="finetune")
+  assert data.finetune_preprocess(cfg).draws_per_image
+  assert not data.finetune_preprocess(light).draws_per_image
+  batched = _host_batches(light, 2, seed=0, global_batch_size=64,
+                          preprocess=data.finetune_preprocess(light))
+  monkeypatch.setattr(data.Preprocess, "draws_per_image", True)   # the per-image map
+  per_image = _host_batches(light, 2, seed=0, global_batch_size=64,
+                            preprocess=data.finetune_preprocess(light))
   for a, b in zip(batched, per_image):
     for key in ("image", "label", "index"):
       np.testing.assert_array_equal(a[key], b[key])

@@ -58,7 +58,7 @@ def test_image_folder_reads_every_format_and_skips_the_corrupt_file(folder):
   names = _paths(cfg)
   corrupt = names.index("corrupt.jpg")
   # Eval: one ordered pass, so every file is decoded once.
-  batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=16, mode="eval",
+  batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=16, preprocess=data.eval_preprocess(cfg),
                                         process_index=0, process_count=1).as_numpy_iterator()))
   assert batch["image"].shape == (16, 32, 32, 3) and np.isfinite(batch["image"]).all()
   skipped = batch["_skipped"][:15]
@@ -88,7 +88,8 @@ def test_a_corrupt_jpeg_is_replaced_counted_and_logged(folder, caplog):
 
 def test_strict_mode_stops_at_a_corrupt_jpeg(folder):
   cfg = _folder_cfg(folder, strict=True)
-  ds = data.create_dataset(cfg, "train", global_batch_size=15, mode="eval", process_index=0,
+  ds = data.create_dataset(cfg, "train", global_batch_size=15, preprocess=data.eval_preprocess(cfg),
+                           process_index=0,
                            process_count=1)
   with pytest.raises(Exception, match="(?i)jpeg|image"):
     next(iter(ds))
@@ -121,7 +122,8 @@ def test_imagenet2012_is_prepared_as_array_record_and_read(imagenet):
   assert data.num_examples(imagenet, "") == 4            # the validation split
   files = os.listdir(os.path.join(imagenet.data_dir, "imagenet2012", "5.1.0"))
   assert any(".array_record" in f for f in files)
-  batch = next(iter(data.create_dataset(imagenet, "train", global_batch_size=8, mode="eval",
+  batch = next(iter(data.create_dataset(imagenet, "train", global_batch_size=8,
+                                        preprocess=data.eval_preprocess(imagenet),
                                         process_index=0, process_count=1).as_numpy_iterator()))
   source = data.open_source(imagenet, "train")
   names = [source.describe(i) for i in range(7)]
@@ -149,7 +151,7 @@ def test_imagenet2012_missing_tars_say_where_to_put_which_file(tmp_path):
   assert "image-net.org" in message and "manual_dir" in message
   cfg.manual_dir = str(tmp_path / "mine")
   with pytest.raises(FileNotFoundError, match="mine/ILSVRC2012_img_val.tar"):
-    data.create_iterator(cfg, global_batch_size=8, mode="eval")
+    data.create_iterator(cfg, global_batch_size=8, preprocess=data.eval_preprocess(cfg))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,7 +211,8 @@ def test_a_damaged_record_stops_the_pipeline_naming_the_file_and_the_fix(imagene
     f.seek(1000)
     f.write(b"\xaa" * 64)
   assert data.open_source(cfg, "train").num_examples == 7
-  ds = data.create_dataset(cfg, "train", global_batch_size=8, mode="eval", process_index=0,
+  ds = data.create_dataset(cfg, "train", global_batch_size=8, preprocess=data.eval_preprocess(cfg),
+                           process_index=0,
                            process_count=1)
   with pytest.raises(Exception) as error:   # raised through tf.data, not skipped as an image
     next(iter(ds))
@@ -220,7 +223,8 @@ def test_a_damaged_record_stops_the_pipeline_naming_the_file_and_the_fix(imagene
 
 def test_a_shard_cut_short_after_the_check_stops_the_pipeline_too(imagenet, tmp_path):
   cfg, shard = _prepared_copy(imagenet, tmp_path)
-  ds = data.create_dataset(cfg, "train", global_batch_size=8, mode="eval", process_index=0,
+  ds = data.create_dataset(cfg, "train", global_batch_size=8, preprocess=data.eval_preprocess(cfg),
+                           process_index=0,
                            process_count=1)   # checked here; array_record opens the file later
   _cut_in_half(shard)
   with pytest.raises(Exception) as error:     # not empty records skipped as undecodable images

@@ -10,7 +10,8 @@ from mae_jax import models
 from mae_jax.interop import export
 from mae_jax.configs import finetune as finetune_config
 from mae_jax.configs import linprobe as linprobe_config
-from mae_jax.training import downstream, config_checks, trainer
+from mae_jax.training import config_checks, trainer
+from mae_jax.training.tasks import finetune
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
 
@@ -86,13 +87,13 @@ def test_mismatched_init_is_refused(pretrained, tmp_path):
     (0, {"fc_norm", "head"}), (1, {"blocks_1", "fc_norm", "head"}),
     (-1, {"patch_embed", "cls_token", "pos_embed", "blocks_0", "blocks_1", "fc_norm", "head"})])
 def test_partial_finetuning_trains_exactly_the_last_blocks(trainable_blocks, trained):
-  from mae_jax.training import sharding
+  from mae_jax import sharding
   config = _downstream(finetune_config, dict(total_steps=10, warmup_steps=1,
                                              trainable_blocks=trainable_blocks, base_lr=1e-2),
                        init="")
   config.batch_size = 16
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  train_program, _ = downstream.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
+  train_program, _ = finetune.build_program(config, mesh, steps_per_epoch=10, num_classes=10)
   state = train_program.create_state()
   before = jax.device_get(state["params"])
   rng = np.random.default_rng(0)

@@ -1,5 +1,7 @@
 """The export_encoder command line and `mae_jax.load_encoder`, on a tiny pre-trained workdir."""
+import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ from safetensors.numpy import load_file
 import mae_jax
 from mae_jax import models
 from mae_jax.interop import convert, export
-from tests.helpers import MODEL, REPO, run_tool
+from tests.helpers import MODEL, REPO, random_official, run_tool, tiny
 
 pytestmark = pytest.mark.slow  # the tiny pre-training's workdir, and the commands run as processes
 
@@ -88,3 +90,58 @@ def test_export_of_an_official_file_and_clear_errors(pretrained, tmp_path):
     export.export_encoder(str(tmp_path), str(tmp_path / "again"))
   with pytest.raises(ValueError, match="name its size too"):
     export.export_official(pth, None, str(tmp_path / "again"))
+
+
+def test_symlinks_at_the_output_are_refused_or_replaced_never_written_through(tmp_path, caplog):
+  model = tiny()
+  params = convert.from_official(random_official(model, "encoder"), model)
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  # The output itself a link (named with or without a trailing slash): refused, with the fix,
+  # before a checkpoint is read (here the workdir does not even exist).
+  link = tmp_path / "encoder_link"
+  os.symlink(elsewhere, link)
+  for output in (str(link), f"{link}/"):
+    with pytest.raises(ValueError, match=re.escape(
+        f"The output {output} is a symbolic link (to {elsewhere}); the encoder is not written "
+        f"through links, which can lead anywhere. Give the directory it leads to as the output "
+        f"({elsewhere}), or remove the link.")):
+      export.save_encoder(output, params, MODEL, {})
+  with pytest.raises(ValueError, match="is a symbolic link"):
+    export.export_encoder(str(tmp_path / "no_such_run"), str(link))
+  assert not os.listdir(elsewhere)
+
+  # Links in place of its files (one dangling): each replaced by the file; what they led to is
+  # left as it was.
+  out = tmp_path / "encoder"
+  out.mkdir()
+  kept = tmp_path / "kept.txt"
+  kept.write_text("not an encoder")
+  os.symlink(kept, out / export.PARAMS_FILE)
+  os.symlink(kept, out / export.CONFIG_FILE)
+  os.symlink(tmp_path / "nowhere.safetensors", out / export.SAFETENSORS_FILE)
+  with caplog.at_level(logging.WARNING):
+    export.save_encoder(str(out), params, MODEL, {})
+  assert kept.read_text() == "not an encoder" and not (tmp_path / "nowhere.safetensors").exists()
+  assert caplog.text.count("Replaced the symbolic link") == 3
+  files = (export.PARAMS_FILE, export.SAFETENSORS_FILE, export.CONFIG_FILE)
+  assert sorted(os.listdir(out)) == sorted(files)  # no partial file left
+  umask = os.umask(0)
+  os.umask(umask)
+  assert not [name for name in files if os.path.islink(out / name)]
+  for name in (export.PARAMS_FILE, export.CONFIG_FILE):  # as any new file (safetensors: 0600)
+    assert os.stat(out / name).st_mode & 0o777 == 0o666 & ~umask, name
+  _, loaded = mae_jax.load_encoder(str(out))
+  assert_same_tree({k: v for k, v in loaded.items() if k != "pos_embed"},
+                   export.encoder_only(params))
+
+
+@pytest.mark.slow
+def test_export_encoder_command_names_a_symlink_output_and_the_fix(tmp_path):
+  os.symlink(tmp_path, tmp_path / "link")
+  result = run_tool("export_encoder", f"--workdir={tmp_path / 'no_such_run'}",
+                    f"--output={tmp_path / 'link'}/")
+  assert result.returncode == 1
+  assert (f"error: The output {tmp_path / 'link'}/ is a symbolic link (to {tmp_path}); the "
+          "encoder is not written through links") in result.stderr
+  assert f"Give the directory it leads to as the output ({tmp_path}), or" in result.stderr

@@ -9,8 +9,15 @@ namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leave
 import io
 import json
 import os
+import pathlib
+import pwd
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -130,6 +137,7 @@ def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
   names = local_gcs.objects(BUCKET, "pretrain/")
   assert sorted(losses) == list(range(1, 11))
   assert json.loads(local_gcs.read(BUCKET, "pretrain/config.json"))["model"]["name"] == MODEL
+  assert json.loads(local_gcs.read(BUCKET, "pretrain/finished.json")) == {"step": 10}
   for step in (5, 10):
     assert f"pretrain/checkpoints/{step}/_CHECKPOINT_METADATA" in names
   events = [n for n in names if n.startswith("pretrain/tensorboard/") and ".tfevents." in n]
@@ -142,6 +150,36 @@ def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
   prepared = local_gcs.objects(BUCKET, "tfds/fashion_mnist/3.0.1/")
   assert "tfds/fashion_mnist/3.0.1/dataset_info.json" in prepared
   assert any("fashion_mnist-train.tfrecord" in n for n in prepared), prepared
+
+
+@pytest.mark.slow
+def test_tensorboard_on_gs_uploads_each_event_file_once_and_reads_back_as_one_run(
+    local_gcs, pretrained_on_gs):
+  """The bytes the run sent for its events are the bytes stored: each file uploaded once, closed,
+  so they grow linearly with the run. (TensorFlow's own gs:// file sent the whole file again at
+  every flush: docs/reliability.md has the bytes.)"""
+  sent = {}  # event file: [bytes of each upload that carried data]
+  for method, path, status, size in local_gcs.requests(sizes=True):
+    name = re.search(r"[?&]name=([^&]*)", path)
+    name = urllib.parse.unquote(name.group(1)) if name else ""
+    if method == "PUT" and status == "200" and name.startswith("pretrain/tensorboard/"):
+      sent.setdefault(name, []).append(size)
+  stored = {n: len(local_gcs.read(BUCKET, n)) for n in local_gcs.objects(BUCKET, "pretrain/")
+            if n.startswith("pretrain/tensorboard/") and ".tfevents." in n}
+  assert len(stored) >= 2, stored  # checkpoints at steps 5 and 10: a file each
+  assert sent == {n: [size] for n, size in stored.items()}, (sent, stored)
+  print(f"TensorBoard: {len(stored)} event files, {sum(stored.values())} bytes stored, "
+        f"{sum(map(sum, sent.values()))} bytes uploaded")
+  # TensorBoard's own reader, from gs://: one run, every step once.
+  steps = gcs_python(local_gcs, f"""
+      import json
+      from tensorboard.backend.event_processing import event_accumulator as ea
+      run = ea.EventAccumulator("{PRETRAIN}/tensorboard", size_guidance={{ea.TENSORS: 0}})
+      run.Reload()
+      print(json.dumps({{tag: [e.step for e in run.Tensors(tag)]
+                         for tag in ("loss", "lr", "reconstruction")}}))
+  """)
+  assert steps == {"loss": list(range(1, 11)), "lr": list(range(1, 11)), "reconstruction": [10]}
 
 
 @pytest.mark.slow
@@ -259,7 +297,8 @@ def test_imagenet_on_gs_is_prepared_read_checked_and_rebuilt(local_gcs, tmp_path
       cfg.data_dir, cfg.manual_dir, cfg.image_size, cfg.num_threads = (
           "{data_dir}", "{manual_dir}", 32, 2)
       counts = prepare_data.prepare(cfg)
-      batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=8, mode="eval",
+      batch = next(iter(data.create_dataset(cfg, "train", global_batch_size=8,
+                                            preprocess=data.eval_preprocess(cfg),
                                             process_index=0, process_count=1)
                         .as_numpy_iterator()))
       [shard] = glob.glob("{store}/imagenet_tfds/imagenet2012/5.1.0/*-train.array_record-*")
@@ -287,3 +326,66 @@ def test_imagenet_on_gs_is_prepared_read_checked_and_rebuilt(local_gcs, tmp_path
           f"--data_dir={data_dir}") in found["damaged"]
   names = local_gcs.objects(BUCKET, "imagenet_tfds/")
   assert not [n for n in names if "incomplete" in n or n.endswith(".tmp")], names
+
+
+# ----------------------------------------------------------------------------------------------
+# The rehearsal as a user who is not root: its namespaces are those of an unprivileged user.
+@pytest.mark.slow
+def test_rehearsal_as_a_nonroot_user_trains_and_checkpoints_on_gs():
+  """As `nobody` when the tests run as root (else as the tests' own user): the tool makes its
+  user, network and mount namespaces unprivileged, and a tiny run writes its checkpoints to the
+  local gs:// there."""
+  nobody = pwd.getpwnam("nobody")
+  user = nobody if os.getuid() == 0 else pwd.getpwuid(os.getuid())
+  home = tempfile.mkdtemp(prefix="mae_jax_nonroot_")  # its HOME, TMPDIR, data and server files
+  try:
+    os.chown(home, user.pw_uid, user.pw_gid)
+    command = [sys.executable, "-m", "mae_jax.tools.gcs_rehearsal", f"--root={home}/gcs", "--",
+               *gcs_pretrain_command("gs://nonroot/run", "--config.total_steps=4",
+                                     "--config.checkpoint_every_steps=2",
+                                     "--config.figure_every_steps=0",
+                                     f"--config.data.data_dir={home}/tfds")]
+    if user is nobody:
+      command = _as_user(nobody, command, home)
+    env = {**os.environ, "HOME": home, "TMPDIR": home,
+           "JAX_COMPILATION_CACHE_DIR": os.path.join(home, "xla_cache")}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "gcs_rehearsal: local Cloud Storage with bucket(s) nonroot" in done.stderr
+    store = LocalGCS(os.path.join(home, "gcs"))  # its files, read from outside
+    names = store.objects("nonroot", "run/")
+    for step in (2, 4):
+      assert f"run/checkpoints/{step}/_CHECKPOINT_METADATA" in names, names
+      assert f"run/checkpoints/{step}/commit_success.txt" in names, names
+    lines = store.read("nonroot", "run/metrics.jsonl").decode().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    # Outside their namespace, the server's files and the run's local ones (the data it
+    # prepared) are the user's.
+    written = [os.path.join(home, "gcs", "store", "nonroot", n) for n in names]
+    written += [os.path.join(home, "tfds", "fashion_mnist")]
+    assert {os.stat(path).st_uid for path in written} == {user.pw_uid}
+  finally:
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _as_user(user, argv, home) -> list[str]:
+  """argv run as `user`, started by root. Such a user may be unable to enter a directory on the
+  way to what the run needs (root's home, mode 700, where pyenv installs Python): in a mount
+  namespace of the test's own, an open empty directory is laid over each such directory and the
+  paths the run needs are bound back into it. The rest of the machine is as it was."""
+  script, covered = ["set -e"], {}
+  for path in map(os.path.realpath, (sys.base_prefix, sys.prefix, REPO)):
+    closed = [d for d in reversed(pathlib.Path(path).parents) if not os.stat(d).st_mode & 0o001]
+    if closed:
+      covered.setdefault(str(closed[0]), []).append(path)
+  for i, (closed, inside) in enumerate(covered.items()):
+    stages = [os.path.join(home, f".stage{i}-{j}") for j in range(len(inside))]
+    script += [f"mkdir {shlex.quote(s)}; mount --bind {shlex.quote(p)} {shlex.quote(s)}"
+               for s, p in zip(stages, inside)]
+    script.append(f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(closed)}")
+    script += [f"mkdir -p {shlex.quote(p)}; mount --bind {shlex.quote(s)} {shlex.quote(p)}"
+               for s, p in zip(stages, inside)]
+  script.append(f'exec setpriv --reuid={user.pw_uid} --regid={user.pw_gid} --clear-groups "$@"')
+  return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", "\n".join(script),
+          "sh", *argv]

@@ -76,7 +76,9 @@ def test_k_larger_than_train_set_uses_all():
 @pytest.mark.slow
 def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   from mae_jax.evaluation import knn_monitor
-  from mae_jax.training import pretrain, sharding, trainer
+  from mae_jax.training.tasks import pretrain
+  from mae_jax import sharding
+  from mae_jax.training import trainer
   config = tiny_config(**{"total_steps": 4, "knn.every_steps": 2, "knn.num_train": 50,
                           "knn.num_eval": 40})
   workdir = tmp_path / "run"
@@ -89,8 +91,10 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   # on the flattened normalised pixels of the same 50 train / 40 eval images.
   pixels = [r["knn_top1_pixels"] for r in knn_records]
   assert pixels[0] == pixels[1]
-  train_it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
-  eval_it = data.create_iterator(config.data, global_batch_size=64, mode="eval")
+  train_it = data.create_iterator(config.data, split="train", global_batch_size=64,
+                                  preprocess=data.eval_preprocess(config.data))
+  eval_it = data.create_iterator(config.data, global_batch_size=64,
+                                 preprocess=data.eval_preprocess(config.data))
   train_batch, eval_batch = jax.device_get(next(train_it)), jax.device_get(next(eval_it))
   flat = lambda b, n: (np.asarray(b["image"][:n]).reshape(n, -1), np.asarray(b["label"][:n]))
   expected = knn_accuracy(*flat(train_batch, 50), *flat(eval_batch, 40), 10, k=config.knn.k,
@@ -108,7 +112,8 @@ def test_monitor_scores_the_configured_subsets_during_pretraining(tmp_path):
   assert {f: v.shape for f, v in features.items()} == {
       "cls": (50, dim), "mean": (50, dim), "tokens": (50, patches * dim)}
   assert all(np.all(np.isfinite(v)) for v in features.values())
-  it = data.create_iterator(config.data, split="train", global_batch_size=64, mode="eval")
+  it = data.create_iterator(config.data, split="train", global_batch_size=64,
+                                  preprocess=data.eval_preprocess(config.data))
   first = jax.device_get(next(it))
   np.testing.assert_array_equal(labels, np.asarray(first["label"])[:50])
   # One encoder pass gives all three: the cls token, the patch mean, the patch tokens in order.

@@ -31,7 +31,9 @@ SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION"
             "PREEMPTIBLE", "REPO_URL", "REPO_REF", "REMOTE_DIR", "REMOTE_VENV", "PYTHON_VERSION",
             "CONFIG", "WORKDIR", "REMOTE_LOG_DIR", "DRY_RUN", "GCLOUD", "GCLOUD_ARGS",
             "NUM_PROCESSES", "DEVICES_PER_PROCESS", "PORT", "LOG_DIR", "GRACE_PERIOD",
-            "HEARTBEAT_TIMEOUT_SECONDS", "LAUNCH_PYTHON", "MAE_WORKER_ID")
+            "HEARTBEAT_TIMEOUT_SECONDS", "LAUNCH_PYTHON", "MAE_WORKER_ID", "QUEUED", "RESERVED",
+            "NUM_SLICES", "MAX_RELAUNCHES", "MAX_HOURS", "MAX_RETRIES", "POLL_SECONDS",
+            "EVENTS_LOG", "CHOOSE", "PLAN", "FORCE")
 
 # An override that must reach mae_jax.main as one argument, whatever shells it crosses.
 NASTY = "--config.note=a b 'c' \"d\" $HOME `id` ; * \\ !x"
@@ -149,7 +151,7 @@ def test_bad_usage_fails_clearly(env):
         (("create", *BASE, "--accelerator-type=v3-8", "--spot", "--preemptible"), "exclude"),
         (("create", *BASE, "--accelerator-type=tpu9-8"), "RUNTIME_VERSION"),
         (("run", *BASE, "--config=c.py:x", "--workdir=/local/dir"), "gs://"),
-        (("stop", *BASE, "--config.x=1"), "for 'run' and 'plan' only"),
+        (("stop", *BASE, "--config.x=1"), "for 'run', 'watch' and 'plan' only"),
         (("run", *BASE, "--config=c.py:x", "--workdir=gs://b/w", "--env=1BAD=x"), "KEY=VALUE"),
     ]:
         proc = tpu(env, *args, check=False)
@@ -406,6 +408,49 @@ def test_plan_needs_no_tpu_name_and_dry_run_prints_it(plan_env):
     assert "--choose" in plan_args(plan_env) and "ranking above" in proc.stderr
     proc = tpu(plan_env, "plan", "--config=c.py:v", check=False)
     assert proc.returncode != 0 and "--accelerator-type" in proc.stderr
+
+
+def test_queued_create_spot_reserved_on_demand_and_multi_slice(env):
+    tpu(env, "create", *BASE, "--accelerator-type=v5litepod-256", "--queued", "--spot")
+    tpu(env, "create", *BASE, "--accelerator-type=v6e-256", "--reserved", QUEUED="1")
+    tpu(env, "create", *BASE, "--accelerator-type=v6e-256", "--queued", "--",
+        "--valid-until-duration=6h")
+    tpu(env, "create", *BASE, "--accelerator-type=v5litepod-256", "--num-slices=2", "--spot")
+    head = ["compute", "tpus", "queued-resources", "create", "mae-v3"]
+    where = ["--zone=europe-west4-a", "--project=my-proj"]
+    v5e, v6e = "--runtime-version=v2-alpha-tpuv5-lite", "--runtime-version=v2-alpha-tpuv6e"
+    assert calls(env) == [
+        head + ["--accelerator-type=v5litepod-256", v5e, *where, "--node-id=mae-v3", "--spot"],
+        head + ["--accelerator-type=v6e-256", v6e, *where, "--node-id=mae-v3", "--reserved"],
+        head + ["--accelerator-type=v6e-256", v6e, *where, "--node-id=mae-v3",
+                "--valid-until-duration=6h"],
+        head + ["--accelerator-type=v5litepod-256", v5e, *where, "--node-count=2",
+                "--node-prefix=mae-v3", "--spot"]]
+    for args, message in ((("--queued", "--spot", "--reserved"), "--spot and --reserved exclude"),
+                          (("--queued", "--preemptible"), "not --preemptible"),
+                          (("--reserved",), "--reserved is for queued resources"),
+                          (("--num-slices=0",), "--num-slices must be a positive number")):
+        proc = tpu(env, "create", *BASE, "--accelerator-type=v6e-8", *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+    assert len(calls(env)) == 4
+
+
+def test_queued_multi_slice_commands_cover_every_node(plan_env):
+    tpu(plan_env, "run", *BASE, "--num-slices=2", "--config=c.py:v", "--workdir=gs://b/w")
+    tpu(plan_env, "stop", *BASE, "--num-slices=2")
+    tpu(plan_env, "status", *BASE, "--num-slices=2")
+    tpu(plan_env, "delete", *BASE, "--num-slices=2", "--yes")
+    runs, stops, (describe, *statuses), [delete] = (calls(plan_env)[0:2], calls(plan_env)[2:4],
+                                                    calls(plan_env)[4:7], calls(plan_env)[7:])
+    assert [c[4] for c in runs + stops + statuses] == ["mae-v3-0", "mae-v3-1"] * 3
+    assert all("mae_jax.main" in remote_command(c)[1] for c in runs)
+    assert describe[:5] == ["compute", "tpus", "queued-resources", "describe", "mae-v3"]
+    assert delete == ["compute", "tpus", "queued-resources", "delete", "mae-v3", "--force",
+                      "--zone=europe-west4-a", "--project=my-proj", "--quiet"]
+    # The plan compiles the slices the run asks for, the config as given (the choice is per slice).
+    tpu(plan_env, "plan", "--accelerator-type=v5litepod-256", "--num-slices=2", "--config=c.py:v")
+    assert plan_args(plan_env)[2:] == ["--topology=v5litepod-256", "--config=c.py:v",
+                                       "--num_slices=2", "--check_fits"]
 
 
 def test_create_takes_the_runtime_from_the_slice_table(env):

@@ -275,7 +275,7 @@ def test_holdout_trains_and_evaluates_on_train_images_only():
     assert (config.data.train_split, config.data.eval_split) == ("train[:-10000]",
                                                                  "train[-10000:]")
     assert data.num_examples(config.data, config.data.train_split) == 50000
-    assert data.num_examples(config.data, data.resolve_split(config.data, "", "eval")) == 10000
+    assert data.num_examples(config.data, data.resolve_split(config.data, "", evaluation=True)) == 10000
   assert (eval_train, eval_test) == (50000, 10000)
   assert [(c.data.train_split, c.data.eval_split) for c in (pre, ft)] == given  # unchanged
   with pytest.raises(app.UsageError, match="between 1 and 59999"):

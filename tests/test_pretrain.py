@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from mae_jax.training import sharding, trainer
+from mae_jax import sharding
+from mae_jax.training import trainer
 from tests.helpers import REPO, losses, tiny_config
 
 

@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mae_jax import paths
+from mae_jax import checkpointing, paths, sharding
 from mae_jax.testing import pod_preemption
-from mae_jax.training import checkpointing, config_checks, downstream, pretrain, sharding, trainer
+from mae_jax.training import config_checks, trainer
+from mae_jax.training.tasks import classification, finetune, pretrain
 from tests.helpers import REPO, losses, parse, tiny_config
 
 # A restore that fails on a damaged file abandons orbax's other pending array reads; when they are
@@ -104,7 +105,7 @@ KILL_DURING_SAVE = """
 import os, signal, sys, time
 from absl import app
 from mae_jax import main
-from mae_jax.training import checkpointing
+from mae_jax import checkpointing
 save = checkpointing.save
 
 def save_then_die(manager, step, state, force=False):
@@ -311,8 +312,8 @@ def test_export_finetune_init_and_visualize_fall_back_past_a_damaged_latest_step
     # The fine-tuning init (config.init = the workdir).
     config = finetune_config.get_config("fashion_mnist")
     config.model.name, config.init = "vit_test_patch4", str(workdir)
-    classifier = downstream.build_classifier(config, 10)
-    init, report = downstream.load_init(config, classifier, jax.random.key(0))
+    classifier = finetune.build_classifier(config, 10)
+    init, report = classification.load_init(config, classifier, jax.random.key(0))
     copied = sorted(encoder.keys() & init.keys())   # the classifier's own norm is fc_norm
     assert {"patch_embed", "cls_token", "blocks_0", "blocks_1"} <= set(copied)
     _assert_same_arrays({k: init[k] for k in copied}, {k: encoder[k] for k in copied})

@@ -136,7 +136,8 @@ def _finetune_config(init):
 @pytest.mark.slow
 def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import downstream, config_checks  # pylint: disable=import-outside-toplevel
+  from mae_jax.training.tasks import classification  # pylint: disable=import-outside-toplevel
+  from mae_jax.training import config_checks  # pylint: disable=import-outside-toplevel
   path, marker = crafted
   assert linprobe_config.get_config().init_allow_unsafe_pickle is False
   config = _finetune_config(path)
@@ -146,12 +147,12 @@ def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   assert_refusal(str(error.value), path)
   classifier = vit_classifier.create_classifier(config.model.name, 10, img_size=32)
   with pytest.raises(convert.UnsafeCheckpointError):  # and when it loads
-    downstream.load_init(config, classifier, jax.random.key(0))
+    classification.load_init(config, classifier, jax.random.key(0))
   assert not os.path.exists(marker)
 
   config.init_allow_unsafe_pickle = True
   config_checks.check(config, 1, 8)
-  _, report = downstream.load_init(config, classifier, jax.random.key(0))
+  _, report = classification.load_init(config, classifier, jax.random.key(0))
   assert os.path.exists(marker) and "blocks_0/mlp/fc1/kernel" in report.copied
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mae_jax.tpu import aot, choose, presence, slices
+from mae_jax import hardware
+from mae_jax.tpu import aot, choose, presence
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
@@ -44,22 +45,22 @@ def test_slice_table_matches_libtpu_and_the_accelerator_names():
               "v5litepod-8": (8, 1), "v5litepod-256": (256, 64), "v5p-128": (64, 16),
               "v6e-256": (256, 64), "tpu7x-8": (8, 1), "tpu7x-128": (128, 16)}
   for name, (devices, hosts) in expected.items():
-    s = slices.get(name)
+    s = hardware.get(name)
     assert (s.devices, s.hosts) == (devices, hosts), name
-  assert slices.get("v5e-16") is slices.get("v5litepod-16")
-  assert slices.get("v3-128").topology == "v3:8x8"
-  assert slices.get("v4-64").topology == "v4:2x4x4"
+  assert hardware.get("v5e-16") is hardware.get("v5litepod-16")
+  assert hardware.get("v3-128").topology == "v3:8x8"
+  assert hardware.get("v4-64").topology == "v4:2x4x4"
   # TPU7x: N counts TensorCores, two per chip, each chip two JAX devices (maxtext's names).
-  assert (slices.get("tpu7x-8").topology, slices.get("tpu7x-8").chips) == ("tpu7x:2x2x1", 4)
-  assert slices.get("tpu7x-128").topology == "tpu7x:4x4x4"
+  assert (hardware.get("tpu7x-8").topology, hardware.get("tpu7x-8").chips) == ("tpu7x:2x2x1", 4)
+  assert hardware.get("tpu7x-128").topology == "tpu7x:4x4x4"
   # libtpu agrees on the devices and their host layout.
   for name in ("v3-32", "v4-16", "v5litepod-16", "v5p-8", "v6e-8", "tpu7x-8", "tpu7x-16"):
     target = aot.tpu_target(name)
-    assert len(target.devices) == slices.get(name).devices
-    assert len({d.process_index for d in target.devices}) == slices.get(name).hosts
-    assert target.device_kind == slices.get(name).generation.device_kind
+    assert len(target.devices) == hardware.get(name).devices
+    assert len({d.process_index for d in target.devices}) == hardware.get(name).hosts
+    assert target.device_kind == hardware.get(name).generation.device_kind
   with pytest.raises(ValueError, match="unknown TPU accelerator type 'v3-7'.*v3-8"):
-    slices.get("v3-7")
+    hardware.get("v3-7")
 
 
 def test_hbm_per_device_is_what_the_compiler_allows():
@@ -68,8 +69,8 @@ def test_hbm_per_device_is_what_the_compiler_allows():
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  for g in slices.GENERATIONS:
-    smallest = min((s for s in slices.SLICES.values() if s.generation is g),
+  for g in hardware.GENERATIONS:
+    smallest = min((s for s in hardware.SLICES.values() if s.generation is g),
                    key=lambda s: s.devices)
     devices = aot.tpu_target(smallest.name).devices
     mesh = jax.make_mesh((len(devices),), ("d",), devices=devices)
@@ -86,18 +87,18 @@ def test_hbm_per_device_is_what_the_compiler_allows():
 
 def test_mfu_table_comes_from_the_slice_table():
   from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
-  assert slices.generation_of_device_kind("TPU v5").name == "v5p"  # v5p's device kind
-  assert slices.generation_of_device_kind("TPU v5 lite").peak_flops_per_device == 197e12
-  assert slices.generation_of_device_kind("TPU7x").name == "tpu7x"
-  assert slices.generation_of_device_kind("cpu") is None
+  assert hardware.generation_of_device_kind("TPU v5").name == "v5p"  # v5p's device kind
+  assert hardware.generation_of_device_kind("TPU v5 lite").peak_flops_per_device == 197e12
+  assert hardware.generation_of_device_kind("TPU7x").name == "tpu7x"
+  assert hardware.generation_of_device_kind("cpu") is None
   assert not any(k.startswith("TPU") for k in flops.PEAK_FLOPS_PER_GPU)
 
 
 def test_slice_cli_answers_the_launcher():
-  out = subprocess.run([sys.executable, "-m", "mae_jax.tpu.slices", "runtime", "v6e-16"],
+  out = subprocess.run([sys.executable, "-m", "mae_jax.hardware", "runtime", "v6e-16"],
                        cwd=ROOT, capture_output=True, text=True, check=True).stdout
   assert out.strip() == "v2-alpha-tpuv6e"
-  bad = subprocess.run([sys.executable, "-m", "mae_jax.tpu.slices", "runtime", "tpu9-8"],
+  bad = subprocess.run([sys.executable, "-m", "mae_jax.hardware", "runtime", "tpu9-8"],
                        cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 1 and "unknown TPU accelerator type" in bad.stderr
 
@@ -117,7 +118,7 @@ def compiled(tmp_path_factory):
 
 def test_report_fields_are_there_and_consistent(compiled):
   for (topology, mesh), r in compiled.items():
-    s = slices.get(topology)
+    s = hardware.get(topology)
     assert (r["devices"], r["hosts"], r["device_kind"]) == (s.devices, 1, s.generation.device_kind)
     assert r["mesh"] == ({"data": s.devices, "fsdp": 1} if mesh == "data" else
                          {"data": 1, "fsdp": s.devices})
@@ -189,7 +190,7 @@ def test_finetune_and_linprobe_compile_their_own_steps(tmp_path):
   assert (ft["task"], lp["task"]) == ("finetune", "linprobe")
   assert ft["fits"] and lp["fits"]
   # On a v4 a device is a chip: 4 of them on a v4-8, each with the chip's HBM.
-  v4 = slices.get("v4-8")
+  v4 = hardware.get("v4-8")
   assert (ft["devices"], ft["mesh"], lp["mesh"]) == (4, {"data": 4, "fsdp": 1},
                                                      {"data": 1, "fsdp": 4})
   assert ft["hbm_per_device"] == lp["hbm_per_device"] == v4.generation.hbm_bytes_per_device
@@ -212,7 +213,7 @@ def test_too_big_is_reported_and_plan_exits_3():
   assert proc.returncode == 3, proc.stderr[-3000:]
   [report] = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
   assert report["fits"] is False
-  assert report["memory_per_device"]["required"] > slices.get("v3-8").generation.hbm_bytes_per_device
+  assert report["memory_per_device"]["required"] > hardware.get("v3-8").generation.hbm_bytes_per_device
   assert "does not fit" in proc.stderr and "--config.mesh.fsdp" in proc.stderr
   assert "--config.model.remat=True" in proc.stderr
 
@@ -274,7 +275,7 @@ def test_choose_compiles_the_meshes_and_pastes_the_fastest(chosen):
   _, [(_, proc, reports), _] = chosen
   given, *candidates = reports
   assert given["mesh_asked"] == "config" and given["mesh"] == {"data": 8, "fsdp": 1}
-  s = slices.get("tpu7x-8")
+  s = hardware.get("tpu7x-8")
   assert (given["device_kind"], given["devices"], given["chips"]) == ("TPU7x", 8, 4)
   assert given["hbm_per_device"] == s.generation.hbm_bytes_per_device
   # Data parallel, FSDP over the host (here the whole slice): both fit with remat off, so no

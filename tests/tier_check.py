@@ -50,7 +50,7 @@ def pytest_configure(config):
   if "not slow" not in (config.getoption("markexpr", "") or ""):
     return
   # Imported only for a quick-tier run: the others need not load JAX in the controller.
-  from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  from mae_jax import checkpointing  # pylint: disable=import-outside-toplevel
   subprocess.Popen.__init__ = _record("a process", subprocess.Popen.__init__)
   multiprocessing.process.BaseProcess.start = _record(
       "a multiprocessing process", multiprocessing.process.BaseProcess.start)

@@ -23,6 +23,12 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from mae_jax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
+from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
+from mae_jax.training.tasks import pretrain  # pylint: disable=g-import-not-at-top
 
 from mae_jax.testing import local_gcs  # pylint: disable=g-import-not-at-top
 
@@ -43,10 +49,6 @@ def _requests(path: str | None) -> list[str]:
 
 
 def measure(variant: str, root: str, repeats: int, requests_log: str | None) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import checkpointing, pretrain, sharding  # pylint: disable=import-outside-toplevel
 
   config = pretrain_config.get_config(variant)
   config.mesh.data, config.mesh.fsdp = 1, 1

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from mae_jax import models
-from mae_jax.benchmarks import torch_worker
+from mae_jax.benchmarks.torch_reference import TorchStep
 from mae_jax.training import flops, timing
 
 flags.DEFINE_string("model", "mae_vit_base_patch16", "Named model size (models.MODELS).")
@@ -45,7 +45,6 @@ flags.DEFINE_integer("matmul_size", 2048, "Square matmul of the peak probe run i
 FLAGS = flags.FLAGS
 
 
-TORCH_SIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_step.py")
 TIMING = {
     "ours": "time.perf_counter / time.process_time (all threads of this process) around one call "
             "of the compiled step, blocked until its outputs are ready",
@@ -53,40 +52,6 @@ TIMING = {
              "process) around one step there: masking noise, forward, backward, AdamW step, "
              "zero_grad, loss to float; the pipe to that process is not counted",
 }
-
-
-def hf_config(model) -> dict:
-  """transformers.ViTMAEConfig arguments for the geometry of our `model`."""
-  return dict(
-      image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans,
-      hidden_size=model.embed_dim, num_hidden_layers=model.depth,
-      num_attention_heads=model.num_heads, intermediate_size=int(model.embed_dim * model.mlp_ratio),
-      decoder_hidden_size=model.decoder_embed_dim, decoder_num_hidden_layers=model.decoder_depth,
-      decoder_num_attention_heads=model.decoder_num_heads,
-      decoder_intermediate_size=int(model.decoder_embed_dim * model.mlp_ratio),
-      mask_ratio=model.mask_ratio, norm_pix_loss=model.norm_pix_loss, layer_norm_eps=1e-6,
-      hidden_act="gelu", qkv_bias=True)
-
-
-class TorchStep:
-  """HF ViTMAEForPreTraining with torch.optim.AdamW in the reference interpreter: one call = one
-  full train step there, returning its (wall, CPU) seconds as timed there."""
-
-  def __init__(self, model, batch_size: int, attn_implementation: str, fused_adamw: bool,
-               threads: int, dtype: str = "float32"):
-    self.worker = torch_worker.Worker(TORCH_SIDE)
-    self.info = self.worker.call("build", config=hf_config(model), batch_size=batch_size,
-                                 attn_implementation=attn_implementation,
-                                 fused_adamw=fused_adamw, threads=threads, dtype=dtype)
-    self.loss = None
-
-  def __call__(self) -> tuple[float, float]:
-    result = self.worker.call("step")
-    self.loss = result["loss"]
-    return result["wall_s"], result["cpu_s"]
-
-  def close(self) -> None:
-    self.worker.close()
 
 
 def load_average() -> float:

@@ -19,8 +19,14 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+from PIL import Image
 
-from mae_jax import configs
+from mae_jax import configs, data
+from mae_jax.data import pipeline
+
+# --mode: what the pipeline does to each example, as the tasks hand it over.
+PREPROCESS = {"pretrain": data.train_preprocess, "finetune": data.finetune_preprocess,
+              "eval": data.eval_preprocess}
 
 _CONFIG = configs.DEFINE_config_file("config", None, "Experiment config (optional).",
                                      lock_config=False)
@@ -29,7 +35,7 @@ _DATASET = flags.DEFINE_enum(
     "Dataset (default: the config's, else fashion_mnist).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Output image side (default: dataset's).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Global batch size (default 256).")
-_MODE = flags.DEFINE_enum("mode", "pretrain", ["pretrain", "finetune", "eval"], "Augmentation.")
+_MODE = flags.DEFINE_enum("mode", "pretrain", list(PREPROCESS), "Augmentation.")
 _SPLIT = flags.DEFINE_string("split", None, "Split (default: train, or the eval split for eval).")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 5, "Untimed batches first (tracing, buffers).")
@@ -47,7 +53,6 @@ _TO_DEVICE = flags.DEFINE_boolean(
 def make_fake_jpegs(root: str, num_images: int, width: int, height: int,
                     num_classes: int = 4, seed: int = 0) -> str:
   """Writes root/train/class_k/*.jpg once (a marker file says it is complete); returns root."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   marker = os.path.join(root, f".complete-{num_images}-{width}x{height}")
   if os.path.exists(marker):
     return root
@@ -68,16 +73,18 @@ def make_fake_jpegs(root: str, num_images: int, width: int, height: int,
 def benchmark(cfg, *, batch_size: int, mode: str = "pretrain", split: str | None = None,
               steps: int = 50, warmup: int = 5, to_device: bool = False) -> dict:
   """Runs the pipeline and returns images/sec over `steps` batches after `warmup` ones."""
-  from mae_jax import data  # pylint: disable=g-import-not-at-top
+  preprocess = PREPROCESS[mode](cfg)
 
-  def batches():  # eval passes end; start another one
+  def batches():  # evaluation passes end; start another one
     while True:
       if to_device:
-        yield from data.create_iterator(cfg, split, global_batch_size=batch_size, mode=mode)
+        yield from data.create_iterator(cfg, split, global_batch_size=batch_size,
+                                        preprocess=preprocess)
       else:
-        yield from data.create_dataset(cfg, split, global_batch_size=batch_size, mode=mode,
-                                       process_index=0, process_count=1).as_numpy_iterator()
-      if mode != "eval":
+        yield from data.create_dataset(cfg, split, global_batch_size=batch_size,
+                                       preprocess=preprocess, process_index=0,
+                                       process_count=1).as_numpy_iterator()
+      if not preprocess.evaluation:
         return
 
   def block(batch):
@@ -98,7 +105,6 @@ def benchmark(cfg, *, batch_size: int, mode: str = "pretrain", split: str | None
 
 
 def _data_config():
-  from mae_jax import data  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   if config is not None:
     cfg = config.data
@@ -127,8 +133,6 @@ def _data_config():
 
 def main(argv):
   del argv
-  from mae_jax import data  # pylint: disable=g-import-not-at-top
-  from mae_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data.hide_accelerators_from_tf()
   cfg, batch_size = _data_config()
   logging.info("Data config:\n%s", cfg)

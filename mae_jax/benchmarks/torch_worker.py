@@ -128,6 +128,7 @@ def _serve(functions_file: str) -> None:
         os.path.splitext(os.path.basename(functions_file))[0], functions_file)
     functions = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(functions)
+    # Here: this runs in the reference interpreter; mae_jax's own cannot import torch.
     import numpy  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     _send(pipe_out, (True, {"python": sys.version.split()[0], "torch": str(torch.__version__),

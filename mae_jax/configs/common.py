@@ -18,6 +18,8 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                # -1: all devices not used by the other axis
   c.mesh.fsdp = 1
+  c.mesh.slices = -1              # the outermost "dcn" axis: -1 = one per TPU slice; on CPU, N
+                                  # splits the processes into N slices (data and fsdp per slice)
   c.max_consecutive_nonfinite = 10  # non-finite steps are skipped; this many in a row stop the run
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
   return c

@@ -86,11 +86,12 @@ def use_native_fashion_mnist(cfg) -> None:
   cfg.mean, cfg.std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 
-def resolve_split(cfg, split: str | None = None, mode: str = "pretrain") -> str:
-  """The split to read: `split` if given, else the train split, or the eval split for eval."""
+def resolve_split(cfg, split: str | None = None, evaluation: bool = False) -> str:
+  """The split to read: `split` if given, else the train split, or the eval split for an
+  evaluation or when `split` is "" (the eval split, whatever it is)."""
   if split:
     return split
-  if mode != "eval" and split is None:
+  if not evaluation and split is None:
     return cfg.train_split
   return cfg.eval_split or DEFAULT_EVAL_SPLITS[cfg.name]
 

@@ -30,11 +30,10 @@ import numpy as np
 import tensorflow as tf
 
 from mae_jax.data import randaugment as randaugment_lib
-from mae_jax.data.config import resolve_split
 from mae_jax.data import sources
 from mae_jax.data import transforms as T
-
-MODES = ("pretrain", "finetune", "eval")
+from mae_jax.data.config import resolve_split
+from mae_jax.data.preprocess import Preprocess, train_preprocess
 
 # Tags that separate the random streams drawn from one seed.
 _ORDER, _AUGMENT, _RETRY, _CROP = 1, 2, 3, 4
@@ -164,60 +163,51 @@ def _crop_flip_uniforms(seed: int, step, global_batch_size: int, rows: tf.Tensor
   return tf.gather(table, rows)
 
 
-def _window_fn(cfg, mode: str, u):
-  """(height, width) -> crop window: RandomResizedCrop from uniforms `u`, or the eval crop."""
-  if mode == "eval":
-    return lambda h, w: T.center_crop_window(h, w, int(cfg.image_size), cfg.eval_crop_pct)
-  scale = cfg.crop_scale if mode == "pretrain" else cfg.finetune.crop_scale
-  return lambda h, w: T.random_resized_crop_window(u, h, w, scale, cfg.crop_ratio)
+def _window_fn(cfg, pp: Preprocess, u):
+  """(height, width) -> crop window: RandomResizedCrop from uniforms `u`, or the center crop."""
+  if pp.crop_scale is None:
+    return lambda h, w: T.center_crop_window(h, w, int(cfg.image_size), pp.center_crop_pct)
+  return lambda h, w: T.random_resized_crop_window(u, h, w, pp.crop_scale, pp.crop_ratio)
 
 
-def _decode_crop_resize(cfg, mode: str, image, u) -> tf.Tensor:
+def _decode_crop_resize(cfg, pp: Preprocess, image, u) -> tf.Tensor:
   """One encoded (or decoded) image -> float32 [S, S, 3] in [0, 255], cropped and flipped."""
   size = int(cfg.image_size)
-  window_fn = _window_fn(cfg, mode, u)
+  window_fn = _window_fn(cfg, pp, u)
   if image.dtype == tf.string:
     cropped = T.decode_and_crop(image, window_fn)
   else:
     cropped = T.crop(image, window_fn)
   out = T.to_rgb(T.resize_bicubic(cropped, size))
-  if mode != "eval":
+  if pp.flip:
     out = T.flip(out, T.flip_from_uniforms(u))
   return tf.ensure_shape(out, [size, size, 3])
 
 
-def _crop_resize_batch(cfg, mode: str, images, u) -> tf.Tensor:
+def _crop_resize_batch(cfg, pp: Preprocess, images, u) -> tf.Tensor:
   """The same for a batch of same-size decoded images [b, H, W, C], vectorised."""
   shape = tf.shape(images)
-  windows = _window_fn(cfg, mode, u)(shape[1], shape[2])
+  windows = _window_fn(cfg, pp, u)(shape[1], shape[2])
   windows = tf.broadcast_to(windows, [shape[0], 4])
-  do_flip = None if mode == "eval" else T.flip_from_uniforms(u)
+  do_flip = T.flip_from_uniforms(u) if pp.flip else None
   out = T.crop_resize_batch(images, windows, int(cfg.image_size), do_flip)
   if images.shape[-1] == 1:
     out = tf.tile(out, [1, 1, 1, 3])
   return out
 
 
-def _finish(cfg, mode: str, image, key) -> tf.Tensor:
-  """[S, S, 3] in [0, 255] -> normalised; fine-tuning adds RandAugment and random erasing."""
-  ft = cfg.finetune
+def _finish(cfg, pp: Preprocess, image, key) -> tf.Tensor:
+  """[S, S, 3] in [0, 255] -> normalised, with RandAugment before and random erasing after."""
   k_augment, k_erase = T.split_key(key, 2)
-  if mode == "finetune":
+  if pp.randaugment is not None:
+    ra = pp.randaugment
     image = randaugment_lib.randaugment(
-        image, k_augment, num_layers=ft.randaugment_layers, magnitude=ft.randaugment_magnitude,
-        magnitude_std=ft.randaugment_magnitude_std, prob=ft.randaugment_prob,
-        fill=randaugment_lib.fill_color(cfg.mean))
+        image, k_augment, num_layers=ra.layers, magnitude=ra.magnitude,
+        magnitude_std=ra.magnitude_std, prob=ra.prob, fill=randaugment_lib.fill_color(cfg.mean))
   image = T.normalize(image, cfg.mean, cfg.std)
-  if mode == "finetune" and ft.reprob > 0:
-    image = T.random_erasing(image, k_erase, prob=ft.reprob)
+  if pp.erasing_prob > 0:
+    image = T.random_erasing(image, k_erase, prob=pp.erasing_prob)
   return image
-
-
-def per_image_ops(cfg, mode: str) -> bool:
-  """Whether the mode runs RandAugment or random erasing, which draw a key per image; without them
-  a whole step is normalised at once (a per-image map costs a 2-core host more than the crop)."""
-  ft = cfg.finetune
-  return mode == "finetune" and (ft.randaugment_layers > 0 or ft.reprob > 0)
 
 
 def _output(ex, image, label, skipped):
@@ -227,7 +217,8 @@ def _output(ex, image, label, skipped):
 
 
 def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
-                   start_step: int = 0, mode: str = "pretrain", process_index: int | None = None,
+                   start_step: int = 0, preprocess: Preprocess | None = None,
+                   process_index: int | None = None,
                    process_count: int | None = None, rows: Sequence[int] | None = None,
                    source: sources.Source | None = None) -> tf.data.Dataset:
   """This process's share of each global batch, as a tf.data.Dataset of dicts.
@@ -235,12 +226,12 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
   Elements: image float32 [b, S, S, 3] (normalised NHWC), label int32 [b], index int32 [b]
   (example indices in the split), mask bool [b] (False on eval padding; all True in training),
   _skipped int32 [b] (undecodable images replaced in that row). b = len(rows), by default
-  global_batch_size / process_count rows [p*b, (p+1)*b). Training streams never end; eval
-  ends after one pass.
+  global_batch_size / process_count rows [p*b, (p+1)*b). `preprocess`: what is done to each
+  example (by default pre-training's crop and flip, `train_preprocess`). Training streams never
+  end; an evaluation (`preprocess.evaluation`) ends after one pass.
   """
-  if mode not in MODES:
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  split = resolve_split(cfg, split, mode)
+  pp = preprocess or train_preprocess(cfg)
+  split = resolve_split(cfg, split, pp.evaluation)
   if rows is None:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -249,7 +240,7 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
   source = source or sources.open_source(cfg, split)
   threads = num_threads(cfg)
 
-  if mode == "eval":
+  if pp.evaluation:
     indices = _eval_indices(source.num_examples, global_batch_size, rows, start_step)
   else:
     indices = _train_indices(source.num_examples, global_batch_size, rows, seed, start_step)
@@ -266,32 +257,32 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
     # Decoded, same-size images (held in memory): crop and resize whole steps at once.
     def crop_resize_step(ex):
       images, labels = source.open(ex["payload"])
-      ex = dict(ex, image=_crop_resize_batch(cfg, mode, images, ex["u"]), label=labels)
+      ex = dict(ex, image=_crop_resize_batch(cfg, pp, images, ex["u"]), label=labels)
       del ex["payload"]
       return ex
 
     ds = ds.map(crop_resize_step, num_parallel_calls=threads, deterministic=True)
-    if per_image_ops(cfg, mode):
+    if pp.draws_per_image:
       ds = ds.unbatch().map(
-          lambda ex: _output(ex, _finish(cfg, mode, ex["image"], _example_key(
+          lambda ex: _output(ex, _finish(cfg, pp, ex["image"], _example_key(
               seed, ex["step"], ex["row"])), ex["label"], 0),
           num_parallel_calls=threads, deterministic=True).batch(len(rows), drop_remainder=True)
     else:
-      ds = ds.map(lambda ex: _output(ex, _finish(cfg, mode, ex["image"], _base_key(seed)),
+      ds = ds.map(lambda ex: _output(ex, _finish(cfg, pp, ex["image"], _base_key(seed)),
                                      ex["label"], 0),
                   num_parallel_calls=threads, deterministic=True)
   else:
     def process(ex):
       image, label = source.open(ex["payload"])
       key = _example_key(seed, ex["step"], ex["row"])
-      return _output(ex, _finish(cfg, mode, _decode_crop_resize(cfg, mode, image, ex["u"]), key),
+      return _output(ex, _finish(cfg, pp, _decode_crop_resize(cfg, pp, image, ex["u"]), key),
                      label, 0)
 
     ds = ds.unbatch()
     if cfg.strict:
       ds = ds.map(process, num_parallel_calls=threads, deterministic=True)
     else:
-      ds = ds.interleave(_skipping_undecodable(cfg, mode, source, seed), cycle_length=threads,
+      ds = ds.interleave(_skipping_undecodable(cfg, pp, source, seed), cycle_length=threads,
                          block_length=1, num_parallel_calls=threads, deterministic=True)
     ds = ds.batch(len(rows), drop_remainder=True)
   ds = ds.prefetch(cfg.host_prefetch)
@@ -304,7 +295,7 @@ def create_dataset(cfg, split: str | None = None, *, global_batch_size: int, see
   return ds.with_options(options)
 
 
-def _skipping_undecodable(cfg, mode, source, seed):
+def _skipping_undecodable(cfg, pp: Preprocess, source, seed):
   """Per example, a tiny dataset yielding exactly one result: the example itself, else (after a
   decode error) a seeded random other example, up to cfg.max_retries times, else a blank
   (mean-colour) image. Exactly one element per row keeps every later row and step in place;
@@ -323,7 +314,7 @@ def _skipping_undecodable(cfg, mode, source, seed):
             a == 0, lambda: ex["payload"],
             lambda: tf.nest.map_structure(lambda t: t[0], source.fetch(alt_index[None])))
         image, label = source.open(payload)
-        image = _finish(cfg, mode, _decode_crop_resize(cfg, mode, image, ex["u"]), key)
+        image = _finish(cfg, pp, _decode_crop_resize(cfg, pp, image, ex["u"]), key)
         return image, tf.cast(label, tf.int32)
 
       def blank():
@@ -409,24 +400,26 @@ class DataIterator:
 
 def create_iterator(cfg, split: str | None = None, *, global_batch_size: int, seed: int = 0,
                     start_step: int = 0, sharding: NamedSharding | None = None,
-                    mode: str = "pretrain", with_index: bool = False) -> DataIterator:
+                    preprocess: Preprocess | None = None,
+                    with_index: bool = False) -> DataIterator:
   """Global batches for the training loop, sharded like `sharding` (for [B, H, W, C] images).
 
   Yields {'image': float32 [B, S, S, 3], 'label': int32 [B]}, plus 'mask': bool [B] (False on
-  padding) in eval mode and 'index': int32 [B] (example indices in the split) with
-  `with_index`; all global jax.Arrays, the vectors split like the image's batch dimension.
-  Training iterators are endless; eval iterators make one padded pass.
+  padding) in an evaluation (`preprocess.evaluation`) and 'index': int32 [B] (example indices in
+  the split) with `with_index`; all global jax.Arrays, the vectors split like the image's batch
+  dimension. Training iterators are endless; evaluation iterators make one padded pass.
   """
   sharding = sharding or default_sharding()
   check_global_batch(global_batch_size, jax.process_count(), sharding)
-  split = resolve_split(cfg, split, mode)
+  pp = preprocess or train_preprocess(cfg)
+  split = resolve_split(cfg, split, pp.evaluation)
   source = sources.open_source(cfg, split)
   size = int(cfg.image_size)
   rows = rows_for_sharding(sharding, (global_batch_size, size, size, 3))
   ds = create_dataset(cfg, split, global_batch_size=global_batch_size, seed=seed,
-                      start_step=start_step, mode=mode, rows=rows, source=source)
-  num_steps = num_eval_steps(source.num_examples, global_batch_size) if mode == "eval" else None
-  keys = ("image", "label") + (("mask",) if mode == "eval" else ()) + (
+                      start_step=start_step, preprocess=pp, rows=rows, source=source)
+  num_steps = num_eval_steps(source.num_examples, global_batch_size) if pp.evaluation else None
+  keys = ("image", "label") + (("mask",) if pp.evaluation else ()) + (
       ("index",) if with_index else ())
   return DataIterator(ds, sharding=sharding, global_batch_size=global_batch_size,
                       start_step=start_step, num_steps=num_steps, prefetch=cfg.prefetch,

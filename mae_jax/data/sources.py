@@ -22,6 +22,8 @@ import tensorflow_datasets as tfds
 from mae_jax.data import prepare
 from mae_jax.data import shards as shards_lib
 from mae_jax.data.config import KNOWN_SPLITS
+from mae_jax.process import hide_accelerators_from_tf
+
 
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -39,20 +41,6 @@ class Source:
   fetch: Callable[[tf.Tensor], Any]
   open: Callable[[Any], tuple[tf.Tensor, tf.Tensor]]
   describe: Callable[[int], str] = str   # index -> something a human can find (a file name)
-
-
-def hide_accelerators_from_tf() -> None:
-  """TF only feeds the host pipeline: it must not reserve GPU memory, or TPU chips, that XLA
-  needs."""
-  try:
-    tf.config.set_visible_devices([], "GPU")
-    if tf.config.list_physical_devices("TPU"):
-      tf.config.set_visible_devices([], "TPU")
-  except RuntimeError:  # TF's devices are already initialised; visibility is then fixed
-    if tf.config.get_visible_devices("GPU") or tf.config.get_visible_devices("TPU"):
-      logging.warning("TensorFlow initialised its accelerators before the input pipeline could "
-                      "hide them and may hold their memory; call data.hide_accelerators_from_tf() "
-                      "before any other TensorFlow use.")
 
 
 # ------------------------------------------------------------------------------------------------

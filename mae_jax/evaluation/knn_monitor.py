@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import data, models
+from mae_jax import data, models, sharding
 from mae_jax.evaluation import knn, linear
-from mae_jax.training import sharding
 
 # The cls token after the final norm (what the linear probe reads), the mean of the patch tokens,
 # or every patch token in grid order (L * D values: a feature map that, like the pixels, keeps
@@ -73,7 +72,7 @@ class KnnMonitor:
     if split not in self._batches:  # read once, kept on device
       it = data.create_iterator(self._data_cfg, split=split, global_batch_size=self._batch_size,
                                 seed=self._seed, sharding=sharding.batch_sharding(self.mesh),
-                                mode="eval")
+                                preprocess=data.eval_preprocess(self._data_cfg))
       self._batches[split] = [b for _, b in zip(range(-(-count // self._batch_size)), it)]
     return self._batches[split]
 

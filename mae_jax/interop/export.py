@@ -7,7 +7,9 @@ An exported encoder is a directory with
 and loads without the training code: `mae_jax.load_encoder(path)`. Its files are read only from
 inside the directory, and official `.pth` files without running code from them (`safe_load`).
 """
+import contextlib
 import json
+import logging
 import os
 
 import flax
@@ -22,6 +24,7 @@ from mae_jax.models import pos_embed, vit_classifier
 
 ENCODER_KEYS = ("patch_embed", "cls_token", "norm")
 PARAMS_FILE, SAFETENSORS_FILE, CONFIG_FILE = "encoder.msgpack", "encoder.safetensors", "config.json"
+_LOG = logging.getLogger(__name__)
 
 
 def encoder_only(params) -> dict:
@@ -59,8 +62,9 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
   restored on this host's default device whatever mesh wrote it. A damaged newest step is
   reported and the previous one read; a damaged `step` asked for raises CheckpointUnreadableError
   (see checkpointing.restore_for_reading)."""
-  # Imported here: loading an exported encoder must not import the training code.
-  from mae_jax.training import checkpointing  # pylint: disable=import-outside-toplevel
+  # Here, not at the top: loading an exported encoder (mae_jax.load_encoder) must not import
+  # orbax, which only a pre-training workdir's checkpoints need.
+  from mae_jax import checkpointing  # pylint: disable=import-outside-toplevel
   workdir = paths.resolve(workdir)
   config = _pretrain_config(workdir)
   model = _mae_of(config)
@@ -76,6 +80,7 @@ def restore_pretrain_params(workdir: str, step: int | None = None):
 def export_encoder(workdir: str, output: str, step: int | None = None) -> str:
   """Writes the encoder of a pre-training workdir's newest (or `step`'s) checkpoint to `output`
   (a directory)."""
+  output_directory(output)  # before the checkpoint is read
   config, step, params = restore_pretrain_params(workdir, step)
   name, overrides = model_from_pretrain_config(config)
   save_encoder(output, encoder_only(params), name, overrides, source=f"{workdir} step {step}")
@@ -86,6 +91,7 @@ def export_official(path: str, model_name: str | None, output: str,
                     allow_unsafe_pickle: bool = False) -> str:
   """Writes the encoder of an official MAE checkpoint file (.pth/.safetensors) to `output`.
   `allow_unsafe_pickle` as in `convert.read_state_dict`."""
+  output_directory(output)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"No checkpoint file at {path}: give an official .pth/.safetensors "
                             "file (a pre-training workdir goes through export_encoder).")
@@ -95,14 +101,45 @@ def export_official(path: str, model_name: str | None, output: str,
 
 
 def save_encoder(output: str, params, model_name: str, overrides: dict, **info):
+  """Writes the encoder directory `output` (local or gs://). Each local file is written beside
+  and then renamed over its name: a kill leaves the old file or the new one, and a symbolic link
+  in its place is replaced, never written through (it could lead to any file on this machine)."""
   model = models.create_model(model_name, **overrides)
   params = jax.tree_util.tree_map(np.asarray, encoder_only(params))
-  output = paths.resolve(output)  # a local directory or gs://
+  output = output_directory(output)
   output.mkdir(parents=True, exist_ok=True)
-  (output / PARAMS_FILE).write_bytes(flax.serialization.msgpack_serialize(params))
-  convert.save_official(params, model, str(output / SAFETENSORS_FILE), encoder_only=True)
-  (output / CONFIG_FILE).write_text(json.dumps(
-      {"model": model_name, "overrides": overrides, **info}, indent=2, sort_keys=True))
+  writes = {
+      PARAMS_FILE: lambda path: epath.Path(path).write_bytes(
+          flax.serialization.msgpack_serialize(params)),
+      SAFETENSORS_FILE: lambda path: convert.save_official(params, model, path, encoder_only=True),
+      CONFIG_FILE: lambda path: epath.Path(path).write_text(json.dumps(
+          {"model": model_name, "overrides": overrides, **info}, indent=2, sort_keys=True)),
+  }
+  for name, write in writes.items():
+    if paths.is_remote(output):  # an object store has no links, and writes an object whole
+      write(str(output / name))
+      continue
+    partial = os.path.join(output, f".partial-{name}")
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(partial)  # left by a kill; a link is removed, not followed
+    os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new, plain file
+    write(partial)
+    if os.path.islink(output / name):
+      _LOG.warning("Replaced the symbolic link %s (to %s) by the exported file.", output / name,
+                   os.readlink(output / name))
+    os.replace(partial, output / name)  # renames over the link itself, not what it leads to
+
+
+def output_directory(output: str) -> epath.Path:
+  """`output` as a path; a local one that is a symbolic link is refused (ValueError), before
+  anything is read or written."""
+  link = os.fspath(output).rstrip("/")  # "dir/" names what a link "dir" leads to
+  if not paths.is_remote(output) and os.path.islink(link):
+    raise ValueError(
+        f"The output {output} is a symbolic link (to {os.readlink(link)}); the encoder is not "
+        f"written through links, which can lead anywhere. Give the directory it leads to as the "
+        f"output ({os.path.realpath(link)}), or remove the link.")
+  return paths.resolve(output)
 
 
 def _exported_file(directory: str, name: str) -> epath.Path:

@@ -30,7 +30,8 @@ _STORAGE_LAYOUT = re.compile(r"^/storage/v1/b/([^/]+)/storageLayout$")
 
 class TlsFront(http.server.ThreadingHTTPServer):
   """Serves until shut down; `requests_path` gets one line per request answered: "METHOD
-  /path?query STATUS", STATUS "-" for a dropped connection."""
+  /path?query STATUS BYTES", STATUS "-" for a dropped connection, BYTES the size of the request's
+  body."""
   daemon_threads = True
 
   def __init__(self, tls: tuple[str, str], store: str, faults_path: str, log, requests_path: str):
@@ -57,9 +58,9 @@ class TlsFront(http.server.ThreadingHTTPServer):
   def handle_error(self, request, client_address):
     self.log.write(f"front: connection from {client_address}:\n{traceback.format_exc()}")
 
-  def record(self, method: str, path: str, status):
+  def record(self, method: str, path: str, status, body_bytes: int):
     with self._lock:
-      self.requests.write(f"{method} {path.replace(' ', '%20')} {status}\n")
+      self.requests.write(f"{method} {path.replace(' ', '%20')} {status} {body_bytes}\n")
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -80,6 +81,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _pass_on(self):
     body = self._read_body()
+    self.body_bytes = len(body or b"")
     path = self.path.split("?")[0]
     if self.command == "POST" and path in _TOKEN_PATHS:
       return self._answer(200, [("Content-Type", "application/json")], json.dumps(
@@ -96,7 +98,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.server.log.write(f"fault {fault} for {self.command} {self.path}\n")
       time.sleep(fault.get("delay_s", 0))
       if fault.get("drop"):  # as a stopped server: the connection closes with no answer
-        self.server.record(self.command, self.path, "-")
+        self.server.record(self.command, self.path, "-", self.body_bytes)
         self.close_connection = True
         return None
       if fault.get("status"):
@@ -116,7 +118,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       data = answer.read()
     except OSError as err:  # fake-gcs-server stopped: the client sees the connection drop
       self.server.log.write(f"front: {self.command} {self.path}: {err}\n")
-      self.server.record(self.command, self.path, "-")
+      self.server.record(self.command, self.path, "-", self.body_bytes)
       self.close_connection = True
       return None
     # fake-gcs-server speaks plain HTTP behind this front, so its upload session URLs do too.
@@ -144,7 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     return None
 
   def _answer(self, status: int, headers, data: bytes):
-    self.server.record(self.command, self.path, status)
+    self.server.record(self.command, self.path, status, self.body_bytes)
     self.send_response_only(status)
     for key, value in headers:
       self.send_header(key, value)

@@ -63,8 +63,8 @@ class LocalGCS:
   """A local Cloud Storage server in a network namespace of its own; `command(argv)` runs argv
   there, with `environ()` as its environment. Files: ROOT/store/BUCKET/OBJECT (the server's,
   readable from outside), ROOT/server.log, ROOT/tls/ca.pem, ROOT/faults.json, ROOT/requests.log
-  (one line per request the front answered: "METHOD /path?query STATUS", STATUS "-" for a
-  dropped connection)."""
+  (one line per request the front answered: "METHOD /path?query STATUS BYTES", STATUS "-" for a
+  dropped connection, BYTES the size of the request's body)."""
 
   def __init__(self, root: str, buckets=("rehearsal",), binary: str | None = None):
     self.root = os.path.abspath(root)
@@ -156,14 +156,16 @@ class LocalGCS:
   def clear_faults(self):
     self.set_faults()
 
-  def requests(self) -> list[tuple[str, str, str]]:
+  def requests(self, sizes: bool = False) -> list[tuple]:
     """(method, path with query, status) of every request answered so far, in order (the
-    OAuth token exchanges included; fault answers too, with their status)."""
+    OAuth token exchanges included; fault answers too, with their status); with `sizes`, the
+    size of each request's body too (an upload's bytes)."""
     try:
       with open(os.path.join(self.root, "requests.log")) as f:
-        return [tuple(line.split(" ")) for line in f.read().splitlines() if line.count(" ") == 2]
+        lines = [line.split(" ") for line in f.read().splitlines() if line.count(" ") == 3]
     except FileNotFoundError:
       return []
+    return [(m, p, s, int(n)) if sizes else (m, p, s) for m, p, s, n in lines]
 
   def objects(self, bucket: str, prefix: str = "") -> list[str]:
     """The object names in `bucket` under `prefix`, read from the server's files (not through

@@ -24,6 +24,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
+from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
 
 from mae_jax import models  # pylint: disable=g-import-not-at-top
 from mae_jax.interop import convert  # pylint: disable=g-import-not-at-top
@@ -77,7 +78,6 @@ def import_checkpoint(source, target, model_name, overrides, kind=None,
 def resave_as_safetensors(source, target, allow_unsafe_pickle=False):
   """Checkpoint file -> its state_dict's tensors, as they are, in a .safetensors file; returns
   the number of tensors."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   state_dict = convert.read_state_dict(source, allow_unsafe_pickle)
   save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, target,
             metadata={"format": "pt"})

@@ -25,7 +25,7 @@ def prepare(cfg, rebuild: bool = False) -> dict[str, int]:
   imagenet2012's splits are opened, which checks every shard file."""
   if rebuild:
     prepare_imagenet2012(cfg, cfg.train_split, rebuild=True)
-  splits = (cfg.train_split, data.resolve_split(cfg, "", "eval"))
+  splits = (cfg.train_split, data.resolve_split(cfg, "", evaluation=True))
   if cfg.name == "imagenet2012":  # opening a split checks its shard files
     return {split: data.open_source(cfg, split).num_examples for split in splits}
   return {split: data.num_examples(cfg, split) for split in splits}

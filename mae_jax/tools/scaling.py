@@ -29,13 +29,18 @@ import subprocess
 import sys
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
-from mae_jax import configs
+from mae_jax import configs, hardware, models
+from mae_jax.tpu import aot, choose
+from mae_jax.training import tasks
 
 flags.DEFINE_list("topology", [], "TPU slices (accelerator types): v3-128,v4-64,v5litepod-256,...")
 flags.DEFINE_list("devices", [], "Simulated CPU device counts instead of TPU slices.")
-flags.DEFINE_enum("task", "pretrain", ["pretrain", "finetune", "linprobe"],
+flags.DEFINE_integer("num_slices", 1, "TPU slices of --topology joined by the data-center "
+                     "network (multi-slice); the config's mesh.slices must be -1 or this.")
+flags.DEFINE_enum("task", "pretrain", list(tasks.TASKS),
                   "Which configs/<task>.py the --variants come from.")
 flags.DEFINE_list("variants", ["vit_large"], "Variants of configs/<task>.py (unless --config).")
 config_flags.DEFINE_config_file("config", None, "A config (path:variant), overridable with "
@@ -76,10 +81,9 @@ _NOISE = re.compile(r"^(E\d{4} |WARNING: Logging before|=== Source Location|lear
 def planned_config(config, spec: dict, devices: int):
   """The config as the spec asks it compiled: model, mesh, batch, remat, dtype, accumulation."""
   if spec["model"]:
-    from mae_jax import models  # pylint: disable=import-outside-toplevel
     config.model.name = spec["model"]
-    config.data.image_size = models.create_model(spec["model"]).img_size \
-        if config.task == "pretrain" else config.data.image_size
+    if spec["model"] in models.MODELS:  # an MAE takes images of one size; a classifier any
+      config.data.image_size = models.create_model(spec["model"]).img_size
   mesh = spec["mesh"]
   if mesh == "data":
     config.mesh.data, config.mesh.fsdp = -1, 1
@@ -92,8 +96,9 @@ def planned_config(config, spec: dict, devices: int):
   elif spec["global_batch"]:
     config.batch_size = spec["global_batch"]
   if spec["remat"] != "config":
-    if config.task != "pretrain":
-      raise ValueError("--remat applies to pre-training configs only.")
+    if "remat" not in config.model:
+      raise ValueError("--remat applies to pre-training configs only (their model has a remat "
+                       "field).")
     config.model.remat = spec["remat"] == "true"
   if spec["dtype"]:
     config.model.dtype = spec["dtype"]
@@ -103,13 +108,12 @@ def planned_config(config, spec: dict, devices: int):
 
 
 def compile_one(spec: dict) -> dict:
-  import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   if spec["topology"]:
     # JAX's own cache writes compile-only TPU executables (hundreds of MB for ViT-L) that it
     # cannot read back (see mae_jax.tpu.aot); the report cache below replaces it.
     jax.config.update("jax_enable_compilation_cache", False)
-  target = aot.tpu_target(spec["topology"]) if spec["topology"] else aot.cpu_target()
+  target = (aot.tpu_target(spec["topology"], spec.get("num_slices", 1)) if spec["topology"]
+            else aot.cpu_target())
   config = planned_config(FLAGS.config, spec, len(target.devices))
   hlo_path = ""
   if spec["hlo_dir"]:
@@ -157,6 +161,9 @@ def run_worker(spec: dict, args: list) -> dict:
 def specs_from_flags() -> list:
   if bool(FLAGS.topology) == bool(FLAGS.devices):
     raise app.UsageError("give --topology=SLICE[,...] (TPU) or --devices=N[,...] (CPU), not both.")
+  if FLAGS.num_slices > 1 and FLAGS.devices:
+    raise app.UsageError("--num_slices is for TPU slices (--topology); a local pod of CPU "
+                         "processes runs several slices instead (docs/tpu.md).")
   targets = [(t, 0) for t in FLAGS.topology] + [("", int(d)) for d in FLAGS.devices]
   batches = [int(b) for b in FLAGS.batch_per_device] or [0]
   variants = ["(config)"] if FLAGS["config"].present else FLAGS.variants
@@ -171,12 +178,12 @@ def specs_from_flags() -> list:
                           "batch_per_device": batch, "remat": remat, "dtype": FLAGS.dtype,
                           "grad_accum": FLAGS.grad_accum, "model": FLAGS.model,
                           "train_examples": FLAGS.train_examples, "hlo_dir": FLAGS.hlo_dir,
+                          "num_slices": FLAGS.num_slices,
                           "compile_cache": compile_cache()})
   return specs
 
 
 def compile_cache() -> str:
-  from mae_jax.tpu import aot  # pylint: disable=import-outside-toplevel
   return aot.default_cache_dir() if FLAGS.compile_cache is None else FLAGS.compile_cache
 
 
@@ -215,13 +222,23 @@ def markdown(results: list) -> str:
   return "\n".join(out)
 
 
+def cross_slice_line(r: dict) -> str:
+  """What one step sends between the slices (mae_jax.tpu.aot.cross_slice_traffic)."""
+  c = r["cross_slice"]
+  kinds = ", ".join(f"{k} {v['count']} ({v['bytes'] / 1e6:.1f} MB)" for k, v in
+                    c["by_kind"].items()) or "none"
+  return (f"Cross-slice traffic of {r['model']} on {r['slices']} x {r['topology']}: "
+          f"{c['bytes_per_device'] / 1e9:.3f} GB per device per step ({kinds}), "
+          f"{c['bytes_per_device'] * r['devices'] / 1e9:.1f} GB per step over all devices "
+          "(the payloads of the compiled program's sends to other slices).")
+
+
 def compile_time(r: dict) -> str:
   return f"{r['compile_s']:.0f}" + (" (cached)" if r.get("compile_cached") else "")
 
 
 def choose_meshes(given: dict) -> list:
   """The fsdp sizes --choose compiles: mae_jax.tpu.choose's, or those of --meshes when given."""
-  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   devices = given["devices"]
   if not FLAGS["meshes"].present:
     return choose.fsdp_sizes(devices, given["hosts"], given["fsdp_laid_out"])
@@ -232,7 +249,6 @@ def choose_meshes(given: dict) -> list:
 def run_choose(spec: dict, emit) -> tuple:
   """Compiles the config as given, then the candidates of mae_jax.tpu.choose; returns (reports,
   the given config's candidate)."""
-  from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
   args = config_args(spec["variant_arg"])
   given_report = emit(run_worker(spec, args))
   if "error" in given_report:
@@ -256,10 +272,9 @@ def main(argv):
   if FLAGS.worker:
     print(json.dumps(compile_one(json.loads(FLAGS.worker))))
     return 0
-  from mae_jax.tpu import aot, slices  # pylint: disable=import-outside-toplevel
   try:
     for name in FLAGS.topology:
-      slices.get(name)
+      hardware.get(name)
     if FLAGS.topology:
       aot.require_libtpu()
   except (ValueError, aot.LibtpuMissingError) as err:
@@ -268,6 +283,10 @@ def main(argv):
   specs = specs_from_flags()
   if FLAGS.choose:
     asked = [f for f in ("remat", "grad_accum") if FLAGS[f].present]
+    if FLAGS.num_slices > 1:
+      print("error: --choose plans one slice; for several, plan one (--num_slices=1) and "
+            "compile its choice with --num_slices.", file=sys.stderr)
+      return 2
     if len(specs) != 1 or asked or not FLAGS.topology:
       print("error: --choose plans one config on one TPU slice, and picks mesh, remat and "
             "gradient accumulation itself: give one --topology and one --config (or --variants), "
@@ -283,7 +302,6 @@ def main(argv):
       out.flush()
     return result
   if FLAGS.choose:
-    from mae_jax.tpu import choose  # pylint: disable=import-outside-toplevel
     results, given = run_choose(specs[0], emit)
     # Nothing to rank when the config as given failed to compile: its error is the answer.
     table = markdown(results) if given is None else choose.summary(choose.rank(results), given)
@@ -293,6 +311,9 @@ def main(argv):
   if out:
     out.close()
   print(table)
+  for r in results:
+    if "cross_slice" in r:
+      print(cross_slice_line(r))
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
       f.write(table + "\n")

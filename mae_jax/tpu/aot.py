@@ -23,11 +23,15 @@ import re
 import tempfile
 import time
 
-from mae_jax.tpu import slices
+import jax
+from jax.experimental import topologies
+import numpy as np
+
+from mae_jax import data, hardware, sharding
+from mae_jax.training import config_checks, flops, tasks
 
 GIB = 2 ** 30
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-TASKS = ("pretrain", "finetune", "linprobe")
 
 
 class LibtpuMissingError(RuntimeError):
@@ -46,42 +50,45 @@ class Target:
   hbm_bytes_per_device: int | None = None
   peak_flops_per_device: float | None = None
   hbm_bandwidth_per_device: float | None = None
+  slices: int = 1                 # TPU slices joined by the data-center network (DCN)
 
 
 def require_libtpu():
   if importlib.util.find_spec("libtpu") is None:
-    import jax  # pylint: disable=import-outside-toplevel
     raise LibtpuMissingError(
         "Compiling for TPU needs libtpu, the TPU compiler (it runs without a TPU): "
         f"pip install \"jax[tpu]=={jax.__version__}\" (or pip install -e \".[tpu]\", or "
         "bash launch/setup_env.sh --tpu).")
 
 
-def tpu_target(name: str) -> Target:
-  """The compile-only devices of a TPU slice (`v3-128`, `v5litepod-16`, ...)."""
-  slice_ = slices.get(name)  # unknown names fail before libtpu is loaded
+def tpu_target(name: str, num_slices: int = 1) -> Target:
+  """The compile-only devices of a TPU slice (`v3-128`, `v5litepod-16`, ...), or of
+  `num_slices` such slices joined by the data-center network (each device knows its
+  `slice_index`)."""
+  slice_ = hardware.get(name)  # unknown names fail before libtpu is loaded
+  if num_slices < 1:
+    raise ValueError(f"num_slices must be 1 or more, got {num_slices}.")
   require_libtpu()
   # No metadata server to ask, and other processes may be compiling with libtpu too.
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   g = slice_.generation
   devices = topologies.get_topology_desc(
       platform="tpu", topology_name=slice_.topology, chip_config_name=g.chip_config,
-      chips_per_host_bounds=slice_.chips_per_host_bounds, num_slices=1).devices
-  if len(devices) != slice_.devices:
-    raise RuntimeError(f"libtpu gave {len(devices)} devices for {name} ({slice_.topology}); the "
-                       f"slice table says {slice_.devices}.")
-  return Target(name=slice_.name, devices=tuple(devices), hosts=slice_.hosts,
-                topology=slice_.topology, device_kind=devices[0].device_kind,
-                chips=slice_.chips, hbm_bytes_per_device=g.hbm_bytes_per_device,
+      chips_per_host_bounds=slice_.chips_per_host_bounds, num_slices=num_slices).devices
+  if len(devices) != slice_.devices * num_slices:
+    raise RuntimeError(f"libtpu gave {len(devices)} devices for {num_slices} x {name} "
+                       f"({slice_.topology}); the slice table says {slice_.devices} a slice.")
+  topology = slice_.topology + (f" x {num_slices} slices" if num_slices > 1 else "")
+  return Target(name=slice_.name, devices=tuple(devices), hosts=slice_.hosts * num_slices,
+                topology=topology, device_kind=devices[0].device_kind,
+                chips=slice_.chips * num_slices, hbm_bytes_per_device=g.hbm_bytes_per_device,
                 peak_flops_per_device=g.peak_flops_per_device,
-                hbm_bandwidth_per_device=g.hbm_bandwidth_per_device)
+                hbm_bandwidth_per_device=g.hbm_bandwidth_per_device, slices=num_slices)
 
 
 def cpu_target() -> Target:
   """This process's CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N)."""
-  import jax  # pylint: disable=import-outside-toplevel
   devices = tuple(jax.devices("cpu"))
   return Target(name=f"cpu-{len(devices)}", devices=devices, hosts=1,
                 topology=f"{len(devices)} simulated CPU devices",
@@ -159,6 +166,23 @@ def collectives(hlo_text: str) -> dict:
   return out
 
 
+def cross_slice_traffic(hlo_text: str) -> dict:
+  """What one step sends over the data-center network between slices, per device. The TPU
+  compiler splits a collective over devices of several slices into collectives within each
+  slice (their replica groups hold one slice's devices) and host transfers to the other slices
+  for the Megascale runtime: send/recv pairs marked `_xla_megascale_transfer_type`. This counts
+  the sends by transfer type and sums their payloads (an op in a loop body counts once)."""
+  out = {}
+  for _, op, shape, line in _instructions(hlo_text):
+    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+    if op != "send" or not transfer:
+      continue
+    entry = out.setdefault(transfer[1].lower().replace("_", "-"), {"count": 0, "bytes": 0})
+    entry["count"] += 1
+    entry["bytes"] += _array_bytes(shape)[0]  # (payload, context, token)
+  return {"by_kind": out, "bytes_per_device": sum(v["bytes"] for v in out.values())}
+
+
 def memory_sizes(compiled) -> dict:
   """Bytes per device. `required` is what must fit in HBM: every buffer the executable holds at
   once, argument + output - alias (donated state written in place) + temp, plus the generated
@@ -209,7 +233,6 @@ def _out_of_memory(message: str) -> dict | None:
 def train_split_size(config, train_examples: int = 0) -> int:
   if train_examples > 0:
     return train_examples
-  from mae_jax import data  # pylint: disable=import-outside-toplevel
   key = (config.data.name, config.data.train_split)
   if key not in data.KNOWN_SPLITS:
     raise ValueError(f"the size of {config.data.name}/{config.data.train_split} is not known "
@@ -219,34 +242,23 @@ def train_split_size(config, train_examples: int = 0) -> int:
 
 def build_program(config, target: Target, train_examples: int = 0):
   """(train program, mesh) of `config` on `target`'s devices, after the config checks the train
-  loop makes (for `target.hosts` processes): the loop's own builders, nothing allocated."""
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  loop makes (for `target.hosts` processes): the task's own builders, nothing allocated and no
+  data or pre-trained weights read."""
+  task = tasks.get(config.task)
   devices = len(target.devices)
   # Only the schedule's length depends on it, never the compiled program.
   steps_per_epoch = max(1, train_split_size(config, train_examples) // config.batch_size)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices))
-  from mae_jax.training import config_checks  # pylint: disable=import-outside-toplevel
-  if config.task == "pretrain":
-    from mae_jax.training import pretrain  # pylint: disable=import-outside-toplevel
-    config_checks.check(config, target.hosts, devices)
-    return pretrain.build_program(config, mesh, steps_per_epoch), mesh
-  if config.task in ("finetune", "linprobe"):
-    from mae_jax import data  # pylint: disable=import-outside-toplevel
-    from mae_jax.training import downstream  # pylint: disable=import-outside-toplevel
-    planned = config.copy_and_resolve_references()
-    with planned.unlocked():
-      planned.init = ""  # the encoder's values do not change the program; nothing is read
-    config_checks.check(planned, target.hosts, devices)
-    classes = data.KNOWN_SPLITS.get((config.data.name, config.data.train_split), (0, 1000))[1]
-    return downstream.build_program(planned, mesh, steps_per_epoch, classes,
-                                  load_pretrained=False)[0], mesh
-  raise ValueError(f"config.task={config.task!r}; compiles are for {', '.join(TASKS)}.")
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=list(target.devices),
+                            slices=config.mesh.get("slices", 1))
+  planned = task.for_compile(config)
+  config_checks.check(planned, target.hosts, devices)
+  return task.compile_program(planned, mesh, steps_per_epoch), mesh
 
 
 def fsdp_laid_out(devices) -> list:
   """The FSDP sizes (powers of two) whose mesh the train loop's make_mesh lays out on these
   devices: it maps mesh axes onto whole physical axes, so a 16x16 torus takes 1, 16 or 256."""
-  from mae_jax.training import sharding  # pylint: disable=import-outside-toplevel
+  devices = sharding.device_slices(list(devices), -1)[0]  # FSDP stays within a slice
   n, out = len(devices), []
   for fsdp in (2 ** k for k in range(n.bit_length())):
     try:
@@ -259,8 +271,6 @@ def fsdp_laid_out(devices) -> list:
 
 def state_bytes(program) -> dict:
   """Train-state bytes, whole and per device, as its shardings split it (no layout padding)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   leaves = jax.tree_util.tree_leaves(program.abstract_state)
   shardings = jax.tree_util.tree_leaves(program.state_shardings)
   total = sum(a.size * a.dtype.itemsize for a in leaves)
@@ -280,7 +290,6 @@ def default_cache_dir() -> str:
 def cache_key(lowered, mesh, target: Target) -> str:
   """What decides the compiled program: the lowered module (shapes, shardings, the step itself),
   the devices in mesh order on the slice, the compiler and its flags."""
-  import jax  # pylint: disable=import-outside-toplevel
   parts = (lowered.as_text(), target.topology, target.device_kind, str(target.hosts),
            " ".join(str(d.id) for d in mesh.devices.flat), jax.__version__,
            importlib.metadata.version("libtpu"), os.environ.get("XLA_FLAGS", ""),
@@ -303,11 +312,9 @@ def _write_cache(cache_dir: str, key: str, facts: dict):
   os.replace(f.name, os.path.join(cache_dir, key + ".json"))  # other planners may read it now
 
 
-def compile_facts(lowered, hlo_path: str = "") -> dict:
+def compile_facts(lowered, hlo_path: str = "", multi_slice: bool = False) -> dict:
   """What the compiler says of a lowered program: memory, FLOPs, collectives and its cost
   model's numbers, or its refusal when the program does not fit."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from mae_jax.training import flops  # pylint: disable=import-outside-toplevel
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -323,6 +330,8 @@ def compile_facts(lowered, hlo_path: str = "") -> dict:
     with open(hlo_path, "w") as f:
       f.write(hlo)
   facts["collectives"] = collectives(hlo)
+  if multi_slice:
+    facts["cross_slice"] = cross_slice_traffic(hlo)
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
@@ -342,7 +351,8 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   report = {
       "topology": target.name, "topology_desc": target.topology,
       "device_kind": target.device_kind, "devices": devices, "chips": target.chips,
-      "hosts": target.hosts, "task": config.task, "variant": config.variant,
+      "hosts": target.hosts, "slices": target.slices, "task": config.task,
+      "variant": config.variant,
       "model": config.model.name, "global_batch": config.batch_size,
       "batch_per_device": config.batch_size / devices,
       "grad_accum_steps": config.get("grad_accum_steps", 1),
@@ -358,7 +368,7 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   facts = _read_cache(cache_dir, key) if key and not hlo_path else None
   report["compile_cached"] = facts is not None
   if facts is None:
-    facts = compile_facts(lowered, hlo_path)
+    facts = compile_facts(lowered, hlo_path, target.slices > 1)
     if key:
       _write_cache(cache_dir, key, facts)
   report["compile_s"] = facts["compile_s"]
@@ -369,6 +379,8 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   report["flops_per_device"] = facts["flops_per_device"]
   report["flops_per_image"] = facts["flops_per_device"] * devices / config.batch_size
   report["collectives"] = facts["collectives"]
+  if "cross_slice" in facts:
+    report["cross_slice"] = facts["cross_slice"]
   report.update(estimates(facts, report, target))
   return report
 

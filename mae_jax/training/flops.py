@@ -5,12 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mae_jax.tpu import slices
+from mae_jax import hardware
 
-# Dense bf16 peak per GPU; TPUs' come from the slice table (mae_jax.tpu.slices).
+# Published dense bf16 peak per GPU, by the exact device kind JAX reports (NVIDIA's data sheets:
+# the sparsity figures halved). Exact names, not prefixes: an "H100 PCIe" or "H200 NVL" is a
+# slower part than the SXM module of the same name. TPUs' come from the slice table
+# (mae_jax.hardware).
 PEAK_FLOPS_PER_GPU = {
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
+    "NVIDIA H100 80GB HBM3": 989e12,   # H100 SXM5
+    "NVIDIA H200": 989e12,             # H200 SXM
+    "NVIDIA H100 PCIe": 756e12,
     "NVIDIA A100-SXM4-80GB": 312e12,
     "NVIDIA A100-SXM4-40GB": 312e12,
 }
@@ -42,18 +46,24 @@ def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 10,
   return 2 * size ** 3 / float(np.median(times))
 
 
+def published_peak_flops(device_kind: str) -> float | None:
+  """The published dense bf16 peak FLOP/s of one JAX device of `device_kind` (a TPU generation
+  of the slice table, or a GPU of PEAK_FLOPS_PER_GPU); None for any other kind."""
+  tpu = hardware.generation_of_device_kind(device_kind)
+  if tpu is not None:
+    return tpu.peak_flops_per_device
+  return PEAK_FLOPS_PER_GPU.get(device_kind)
+
+
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-  """(peak FLOP/s, where it came from): the config's value if > 0, else the device table, else a
-  measured matmul."""
+  """(peak FLOP/s, where it came from): the config's value if > 0, else the published peak of
+  the device, else a measured matmul (CPUs, which publish no such figure)."""
   if configured > 0:
     return configured, "config"
   kind = jax.devices()[0].device_kind
-  tpu = slices.generation_of_device_kind(kind)
-  if tpu is not None:
-    return tpu.peak_flops_per_device, f"table ({kind})"
-  for name, peak in PEAK_FLOPS_PER_GPU.items():
-    if kind.startswith(name):
-      return peak, f"table ({kind})"
+  published = published_peak_flops(kind)
+  if published is not None:
+    return published, f"table ({kind})"
   return measure_matmul_flops(), f"measured matmul ({kind})"
 
 

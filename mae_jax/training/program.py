@@ -1,5 +1,5 @@
 """What a task gives the trainer: its program (the jitted step, the shapes and shardings of its
-state and batch) and its evaluators.
+state and batch), its evaluators and the preprocessing of its training input.
 
 The program is built from a config and a mesh alone, nothing allocated, so the same object serves
 the trainer (which creates the state and runs the step) and the ahead-of-time compile for TPU
@@ -11,7 +11,8 @@ from typing import Any, Callable, Protocol
 import jax
 import numpy as np
 
-from mae_jax.training import sharding
+from mae_jax import sharding
+from mae_jax.data.preprocess import Preprocess
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +60,11 @@ class Evaluator(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """One task (pre-training, fine-tuning, probing) as the trainer runs it."""
+  """One task (pre-training, fine-tuning, probing) as the trainer runs it, built by its
+  `TaskDefinition` (mae_jax.training.tasks)."""
   program: TrainProgram
+  train_preprocess: Preprocess    # what the input pipeline does to each training example
   evaluators: tuple[Evaluator, ...] = ()
-  input_mode: str = "pretrain"    # the train iterator's augmentation (mae_jax.data.MODES)
   # (evaluation, name of its best value in the log): workdir/best keeps that checkpoint.
   keep_best: tuple[str, str] | None = None
   # The run's closing lines from its last logged values (what the run bought), or None.

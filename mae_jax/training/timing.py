@@ -7,14 +7,15 @@ import time
 import jax
 import numpy as np
 
-from mae_jax import models
-from mae_jax.training import flops, pretrain, sharding
+from mae_jax import data, models, sharding
+from mae_jax.configs import pretrain as pretrain_config
+from mae_jax.training import flops
+from mae_jax.training.tasks import pretrain
 
 
 def float32_config(model_name: str, batch_size: int, remat: bool = False, **model_overrides):
   """The pre-training config of a named model as the timing tools run it: float32, mask 0.75,
   norm-pix loss, data parallel over every device, images of the model's size."""
-  from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=import-outside-toplevel
   c = pretrain_config.get_config("tiny")
   c.variant = "timing"
   c.model.name = model_name
@@ -51,10 +52,10 @@ class StepRunner:
     self.state, step = program.create_state(), program.train_step
     batch_sharding = sharding.batch_sharding(self.mesh)
     if real_data:
-      from mae_jax import data  # pylint: disable=import-outside-toplevel
       self._batches = data.create_iterator(
           config.data, split=config.data.train_split, global_batch_size=config.batch_size,
-          seed=config.seed, start_step=0, sharding=batch_sharding, mode="pretrain")
+          seed=config.seed, start_step=0, sharding=batch_sharding,
+          preprocess=data.train_preprocess(config.data))
     else:
       self._batches = synthetic_batches(config, batch_sharding)
     with jax.set_mesh(self.mesh):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax.training import sharding
+from mae_jax import sharding
 
 
 def counters() -> dict:

@@ -1,15 +1,16 @@
 """The one training driver: pre-training, fine-tuning and linear probing all run here.
 
-A task supplies only what differs, as data (`program.Task`, built by `pretrain.task` or
-`downstream.task`): its program (the jitted step with its state's shapes and shardings, which
-`mae_jax.tpu.aot` compiles too), its evaluators and its input mode. The driver owns the run, in
-this order: config checks -> workdir (writable, config.json) -> mesh -> the task's program ->
-sharded state -> restore (automatic resume) -> input, metrics log, TensorBoard -> loop (step,
-throughput and MFU, non-finite guard, evaluators, checkpoints, preemption) -> final checkpoint.
+A task supplies only what differs, as data (`program.Task`, built by the task that
+`config.task` names in the registry, `mae_jax.training.tasks`): its program (the jitted step with
+its state's shapes and shardings, which `mae_jax.tpu.aot` compiles too), its evaluators and the
+preprocessing of its input. The driver owns the run, in this order: config checks -> workdir
+(writable, config.json) -> mesh -> the task's program -> sharded state -> restore (automatic
+resume) -> input, metrics log, TensorBoard -> loop (step; metrics line with throughput and MFU,
+and the non-finite guard; evaluators; checkpoints; preemption) -> final checkpoint.
 
 Non-finite steps leave the state as it was (train_step.py) and are counted in it; the driver stops
 the run once `max_consecutive_nonfinite` come in a row, and never saves parameters that are not
-finite.
+finite (`save_checkpoint`).
 """
 import logging
 import math
@@ -18,13 +19,14 @@ import time
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 
-from mae_jax import data, paths
-from mae_jax.training import (checkpointing, downstream, config_checks, flops, metrics_log,
-                              preemption, pretrain, sharding, store_retries)
-
-TASKS = {"pretrain": pretrain.task, "finetune": downstream.task, "linprobe": downstream.task}
+from mae_jax import checkpointing, data, paths, sharding, store_retries
+from mae_jax.training import (config_checks, flops, metrics_log, preemption, tasks,
+                              tensorboard_writer)
+# In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
+# stops on. A run that starts (or resumes) removes it first.
+FINISHED = "finished.json"
 
 
 class NonFiniteError(RuntimeError):
@@ -41,17 +43,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
+    (workdir / FINISHED).unlink(missing_ok=True)
     paths.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
 
   # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, slices=config.mesh.slices)
   logging.info("Mesh %s over %d devices in %d processes.", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
   # --- The task's program (model, optimizer, step), its state created sharded, its evaluators.
   steps_per_epoch = data.steps_per_epoch(config.data, config.data.train_split, config.batch_size)
-  task = TASKS[config.task](config, mesh, steps_per_epoch)
+  task = tasks.get(config.task).build(config, mesh, steps_per_epoch)
   program, total_steps = task.program, task.program.total_steps
   state = program.create_state()
 
@@ -66,12 +69,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = data.create_iterator(
       config.data, split=config.data.train_split, global_batch_size=config.batch_size,
       seed=config.seed, start_step=start_step, sharding=sharding.batch_sharding(mesh),
-      mode=task.input_mode)
+      preprocess=task.train_preprocess)
   log = metrics_log.MetricsLog(workdir / "metrics.jsonl", writer=is_chief)
   best = BestCheckpoint(workdir, *task.keep_best, log) if task.keep_best else None
   log.truncate(start_step)  # after reading the best so far: best/ may hold a later step
-  writer = metric_writers.create_default_writer(
-      str(workdir / "tensorboard"), just_logging=not is_chief, asynchronous=True)
+  writer = tensorboard_writer.create(workdir / "tensorboard", is_chief,
+                                     upload_every_steps=config.checkpoint_every_steps)
   if start_step == 0:
     writer.write_hparams(_flat(config))
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer)
@@ -86,6 +89,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
+      # --- Step.
       batch = next(train_iter)
       with jax.set_mesh(mesh):
         if compiled is None:  # the executable the loop runs, and its FLOPs for MFU
@@ -102,6 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tick, tick_step = time.perf_counter(), step
       preempted = watcher.reached(step)
 
+      # --- Metrics line (every log_every_steps, the last step and a preemption), evaluations.
       record = {}
       logged = step % config.log_every_steps == 0 or step == total_steps or preempted
       if logged:
@@ -112,30 +117,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pending, tick, tick_step = [], time.perf_counter(), step
       record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
       if best is not None:
-        record.update(best.update(step, record, state, guard))
+        record.update(best.update(record))
       if record:
         writer.write_scalars(step, record)
         log.append(step, record)
         last.update(record)
-      if best is not None and best.saved_at == step:
-        log.flush()  # a resumed run reads the best value so far from the log
       if logged:  # once the line that shows the skipped steps is written
         guard.check(state, step)
 
+      # --- Checkpoints: the best evaluation's, every checkpoint_every_steps, on preemption.
+      if best is not None and best.improved:
+        best.save(step, state, guard, log)
       if preempted or step % config.checkpoint_every_steps == 0:
-        guard.check(state, step)
-        log.flush()  # before the save: a checkpoint never runs ahead of its metrics lines
-        checkpointing.save(manager, step, state, force=preempted)
+        save_checkpoint(manager, step, state, guard, log, force=preempted)
       if preempted:
         logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
                         "resume.", step)
         break
-    else:
-      if manager.latest_step() != step:
-        guard.check(state, step)
-        log.flush()
-        checkpointing.save(manager, step, state, force=True)
-    log.flush()
+    if not watcher.preempted and manager.latest_step() != step:  # the state the run ends with
+      save_checkpoint(manager, step, state, guard, log, force=True)
+    log.flush()  # a failed write raises here; below, after another error, it is only logged
   finally:
     try:
       log.flush()  # after an error too: the lines of the steps that led to it
@@ -155,10 +156,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for line in task.summary(last) if task.summary else ():
       logging.info("%s", line)
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
+  if is_chief and step == total_steps and not watcher.preempted:
+    paths.write_atomically(workdir / FINISHED, f'{{"step": {step}}}\n')
   return {"step": step, **last, "preempted": watcher.preempted}
 
 
 # ----------------------------------------------------------------------------------------------
+def save_checkpoint(manager, step: int, state, guard: "NonFiniteGuard",
+                    log: metrics_log.MetricsLog, force: bool = False):
+  """Saves `state` as checkpoint `step`, in the order every save keeps: the guard first (a
+  checkpoint never holds non-finite parameters), then the metrics log (a checkpoint never runs
+  ahead of its lines, and a resumed run reads the best value so far from them), then the save."""
+  guard.check(state, step)
+  log.flush()
+  checkpointing.save(manager, step, state, force=force)
+
+
 class StepThrottle:
   """Keeps at most `max_in_flight` dispatched steps unfinished. Without it the host runs ahead of
   the device by as many steps as the input pipeline can feed, and a preemption notice would only
@@ -206,19 +219,19 @@ class BestCheckpoint:
   def __init__(self, workdir, metric: str, logged_as: str, log: metrics_log.MetricsLog):
     self.metric, self.logged_as = metric, logged_as
     self.value = log.best(logged_as, -math.inf)  # a resumed run's best so far
-    self.saved_at = None  # the step of the last save
+    self.improved = False  # by the last `update`: its step's state is to be saved
     self.manager = checkpointing.create_best_manager(str(workdir))
 
-  def update(self, step: int, record: dict, state, guard: NonFiniteGuard) -> dict:
-    if self.metric not in record:
-      return {}
-    if record[self.metric] > self.value:
+  def update(self, record: dict) -> dict:
+    """{logged_as: the best value so far} when `record` holds the evaluation, else {}."""
+    self.improved = self.metric in record and record[self.metric] > self.value
+    if self.improved:
       self.value = record[self.metric]
-      guard.check(state, step)
-      checkpointing.save(self.manager, step, state, force=True)
-      self.manager.wait_until_finished()
-      self.saved_at = step
-    return {self.logged_as: self.value}
+    return {self.logged_as: self.value} if self.metric in record else {}
+
+  def save(self, step: int, state, guard: NonFiniteGuard, log: metrics_log.MetricsLog):
+    save_checkpoint(self.manager, step, state, guard, log, force=True)
+    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()

@@ -5,10 +5,10 @@ import copy
 import jax
 from etils import epath
 
-from mae_jax import models
+from mae_jax import models, sharding
 from mae_jax.evaluation import knn_monitor
 from mae_jax.interop import export
-from mae_jax.training import pretrain, sharding
+from mae_jax.training.tasks import pretrain
 
 
 def frozen_monitor(pretrain_config, num_train: int, num_eval: int):

@@ -2,14 +2,19 @@
 
 The model only names its parameter axes ("embed", "mlp", ...); these rules decide which mesh axis
 each name is split over. Parameters are split over "fsdp" along their "embed" dimension; the batch
-is split over both mesh axes, so an (N, 1) mesh is pure data parallelism and (1, N) is full FSDP.
+is split over every mesh axis, so an (N, 1) mesh is pure data parallelism and (1, N) is full FSDP.
+Over several slices (TPU slices joined by the data-center network, DCN) the mesh gets an
+outermost "dcn" axis, one entry per slice, data parallel only: a slice holds a whole copy of
+the (data, fsdp) mesh, so only the gradient reduction crosses the slower network.
 """
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
+DCN_AXIS = "dcn"
+BATCH_AXES = (DCN_AXIS, "data", "fsdp")  # those of a mesh's axes it has: batch_axes(mesh)
 
 LOGICAL_RULES = (
     ("embed", "fsdp"),
@@ -41,15 +46,78 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return data, fsdp
 
 
-def make_mesh(data: int, fsdp: int, devices=None) -> jax.sharding.Mesh:
+def make_mesh(data: int, fsdp: int, devices=None, slices: int = -1) -> jax.sharding.Mesh:
+  """The (data, fsdp) mesh over `devices`; over several slices (see `device_slices`), the
+  (dcn, data, fsdp) mesh whose data and fsdp axes lie within each slice."""
   devices = jax.devices() if devices is None else devices
+  groups = device_slices(devices, slices)
+  if len(groups) > 1:
+    return _multi_slice_mesh(data, fsdp, groups)
   shape = mesh_shape(data, fsdp, len(devices))
   # Auto axes: XLA's partitioner places the FSDP gathers; the model code stays sharding-free.
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def check_slices(slices: int, num_processes: int, num_devices: int):
+  """`mesh.slices` against the job's size: -1 (one per TPU slice the devices come from) or a
+  positive number that divides the processes (a slice is a group of whole hosts)."""
+  if slices == 0 or slices < -1:
+    raise ValueError(f"mesh.slices must be a positive number of slices or -1 (as many as the TPU "
+                     f"slices of the job), got {slices}.")
+  if slices > 0 and (num_processes % slices or num_devices % slices):
+    raise ValueError(f"mesh.slices={slices} does not divide the job's {num_processes} processes "
+                     f"and {num_devices} devices (a slice is a group of whole processes); set "
+                     f"--config.mesh.slices to a divisor of {num_processes}, or -1.")
+
+
+def device_slices(devices, slices: int = -1) -> list:
+  """The devices grouped into slices. TPU devices say which slice they are on (`slice_index`),
+  and `slices` must then be that number of slices or -1. Other devices (CPU, GPU; a CPU device
+  of a multi-process job has a slice_index too, always 0) are grouped by process: `slices` equal
+  runs of whole processes, in process order (-1: one slice), so a local pod of processes runs
+  the multi-slice code path as TPU slices would."""
+  if _on_tpu_slices(devices):
+    found = sorted({d.slice_index for d in devices})
+    if slices not in (-1, len(found)):
+      raise ValueError(f"the devices come from {len(found)} TPU slice(s) but mesh.slices={slices}; "
+                       f"set --config.mesh.slices={len(found)} (or -1: one per TPU slice).")
+    return [[d for d in devices if d.slice_index == s] for s in found]
+  processes = sorted({d.process_index for d in devices})
+  check_slices(slices, len(processes), len(devices))
+  count = max(slices, 1)
+  per_slice = len(processes) // count
+  rank = {p: i // per_slice for i, p in enumerate(processes)}
+  return [[d for d in devices if rank[d.process_index] == s] for s in range(count)]
+
+
+def _on_tpu_slices(devices) -> bool:
+  return devices[0].platform == "tpu" and hasattr(devices[0], "slice_index")
+
+
+def _multi_slice_mesh(data: int, fsdp: int, groups: list) -> jax.sharding.Mesh:
+  sizes = {len(g) for g in groups}
+  if len(sizes) > 1:
+    raise ValueError(f"the slices hold different numbers of devices ({sorted(sizes)}); a "
+                     "multi-slice mesh needs slices of one size.")
+  shape = (1, *mesh_shape(data, fsdp, len(groups[0])))
+  devices = [d for g in groups for d in g]
+  # As jax.make_mesh does within a slice: v5e slices may split a physical axis.
+  split = devices[0].device_kind in ("TPU v5 lite", "TPU v5e")
+  if _on_tpu_slices(devices):
+    grid = mesh_utils.create_hybrid_device_mesh(shape, (len(groups), 1, 1), devices,
+                                                allow_split_physical_axes=split)
+  else:  # no slice_index to group by: the same stacking, over the process groups
+    grid = np.concatenate([mesh_utils.create_device_mesh(shape, g) for g in groups])
+  return jax.sharding.Mesh(grid, (DCN_AXIS, *MESH_AXES), axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_axes(mesh) -> tuple:
+  """The mesh axes the batch dimension is split over, outermost first."""
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
 def batch_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+  return NamedSharding(mesh, P(batch_axes(mesh)))
 
 
 def replicated(mesh) -> NamedSharding:

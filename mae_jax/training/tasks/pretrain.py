@@ -1,13 +1,39 @@
-"""MAE pre-training as a task of the trainer: the masked-autoencoder step and its evaluators (the
-masked loss on the eval split, the reconstruction figure, the k-NN monitor)."""
+"""MAE pre-training as a task of the trainer (official main_pretrain.py): its config checks, the
+masked-autoencoder step and its evaluators (the masked loss on the eval split, the reconstruction
+figure, the k-NN monitor)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax import data, models
+from mae_jax import data, models, sharding
 from mae_jax.evaluation import knn_monitor
-from mae_jax.training import figures, optimizer, program, sharding, train_step
+from mae_jax.training import figures, optimizer, program, train_step
+from mae_jax.training.tasks import base
+
+
+def check_config(config, num_devices: int):
+  model_options = {k: v for k, v in config.model.items() if k not in ("name", "dtype")
+                   and v is not None}
+  try:
+    model = models.create_model(config.model.name, **model_options)
+  except ValueError as err:  # bad sizes, mask ratio, unknown name: say where they are set
+    raise ValueError(f"config.model: {err}") from err
+  fix = f"set --config.data.image_size={model.img_size}"
+  base.check_image_size(config, model.patch_size, fix)
+  if config.data.image_size != model.img_size:
+    raise ValueError(
+        f"config.data.image_size={config.data.image_size} but model {config.model.name} takes "
+        f"{model.img_size}x{model.img_size} images; {fix}.")
+  batch, accum = config.batch_size, config.grad_accum_steps
+  if accum <= 0 or batch % accum or (batch // accum) % num_devices:
+    raise ValueError(
+        f"config.batch_size={batch} / grad_accum_steps={accum} must give a micro-batch "
+        f"divisible by the {num_devices} devices.")
+  if config.figure_every_steps < 0:
+    raise ValueError(f"config.figure_every_steps={config.figure_every_steps}; use 0 (off) or a "
+                     "step interval.")
+  knn_monitor.check_config(config.knn)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,7 +100,7 @@ def make_gradients(model, config, mesh):
     # Micro-batch m takes examples m, m + accum, ...: each device keeps working on its own rows.
     micro = lambda x: jax.lax.with_sharding_constraint(
         x.reshape(batch_size // accum, accum, *x.shape[1:]).swapaxes(0, 1),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)))
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.batch_axes(mesh))))
 
     def body(carry, xs):
       loss, grads = jax.value_and_grad(loss_fn)(params, *xs)
@@ -111,7 +137,8 @@ class EvalBatches:
       it = data.create_iterator(
           self.config.data, split=self.config.data.eval_split,
           global_batch_size=self.config.batch_size, seed=self.config.seed, start_step=0,
-          sharding=sharding.batch_sharding(self.mesh), mode="eval")
+          sharding=sharding.batch_sharding(self.mesh),
+          preprocess=data.eval_preprocess(self.config.data))
       self._batches = [b for _, b in zip(range(len(self)), it)]
     noise = masking_noise(self.config.seed + 1, i, self.config.batch_size, self.model.num_patches)
     return self._batches[i]["image"], jax.device_put(noise, sharding.batch_sharding(self.mesh))
@@ -169,5 +196,8 @@ def task(config, mesh, steps_per_epoch: int) -> program.Task:
   if config.knn.every_steps:
     evaluators.append(knn_monitor.KnnMonitor(model, config, mesh))
     summary = lambda last: knn_monitor.summary(last, config.knn)
-  return program.Task(train_program, tuple(e for e in evaluators if e.every_steps),
-                      input_mode="pretrain", summary=summary)
+  return program.Task(train_program, data.train_preprocess(config.data),
+                      tuple(e for e in evaluators if e.every_steps), summary=summary)
+
+
+TASK = base.TaskDefinition(check_config=check_config, build=task, compile_program=build_program)

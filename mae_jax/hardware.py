@@ -4,8 +4,8 @@ The one source of truth for the compile tool (topology to compile for, HBM to fi
 table (peak FLOP/s per JAX device) and `launch/tpu.sh` (accepted --accelerator-type names,
 default runtime). Standard library only, so the launcher can ask it without jax:
 
-  python3 -m mae_jax.tpu.slices                   # the table
-  python3 -m mae_jax.tpu.slices runtime v4-64      # one field of one slice: tpu-ubuntu2204-base
+  python3 -m mae_jax.hardware                   # the table
+  python3 -m mae_jax.hardware runtime v4-64      # one field of one slice: tpu-ubuntu2204-base
 
 Numbers per JAX device: on v2/v3 a device is one TensorCore (two per chip); on v4 and v5p one
 chip (its two cores run as one "megacore"); v5e and v6e chips have one core; a TPU7x (Ironwood)
@@ -148,7 +148,7 @@ def _main(argv) -> int:
             f"{r['hbm_gib_per_device']:g} | {r['peak_tflops_per_device']:g} |")
     return 0
   if len(argv) != 2:
-    print("usage: python3 -m mae_jax.tpu.slices [FIELD NAME]", file=sys.stderr)
+    print("usage: python3 -m mae_jax.hardware [FIELD NAME]", file=sys.stderr)
     return 2
   field, name = argv
   try:

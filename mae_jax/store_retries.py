@@ -4,8 +4,6 @@ errors and retries", has each client's defaults)."""
 import json
 import os
 
-from orbax.checkpoint._src.serialization import tensorstore_utils
-
 # TensorFlow's gfile (config.json, metrics.jsonl, TensorBoard, orbax's step metadata) retries the
 # least by default: 14 retries back off for about 3.5 min, longer than google-cloud-storage's
 # 120 s deadline, so a throttled burst of a pod's writes stops no client sooner than the others.
@@ -26,6 +24,8 @@ def configure() -> None:
     os.environ.setdefault(key, value)
   spec = os.environ.get(TENSORSTORE_RETRIES_ENV)
   if spec:
+    # Here, not at the top: a private module of orbax, imported only when a rehearsal asks for it.
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
     retries = json.loads(spec)
     for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
                     tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access

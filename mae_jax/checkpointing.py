@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mae_jax.training import store_retries
+from mae_jax import store_retries
 
 CORRUPT_PREFIX = "corrupt-"
 _CHECKSUMS = "array_checksums"

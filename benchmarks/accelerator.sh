@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The accelerator benchmark in one command, as it runs on a GPU machine that holds jax, torch and
+# transformers but not the rest of what mae_jax imports, and can download nothing:
+#   bash launch/device_wheels.sh          # here, once: the missing wheels into .whl/
+#   bash benchmarks/accelerator.sh        # there: ViT-B/16 and ViT-L/16, bf16, ours and PyTorch
+#   bash benchmarks/accelerator.sh --variants=vit_base --steps=20    # any benchmark flag
+# Installs .whl/*.whl into a scratch folder without an index, names the device, runs
+# `python -m mae_jax.benchmarks.accelerator` and keeps its table (accelerator.log) and JSON line
+# (accelerator.jsonl, appended) in $OUT, or in benchmarks/accelerator/ when OUT is unset.
+# PYTHON: the interpreter (default python3, the one that holds torch on the GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+site=$(mktemp -d)
+trap 'rm -rf "$site"' EXIT
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$python" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+    --target "$site" .whl/*.whl
+fi
+export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+out=${OUT:-benchmarks/accelerator}
+mkdir -p "$out"
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+fi
+"$python" -m mae_jax.benchmarks.accelerator --out="$out/accelerator.jsonl" "$@" 2>&1 \
+  | tee "$out/accelerator.log"

@@ -4,7 +4,6 @@ pod of real mae_jax.main processes (2 processes of 4 CPU devices, jax.distribute
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys

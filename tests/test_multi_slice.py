@@ -11,8 +11,8 @@ import types
 import numpy as np
 import pytest
 
-from mae_jax import sharding
 from mae_jax.tpu import aot
+from mae_jax import sharding
 from mae_jax.training import config_checks
 from tests.helpers import POD_RUN, REPO, losses, tiny_config
 

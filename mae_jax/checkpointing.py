@@ -14,12 +14,10 @@ temporary directory is removed when the next run starts). On top of orbax:
     CheckpointSaveError naming the step, the directory, the fix and the step a relaunch resumes
     from; the steps already saved stay as they are;
   * on gs://, the clients' retries of transient store errors (429, 5xx) are set in one place,
-    configure_store_retries.
+    store_retries.configure, before the first access.
 """
 import errno
-import json
 import logging
-import os
 import re
 import time
 
@@ -29,6 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from mae_jax import store_retries
 
 CORRUPT_PREFIX = "corrupt-"
 _CHECKSUMS = "array_checksums"
@@ -85,44 +85,16 @@ class CheckpointManager(ocp.CheckpointManager):
     return False
 
 
-# TensorFlow's GCS client (gfile: config.json, metrics.jsonl, TensorBoard, orbax's step metadata)
-# gives up after 10 retries, about 50 s of backoff from 0.1 s, doubling to at most 32 s;
-# tensorstore (orbax's arrays) after 32 retries, about 15 min; google-cloud-storage (orbax's listing
-# and deletion) after a 120 s deadline. A pod's burst of writes that the store throttles (429), or
-# a few minutes of 503, is ridden out by tensorstore but stopped the run at TensorFlow's next
-# write: 14 retries give it about 3.5 min, longer than google-cloud-storage's deadline.
-TF_GCS_RETRIES = {"GCS_RETRY_CONFIG_MAX_RETRIES": "14"}
-# tensorstore's "gcs_request_retries" context resource as JSON, e.g. {"max_retries": 32,
-# "initial_delay": "1s", "max_delay": "32s"} (its defaults); for rehearsals that must fail fast.
-TENSORSTORE_RETRIES_ENV = "MAE_JAX_TENSORSTORE_GCS_RETRIES"
-
-
-def configure_store_retries():
-  """Sets the GCS clients' retries of transient errors: TensorFlow's through its environment
-  variables (unless already set; read when gfile first opens a gs:// path), tensorstore's from
-  $MAE_JAX_TENSORSTORE_GCS_RETRIES (its defaults otherwise) through orbax's context."""
-  for key, value in TF_GCS_RETRIES.items():
-    os.environ.setdefault(key, value)
-  spec = os.environ.get(TENSORSTORE_RETRIES_ENV)
-  if spec:
-    # Here, not at the top: a private module of orbax, imported only when a rehearsal asks for it.
-    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=import-outside-toplevel
-    retries = json.loads(spec)
-    for context in (tensorstore_utils._BASE_TS_CONTEXT,  # pylint: disable=protected-access
-                    tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT):  # pylint: disable=protected-access
-      context["gcs_request_retries"] = retries
-
-
 def create_manager(workdir: str, every_steps: int, keep: int) -> CheckpointManager:
-  configure_store_retries()
+  store_retries.configure()
   policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
       save_decision_policy=policies.FixedIntervalPolicy(every_steps),
       preservation_policy=policies.LatestN(keep),
       enable_async_checkpointing=True,
       # The step directory is made before save() returns: made in the background, a failure
-      # (read-only or unwritable directory) left orbax's writer threads waiting minutes for it,
-      # and the process could not exit.
+      # (read-only or unwritable directory) would leave orbax's writer threads waiting minutes
+      # for it, and the process could not exit.
       async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
       cleanup_tmp_directories=True,
   )
@@ -178,7 +150,7 @@ def restore_for_reading(directory, abstract, step: int | None = None):
   training moves the step aside itself when it next resumes. A `step` asked for by number that is
   damaged raises CheckpointUnreadableError rather than giving another step."""
   directory = epath.Path(directory)
-  configure_store_retries()
+  store_retries.configure()
   # Never saves, and leaves temporary step directories alone (one may be a live run's save).
   options = ocp.CheckpointManagerOptions(create=False, cleanup_tmp_directories=False)
   with ocp.CheckpointManager(directory, options=options,
@@ -242,15 +214,6 @@ def abstract_like(state):
   """ShapeDtypeStructs with the shardings of `state`, the restore target."""
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
-def write_atomically(path, text: str) -> None:
-  """Writes `text` to a temporary sibling, then renames it over `path`: a kill leaves the old
-  file or the new one, whole, never half of it."""
-  path = epath.Path(path)
-  partial = path.parent / (path.name + ".tmp")
-  partial.write_text(text)
-  partial.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,3 +12,12 @@ def resolve(path):
   that)."""
   from etils import epath  # pylint: disable=import-outside-toplevel  (keeps `import mae_jax` light)
   return epath.Path(path if is_remote(path) else os.path.abspath(path))
+
+
+def write_atomically(path, text: str) -> None:
+  """Writes `text` to a temporary sibling, then renames it over `path`: a kill leaves the old
+  file or the new one, whole, never half of it. Local or gs://."""
+  path = resolve(path)
+  partial = path.parent / (path.name + ".tmp")
+  partial.write_text(text)
+  partial.replace(path)

@@ -20,6 +20,20 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     logging.info("No cluster detected: running as a single process.")
 
 
+def hide_accelerators_from_tf() -> None:
+  """TF only feeds the host pipeline: it must not reserve GPU memory, or TPU chips, that XLA
+  needs."""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+    if tf.config.list_physical_devices("TPU"):
+      tf.config.set_visible_devices([], "TPU")
+  except RuntimeError:  # TF's devices are already initialised; visibility is then fixed
+    if tf.config.get_visible_devices("GPU") or tf.config.get_visible_devices("TPU"):
+      logging.warning("TensorFlow initialised its accelerators before the input pipeline could "
+                      "hide them and may hold their memory; call data.hide_accelerators_from_tf() "
+                      "before any other TensorFlow use.")
+
+
 class _QuietOrbax(std_logging.Filter):
   """Orbax narrates every save at INFO; keep its warnings and errors only."""
 
@@ -32,9 +46,7 @@ def prepare(coordinator_address=None, num_processes=None, process_id=None,
   """Quiet orbax, keep TensorFlow off the accelerators, join the other hosts if there are any."""
   for handler in std_logging.getLogger().handlers + std_logging.getLogger("absl").handlers:
     handler.addFilter(_QuietOrbax())
-  # Hide accelerators from TensorFlow: tf.data only runs on the host.
-  tf.config.set_visible_devices([], "GPU")
-  tf.config.set_visible_devices([], "TPU") if tf.config.list_physical_devices("TPU") else None
+  hide_accelerators_from_tf()
   initialize_distributed(coordinator_address, num_processes, process_id,
                          heartbeat_timeout_seconds)
   logging.info("JAX process %d/%d, %d local / %d global devices (%s).", jax.process_index(),

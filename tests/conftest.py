@@ -3,9 +3,9 @@ session (subprocesses inherit it: a relaunched run compiles nothing); must run b
 imported.
 
 The CPU backend compiles without LLVM's optimisations (--xla_backend_optimization_level=0): a
-test runs a few steps of each program, and compiling them dominated the suite (a tiny run's first
-train step: about 60 s optimised, half that without). Every run a test compares, reference
-included, is compiled the same way; the README's jobs and the benchmarks keep the default."""
+test runs a few steps of each program, and compiling them, not running them, dominates the suite
+(benchmarks/README.md, "The test suite"). Every run a test compares, reference included, is
+compiled the same way; the README's jobs and the benchmarks keep the default."""
 import atexit
 import gc
 import os
@@ -31,6 +31,9 @@ if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
   os.environ["PATH"] = _bin + os.pathsep + os.environ.get("PATH", "")
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# In the quick tier, a test that trains or starts a process fails until it is marked slow.
+pytest_plugins = ("tests.tier_check",)
 
 
 def pytest_sessionfinish(session):
@@ -59,9 +62,9 @@ def torch_ref():
   worker.close()
 
 
-# The files that take longest (seconds of one worker, measured with --durations=0 on 2 cores:
-# 282, 271, 199, 181, 163, 152 of 1754 in all), run first so that the two workers of
-# `-n 2 --dist loadfile` end together; the other files follow in their usual order.
+# The files that take longest (their times: benchmarks/README.md, "The test suite"), run first so
+# that the two workers of `-n 2 --dist loadfile` end together; the other files follow in their
+# usual order.
 LONGEST_FILES = ("test_gcs_faults.py", "test_gcs.py", "test_reliability.py", "test_pretrain.py",
                  "test_tpu_compile.py", "test_mae_vs_scratch.py")
 
@@ -99,11 +102,11 @@ def pretrained(tmp_path_factory):
 def local_gcs(tmp_path_factory):
   """The local Cloud Storage server, once per test process; each test writes under a prefix of
   its own."""
-  from mae_jax.tools import gcs_rehearsal  # pylint: disable=import-outside-toplevel
+  from mae_jax.testing import local_gcs  # pylint: disable=import-outside-toplevel
   from tests.helpers import GCS_BUCKET  # pylint: disable=import-outside-toplevel
   try:
-    server = gcs_rehearsal.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [GCS_BUCKET]).start()
-  except gcs_rehearsal.RehearsalError as err:
+    server = local_gcs.LocalGCS(str(tmp_path_factory.mktemp("gcs")), [GCS_BUCKET]).start()
+  except local_gcs.RehearsalError as err:
     pytest.fail(str(err), pytrace=False)
   yield server
   server.stop()

@@ -177,6 +177,7 @@ def test_files_round_trip(tmp_path, suffix):
   assert sorted(convert.read_state_dict(path)) == sorted(convert.official_shapes(model, "encoder"))
 
 
+@pytest.mark.slow
 def test_saved_pth_is_what_torch_load_reads(tmp_path, torch_ref):
   """The release layout, {"model": state_dict} of tensors, bit for bit through
   torch.load(weights_only=True)."""
@@ -189,6 +190,7 @@ def test_saved_pth_is_what_torch_load_reads(tmp_path, torch_ref):
   assert_same_state(raw["model"], state)
 
 
+@pytest.mark.slow
 def test_training_checkpoint_with_args_loads_without_unsafe_unpickling(tmp_path, torch_ref, caplog):
   model = tiny()
   state = random_official(model, "full")
@@ -202,6 +204,7 @@ def test_training_checkpoint_with_args_loads_without_unsafe_unpickling(tmp_path,
   assert_same_state(convert.to_official(params, model), state)
 
 
+@pytest.mark.slow
 def test_pth_needs_no_torch_but_unpickling_torch_objects_does(tmp_path, torch_ref, monkeypatch):
   model = tiny()
   state = random_official(model)
@@ -324,7 +327,7 @@ def _hf_official(torch_ref, label):
   return convert.from_hf_state_dict(state)
 
 
-# ViT-B at full depth is the slow tier's; the small geometry keeps parity in the quick one.
+# Parity needs the PyTorch reference process, so it is the slow tier's, at both geometries.
 @pytest.fixture(params=["small", pytest.param("base", marks=pytest.mark.slow)])
 def hf_setup(request, torch_ref):
   return request.param, GEOMETRIES[request.param], _hf_official(torch_ref, request.param)
@@ -350,6 +353,7 @@ def _rel_error(ours, theirs):
   return float(np.max(np.abs(np.asarray(ours, np.float64) - theirs)) / np.max(np.abs(theirs)))
 
 
+@pytest.mark.slow
 def test_hf_fixed_tables_equal_ours(hf_setup):
   _, geometry, official = hf_setup
   tables = convert.fixed_tables(_ours(geometry))
@@ -359,6 +363,7 @@ def test_hf_fixed_tables_equal_ours(hf_setup):
     np.testing.assert_allclose(official[name], tables[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_parity_with_hf_vitmae(hf_setup, norm_pix_loss, torch_ref):
   label, geometry, official = hf_setup
@@ -376,6 +381,7 @@ def test_parity_with_hf_vitmae(hf_setup, norm_pix_loss, torch_ref):
   assert max(errors.values()) < MAX_REL_ERROR, errors
 
 
+@pytest.mark.slow
 def test_encoder_features_match_hf_unmasked(torch_ref):
   geometry = GEOMETRIES["small"]
   model = _ours(geometry)
@@ -397,6 +403,7 @@ _LEGACY_HF_NAMES = (  # transformers < 5 module names, still in hub checkpoints
     ("mlp.fc2", "output.dense"))
 
 
+@pytest.mark.slow
 def test_hf_legacy_names_convert_the_same(torch_ref, tmp_path):
   config = GEOMETRIES["small"]["hf"]
   official = _hf_official(torch_ref, "small")

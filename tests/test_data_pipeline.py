@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from mae_jax import data
 from mae_jax.data import pipeline
-from mae_jax.data import sources
+from mae_jax.data import prepare, sources
 
 RAW_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -27,7 +27,7 @@ def cfg(tmp_path_factory):
   c.data_dir = str(tmp_path_factory.mktemp("tfds"))
   c.num_threads = 2
   c.download = False
-  data.prepare_fashion_mnist(c)   # once for the module: ~25 s on 2 cores
+  data.prepare_fashion_mnist(c)   # once for the module: the slowest step of these tests
   return c
 
 
@@ -83,7 +83,7 @@ def test_missing_fashion_mnist_says_apt_get(tmp_path, monkeypatch):
   # With download allowed but no network, the error still says how to get the files.
   def no_network(self, *args, **kwargs):
     raise ConnectionError("no route to host")
-  monkeypatch.setattr(sources.tfds_mnist.FashionMNIST, "download_and_prepare", no_network)
+  monkeypatch.setattr(prepare.tfds_mnist.FashionMNIST, "download_and_prepare", no_network)
   c.download = True
   with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
     data.create_iterator(c, global_batch_size=8)

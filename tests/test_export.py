@@ -15,6 +15,8 @@ from mae_jax import models
 from mae_jax.interop import convert, export
 from tests.helpers import MODEL, REPO, random_official, run_tool, tiny
 
+pytestmark = pytest.mark.slow  # the tiny pre-training's workdir, and the commands run as processes
+
 
 def assert_same_tree(a, b):
   flat_a, flat_b = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (a, b))

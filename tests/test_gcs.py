@@ -1,5 +1,5 @@
 """gs:// as a pod uses it: the real clients (TensorFlow's gfile, tensorstore, orbax) against a local
-Cloud Storage server in a network namespace of its own (mae_jax.tools.gcs_rehearsal).
+Cloud Storage server in a network namespace of its own (mae_jax.testing.local_gcs).
 
 What landed in the bucket is read from the server's own files, not through the clients under
 test. The store's faults, kill -9 and a pod's SIGTERM on gs:// are in tests/test_gcs_faults.py.
@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mae_jax.tools import gcs_rehearsal
+from mae_jax.testing.local_gcs import LocalGCS, RehearsalError, buckets_in
 from tests.helpers import GCS_BUCKET as BUCKET
 from tests.helpers import (MODEL, REPO, gcs_losses, gcs_pretrain_command, gcs_python, jpeg,
                            write_imagenet_tars)
@@ -85,16 +85,18 @@ def test_the_clients_reach_only_the_local_server_and_round_trip_there(local_gcs)
   assert not [name for name in saved if name.startswith("roundtrip/ckpt/6/")]
 
 
+@pytest.mark.slow
 def test_missing_server_binary_is_named_with_the_fix(tmp_path, monkeypatch):
   monkeypatch.setenv("MAE_JAX_FAKE_GCS_SERVER", str(tmp_path / "absent"))
-  with pytest.raises(gcs_rehearsal.RehearsalError, match="not an executable file"):
-    gcs_rehearsal.LocalGCS(str(tmp_path)).start()
+  with pytest.raises(RehearsalError, match="not an executable file"):
+    LocalGCS(str(tmp_path)).start()
   done = subprocess.run([sys.executable, "-m", "mae_jax.tools.gcs_rehearsal", "--", "true"],
                         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1].startswith("gcs_rehearsal: fake-gcs-server at ")
 
 
+@pytest.mark.slow
 def test_command_line_needs_a_command():
   done = subprocess.run([sys.executable, "-m", "mae_jax.tools.gcs_rehearsal"], cwd=REPO,
                         capture_output=True, text=True, timeout=60, check=False)
@@ -103,7 +105,7 @@ def test_command_line_needs_a_command():
 
 def test_buckets_named_by_the_command():
   argv = ["--workdir=gs://runs/mae/1", "--config.data.data_dir=gs://data-eu/tfds", "gs://runs/x"]
-  assert gcs_rehearsal.buckets_in(argv) == ["runs", "data-eu"]
+  assert buckets_in(argv) == ["runs", "data-eu"]
 
 
 def _event_tags(path: str) -> set:
@@ -338,7 +340,7 @@ def test_rehearsal_as_a_nonroot_user_trains_and_checkpoints_on_gs():
   home = tempfile.mkdtemp(prefix="mae_jax_nonroot_")  # its HOME, TMPDIR, data and server files
   try:
     os.chown(home, user.pw_uid, user.pw_gid)
-    command = [sys.executable, "-m", gcs_rehearsal.__name__, f"--root={home}/gcs", "--",
+    command = [sys.executable, "-m", "mae_jax.tools.gcs_rehearsal", f"--root={home}/gcs", "--",
                *gcs_pretrain_command("gs://nonroot/run", "--config.total_steps=4",
                                      "--config.checkpoint_every_steps=2",
                                      "--config.figure_every_steps=0",
@@ -351,7 +353,7 @@ def test_rehearsal_as_a_nonroot_user_trains_and_checkpoints_on_gs():
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "gcs_rehearsal: local Cloud Storage with bucket(s) nonroot" in done.stderr
-    store = gcs_rehearsal.LocalGCS(os.path.join(home, "gcs"))  # its files, read from outside
+    store = LocalGCS(os.path.join(home, "gcs"))  # its files, read from outside
     names = store.objects("nonroot", "run/")
     for step in (2, 4):
       assert f"run/checkpoints/{step}/_CHECKPOINT_METADATA" in names, names

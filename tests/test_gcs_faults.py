@@ -25,7 +25,7 @@ import urllib.parse
 import numpy as np
 import pytest
 
-from mae_jax.studies import preemption_trials
+from mae_jax.testing import pod_preemption
 from mae_jax.training import trainer
 from tests.helpers import GCS_BUCKET as BUCKET
 from tests.helpers import REPO, gcs_losses, gcs_pretrain_command, gcs_python, losses, parse
@@ -120,7 +120,7 @@ def _children(parent: int, workdir: str) -> dict[int, int]:
         return int(f.read().rsplit(")", 1)[1].split()[1])
     except OSError:
       return None
-  return {i: pid for i, pid in preemption_trials.processes(workdir).items()
+  return {i: pid for i, pid in pod_preemption.processes(workdir).items()
           if ppid(pid) == parent}
 
 
@@ -131,7 +131,7 @@ def _end_pod(proc, workdir: str, pids: dict[int, int]) -> list[int]:
   if proc.poll() is None:
     proc.kill()
     proc.wait()
-  left = sorted(set(pids.values()) & set(preemption_trials.processes(workdir).values()))
+  left = sorted(set(pids.values()) & set(pod_preemption.processes(workdir).values()))
   for pid in left:
     os.kill(pid, signal.SIGKILL)
   return left
@@ -211,8 +211,8 @@ def test_a_run_on_gs_through_store_faults_failed_saves_and_kill9_ends_as_the_unb
   assert _committed(local_gcs, prefix) == [5, 10, 15]
   assert _steps_a_reader_sees(local_gcs, prefix) == [5, 10, 15]
   # metrics.jsonl: written whole before each save (5, 10, 15, 20, and 25's, which found step 20's
-  # failed), never read back. (Before the fix: a download and an upload of the whole file per
-  # log line.) The lines up to step 25 are there; a relaunch writes those after 15 again.
+  # failed), never read back: no download and no upload per log line. The lines up to step 25
+  # are there; a relaunch writes those after 15 again.
   downloads, uploads = metrics_requests(answered)
   assert not downloads, downloads
   assert len(uploads) == 5, uploads
@@ -292,7 +292,7 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
     """launch/local.sh: 2 processes of 4 CPU devices (the 8 of the single-process run), in the
     server's namespace; local.sh passes the rest of XLA_FLAGS on (compiled as the reference)."""
     return ["bash", "launch/local.sh", "--num_processes=2", "--devices_per_process=4",
-            f"--grace_period={preemption_trials.GRACE_S}", f"--log_dir={log_dir}", "--",
+            f"--grace_period={pod_preemption.GRACE_S}", f"--log_dir={log_dir}", "--",
             *gcs_pretrain_command(workdir, *FAULT_RUN)[3:]]
 
   # 1. SIGTERM to local.sh and both processes at once (a VM shutdown), at a random moment after
@@ -340,7 +340,7 @@ def test_sigterm_to_a_whole_pod_on_gs_saves_one_step_everywhere_and_resumes_as_o
   assert _metrics_steps(local_gcs, prefix) == list(range(1, TOTAL + 1))
   _assert_equal_losses(gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken, rtol=2e-5)
   assert max(_committed(local_gcs, prefix)) == TOTAL
-  difference = preemption_trials.max_relative_difference(
+  difference = pod_preemption.max_relative_difference(
       gcs_losses(local_gcs, f"{prefix}/metrics.jsonl"), unbroken)
   print(f"SIGTERM to local.sh and both processes {delay:.2f} s after step 5 was committed: both "
         f"saved step "

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from mae_jax.training.lars import lars
 
@@ -71,6 +72,7 @@ def test_torch_one_dim_rule_and_mask_override():
   np.testing.assert_allclose(new["qkv"]["kernel"], -1.0)
 
 
+@pytest.mark.slow
 def test_matches_torch_reimplementation(torch_ref):
   """The official util/lars.py re-typed in torch (tests/torch_side.py), step for step."""
   rng = np.random.default_rng(1)

@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # the launch scripts run as processes
+
 ROOT = Path(REPO)
 LAUNCH = ROOT / "launch"
 TPU = LAUNCH / "tpu.sh"

@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import POD_RUN, REPO, losses
 
+pytestmark = pytest.mark.slow  # tpu.sh watch runs as a process
+
 ROOT = Path(REPO)
 TPU = ROOT / "launch" / "tpu.sh"
 FAKE = ROOT / "tests" / "fake_cloud_tpu.py"

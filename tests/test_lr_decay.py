@@ -54,6 +54,7 @@ def test_weight_decay_mask():
   assert not mask["blocks_0/attn/qkv/bias"] and not mask["pos_embed"] and not mask["cls_token"]
 
 
+@pytest.mark.slow
 def test_adamw_layer_decay_matches_torch_param_groups(torch_ref):
   """Against torch AdamW over the official param_groups_lrd (tests/torch_side.py)."""
   depth, ld, wd = 2, 0.5, 0.05

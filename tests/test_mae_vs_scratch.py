@@ -13,7 +13,7 @@ from etils import epath
 from mae_jax import data
 from mae_jax.configs import finetune as finetune_configs
 from mae_jax.configs import pretrain as pretrain_configs
-from mae_jax.studies import mae_vs_scratch as study
+from mae_jax.studies.mae_vs_scratch import process_pool, recipes, stages, study
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow  # subprocesses, pods, TPU compiles or training runs
@@ -47,7 +47,7 @@ def default_study(tmp_path_factory):
 def test_default_study_runs_every_stage_and_writes_results(default_study):
   workdir, results = default_study
   for stage in ("baselines", "pretrain", "frozen", "finetune_mae", "finetune_random"):
-    assert (workdir / stage / study.STAGE_FILE).exists(), stage
+    assert (workdir / stage / stages.STAGE_FILE).exists(), stage
     assert results[stage]["seconds"] > 0
   assert json.loads((workdir / "results.json").read_text()) == results
   # The raw-pixel baselines are computed and written beside the encoder's scores.
@@ -78,7 +78,7 @@ def test_default_study_runs_every_stage_and_writes_results(default_study):
 
 def test_finished_stages_are_skipped_and_a_removed_one_reruns(default_study):
   workdir, first = default_study
-  (workdir / "finetune_random" / study.STAGE_FILE).unlink()
+  (workdir / "finetune_random" / stages.STAGE_FILE).unlink()
   again = study.run_study(workdir, *_configs(), **_EVAL)
   for stage in ("baselines", "pretrain", "frozen", "finetune_mae"):
     assert again[stage] == first[stage], stage  # read back, not run again
@@ -90,14 +90,14 @@ def test_an_interrupted_stage_keeps_its_time_and_runs_again(tmp_path):
   directory = epath.Path(tmp_path) / "stage"
 
   def stopped():
-    raise study.Interrupted("stage")
-  with pytest.raises(study.Interrupted):
-    study.run_stage(directory, stopped)
-  assert not (directory / study.STAGE_FILE).exists()
-  (directory / study.ELAPSED_FILE).write_text("100.0")  # an earlier attempt's time
-  record = study.run_stage(directory, lambda: {"top1": 0.5})
+    raise stages.Interrupted("stage")
+  with pytest.raises(stages.Interrupted):
+    stages.run_stage(directory, stopped)
+  assert not (directory / stages.STAGE_FILE).exists()
+  (directory / stages.ELAPSED_FILE).write_text("100.0")  # an earlier attempt's time
+  record = stages.run_stage(directory, lambda: {"top1": 0.5})
   assert record["top1"] == 0.5 and record["seconds"] >= 100.0
-  assert study.run_stage(directory, lambda: {"top1": 0.0}) == record  # finished: not run again
+  assert stages.run_stage(directory, lambda: {"top1": 0.0}) == record  # finished: not run again
 
 
 def test_sweep_gives_each_value_its_own_stages(default_study):
@@ -139,9 +139,9 @@ def test_jobs_run_the_finetunings_side_by_side_each_on_its_own_cores(default_stu
   _copy_stages(first_dir, workdir, ("baselines", "pretrain", "frozen"))
   pre, ft = _configs()
   results = study.run_study(workdir, pre, ft, jobs=2, **_EVAL)
-  together = json.loads((workdir / study.SIDE_BY_SIDE / study.STAGE_FILE).read_text())
+  together = json.loads((workdir / study.SIDE_BY_SIDE / stages.STAGE_FILE).read_text())
   assert together["stages"] == ["finetune_mae", "finetune_random"]
-  shares = study._core_shares(2)  # pylint: disable=protected-access
+  shares = process_pool.core_shares(2)
   cores = [results[name]["cores"] for name in together["stages"]]
   assert all(c in shares for c in cores) and len({tuple(c) for c in cores}) == len(shares)
   for name in together["stages"]:
@@ -164,22 +164,22 @@ def test_a_side_by_side_finetuning_that_fails_is_named(default_study, tmp_path):
   workdir = epath.Path(tmp_path)
   _copy_stages(first_dir, workdir, ("baselines", "frozen"))
   (workdir / "pretrain").mkdir()  # finished, but its checkpoints are gone
-  (workdir / "pretrain" / study.STAGE_FILE).write_text(
-      (first_dir / "pretrain" / study.STAGE_FILE).read_text())
+  (workdir / "pretrain" / stages.STAGE_FILE).write_text(
+      (first_dir / "pretrain" / stages.STAGE_FILE).read_text())
   with pytest.raises(RuntimeError, match="Fine-tuning finetune_mae stopped without finishing"):
     study.run_study(workdir, *_configs(), jobs=2, **_EVAL)
-  assert (workdir / "finetune_random" / study.STAGE_FILE).exists()  # the other one finished
+  assert (workdir / "finetune_random" / stages.STAGE_FILE).exists()  # the other one finished
 
 
 @pytest.mark.parametrize("spec", ["model.nope=1", "model.mask_ratio", "model=1"])
 def test_bad_sweep_is_refused_with_the_fix(spec):
   with pytest.raises(ValueError, match="KEY=V1,V2"):
-    study.parse_sweep(spec, pretrain_configs.get_config("fashion_mnist_cpu"))
+    recipes.parse_sweep(spec, pretrain_configs.get_config("fashion_mnist_cpu"))
 
 
 def test_bad_partial_is_refused():
   with pytest.raises(ValueError, match="0 to 6, or `all`"):
-    study.parse_partial(["7"], depth=6)
+    recipes.parse_partial(["7"], depth=6)
 
 
 def test_default_command_keeps_its_stages_and_best_top1(default_study):
@@ -270,7 +270,7 @@ def test_holdout_trains_and_evaluates_on_train_images_only():
   read (choices of recipe are made on them)."""
   pre, ft = _configs()
   given = [(c.data.train_split, c.data.eval_split) for c in (pre, ft)]
-  held_pre, held_ft, eval_train, eval_test = study.hold_out(pre, ft, 10000, 60000, 10000)
+  held_pre, held_ft, eval_train, eval_test = recipes.hold_out(pre, ft, 10000, 60000, 10000)
   for config in (held_pre, held_ft):
     assert (config.data.train_split, config.data.eval_split) == ("train[:-10000]",
                                                                  "train[-10000:]")
@@ -279,4 +279,4 @@ def test_holdout_trains_and_evaluates_on_train_images_only():
   assert (eval_train, eval_test) == (50000, 10000)
   assert [(c.data.train_split, c.data.eval_split) for c in (pre, ft)] == given  # unchanged
   with pytest.raises(app.UsageError, match="between 1 and 59999"):
-    study.hold_out(pre, ft, 60000, 60000, 10000)
+    recipes.hold_out(pre, ft, 60000, 60000, 10000)

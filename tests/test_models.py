@@ -123,6 +123,7 @@ def test_encode_gives_unmasked_features():
   assert feats.shape == (2, 65, 32)
 
 
+@pytest.mark.slow  # initialises ViT-B's 112 M parameters: heavy on a CPU
 def test_official_init_statistics():
   model = models.create_model("mae_vit_base_patch16")
   params = init(model)

@@ -12,6 +12,7 @@ from mae_jax.interop import pth
 from tests.torch_reference import assert_same_tree, from_reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_load_reads_what_torch_load_reads(tmp_path, torch_ref, legacy):
   path = str(tmp_path / "assorted.pth")
@@ -45,6 +46,7 @@ ARRAYS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mmap", [False, True])
 def test_save_writes_what_torch_load_reads(tmp_path, torch_ref, mmap):
   path = str(tmp_path / "ours.pth")

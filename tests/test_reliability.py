@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from absl import flags
 
-from mae_jax import checkpointing, sharding
-from mae_jax.studies import preemption_trials
+from mae_jax import checkpointing, paths, sharding
+from mae_jax.testing import pod_preemption
 from mae_jax.training import config_checks, trainer
 from mae_jax.training.tasks import classification, finetune, pretrain
 from tests.helpers import REPO, losses, parse, tiny_config
@@ -387,8 +387,9 @@ def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, referenc
   shutil.copytree(os.path.join(reference[0], "checkpoints", "2"), checkpoints / "2")
   subprocess.run(["mount", "-o", "remount,ro", str(checkpoints)], check=True)
   start = time.time()
-  # orbax used to make the step directory in the background: its writer threads then waited 5
-  # minutes for it before the process could exit.
+  # The step directory is made before save() returns (checkpointing.create_manager): made in
+  # the background, its failure would leave orbax's writer threads waiting for it, and the
+  # process could not exit within the timeout.
   result = subprocess.run(command(workdir, caches), cwd=REPO,
                           capture_output=True, text=True, timeout=240)
   seconds = time.time() - start
@@ -407,9 +408,9 @@ def test_unwritable_checkpoints_exit_promptly_with_a_clear_error(tmpfs, referenc
 def test_a_config_or_log_rewrite_that_fails_leaves_the_old_file_whole(tmp_path, monkeypatch):
   path = tmp_path / "config.json"
   path.write_text('{"batch_size": 8}')
-  checkpointing.write_atomically(path, '{"batch_size": 16}')
+  paths.write_atomically(path, '{"batch_size": 16}')
   assert path.read_text() == '{"batch_size": 16}' and os.listdir(tmp_path) == ["config.json"]
-  written = type(checkpointing.epath.Path(path))
+  written = type(paths.resolve(path))
 
   def disk_full(self, text):
     with open(self, "w") as f:
@@ -417,7 +418,7 @@ def test_a_config_or_log_rewrite_that_fails_leaves_the_old_file_whole(tmp_path, 
     raise OSError(28, "No space left on device")
   monkeypatch.setattr(written, "write_text", disk_full)
   with pytest.raises(OSError, match="No space left"):
-    checkpointing.write_atomically(path, '{"batch_size": 32}')
+    paths.write_atomically(path, '{"batch_size": 32}')
   assert path.read_text() == '{"batch_size": 16}'
 
 
@@ -543,12 +544,12 @@ def test_a_killed_pod_process_stops_the_other_and_the_relaunch_resumes(reference
 def preempted_pod(workdir, caches, target, moment, first_step):
   """The 2-process pod of RUN, SIGTERMed at `moment`; asserts what every preemption must give
   (the same step saved by both, no earlier than `first_step`) and returns that step."""
-  result = preemption_trials.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
+  result = pod_preemption.preempt(command(workdir, caches)[3:], str(workdir), target, moment,
                                      launcher=os.path.join(REPO, "launch", "local.sh"))
   logs = "".join((workdir / "logs" / f"process_{i}.log").read_text(errors="replace")[-1500:]
                  for i in range(2))
   # Exit 0: every process ended by itself, before local.sh's SIGKILL.
-  assert result["rc"] == 0 and result["seconds"] < preemption_trials.GRACE_S, (result, logs)
+  assert result["rc"] == 0 and result["seconds"] < pod_preemption.GRACE_S, (result, logs)
   saved = set(result["saved"].values())
   assert len(result["saved"]) == 2 and len(saved) == 1 and None not in saved, (result, logs)
   [step] = saved
@@ -568,4 +569,4 @@ def test_sigterm_to_one_process_of_a_resuming_pod_stops_all_at_its_first_step(
   for step in (2, 4, 6, 8):
     shutil.copytree(os.path.join(reference[0], "checkpoints", str(step)),
                     workdir / "checkpoints" / str(step))
-  preempted_pod(workdir, caches, "one", preemption_trials.once_resumed, first_step=9)
+  preempted_pod(workdir, caches, "one", pod_preemption.once_resumed, first_step=9)

@@ -49,6 +49,7 @@ def assert_refusal(message, path):
   assert f"--to {path[:-len('.pth')]}.safetensors" in message
 
 
+@pytest.mark.slow
 def test_python_api_refuses_a_pickle_that_runs_code(crafted, tmp_path, monkeypatch):
   path, marker = crafted
   # torch's switch for skipping weights_only has no say here either.
@@ -75,6 +76,7 @@ def test_python_api_refuses_a_pickle_that_runs_code(crafted, tmp_path, monkeypat
   assert "torch" not in sys.modules  # all of it without PyTorch
 
 
+@pytest.mark.slow
 def test_the_legacy_pth_format_and_torchscript_are_refused_too(tmp_path, state, torch_ref):
   path, marker = write_crafted(torch_ref, tmp_path, state, "legacy.pth", legacy=True)
   with pytest.raises(convert.UnsafeCheckpointError, match="its pickle names posix.system"):
@@ -93,6 +95,7 @@ def test_the_legacy_pth_format_and_torchscript_are_refused_too(tmp_path, state, 
     convert.read_state_dict(scripted, allow_unsafe_pickle=True)
 
 
+@pytest.mark.slow
 def test_an_official_training_checkpoint_loads_without_the_opt_in(tmp_path, state, caplog,
                                                                   torch_ref):
   """misc.save_model's layout: model, optimizer, epoch, scaler and the argparse args."""
@@ -112,6 +115,7 @@ def test_an_official_training_checkpoint_loads_without_the_opt_in(tmp_path, stat
   assert_same_tree(checkpoint, from_reference(torch_ref.call("load", path=path)))
 
 
+@pytest.mark.slow
 def test_the_opt_in_runs_the_pickle_and_says_so(crafted, state, caplog):
   path, marker = crafted
   with caplog.at_level(logging.WARNING, logger=safe_load.__name__):
@@ -129,6 +133,7 @@ def _finetune_config(init):
   return config
 
 
+@pytest.mark.slow
 def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   from mae_jax.models import vit_classifier  # pylint: disable=import-outside-toplevel
   from mae_jax.training.tasks import classification  # pylint: disable=import-outside-toplevel
@@ -151,6 +156,7 @@ def test_finetune_and_linprobe_init_refuse_unless_the_config_opts_in(crafted):
   assert os.path.exists(marker) and "blocks_0/mlp/fc1/kernel" in report.copied
 
 
+@pytest.mark.slow
 def test_main_refuses_a_finetune_init_that_runs_code(crafted, tmp_path):
   path, marker = crafted
   result = subprocess.run(
@@ -164,6 +170,7 @@ def test_main_refuses_a_finetune_init_that_runs_code(crafted, tmp_path):
   assert not os.path.exists(marker) and not os.path.exists(tmp_path / "ft")  # refused up front
 
 
+@pytest.mark.slow
 def test_convert_command_line_refuses_unless_allow_unsafe_pickle(crafted, state, tmp_path,
                                                                  capsys):
   path, marker = crafted
@@ -177,6 +184,7 @@ def test_convert_command_line_refuses_unless_allow_unsafe_pickle(crafted, state,
   assert_same_state(convert.read_state_dict(copy), state)
 
 
+@pytest.mark.slow
 def test_export_encoder_command_line_refuses_unless_allow_unsafe_pickle(crafted, tmp_path):
   path, marker = crafted
   args = [f"--init={path}", f"--model={MODEL}", f"--output={tmp_path / 'encoder'}"]
@@ -194,6 +202,7 @@ def test_export_encoder_command_line_refuses_unless_allow_unsafe_pickle(crafted,
   assert "blocks_0" in params
 
 
+@pytest.mark.slow
 def test_visualize_refuses_unless_allow_unsafe_pickle(crafted, state, tmp_path):
   path, marker = crafted
   result = run_tool("visualize", f"--init={path}", f"--model={MODEL}",

@@ -71,6 +71,7 @@ def _all_finite(workdir, step) -> bool:
   return all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(state["params"]))
 
 
+@pytest.mark.slow
 def test_pretraining_skips_nonfinite_steps_then_stops(tmp_path, monkeypatch):
   config = tiny_config(total_steps=12, max_consecutive_nonfinite=3)
   real_iterator = trainer.data.create_iterator
@@ -91,8 +92,10 @@ def test_pretraining_skips_nonfinite_steps_then_stops(tmp_path, monkeypatch):
   assert _saved_steps(workdir) == [5] and _all_finite(workdir, 5)
 
 
+@pytest.mark.slow
 def test_finetuning_with_an_absurd_learning_rate_stops_and_saves_only_finite_weights(tmp_path):
-  """Before the one driver, this run logged a NaN loss, saved NaN weights and exited 0."""
+  """Fine-tuning goes through the same guard as pre-training: no NaN loss logged, no NaN
+  weights saved, and an error that names the fix instead of exit status 0."""
   workdir = str(tmp_path / "ft")
   with pytest.raises(trainer.NonFiniteError, match=r"3 consecutive steps .* Lower base_lr"):
     trainer.run(_classify_config(finetune_config, base_lr=1e9), workdir)
@@ -107,6 +110,7 @@ def test_finetuning_with_an_absurd_learning_rate_stops_and_saves_only_finite_wei
   assert all(r["mfu"] > 0 and r["images_per_sec"] > 0 for r in records[1:])
 
 
+@pytest.mark.slow
 def test_a_probe_whose_parameters_overflow_stops_before_saving_them(tmp_path):
   """A finite loss and gradient can still step to infinite parameters (LARS at lr 1e30): the
   driver stops at the next log line and saves nothing."""

@@ -10,6 +10,8 @@ from mae_jax.models.mae import num_visible
 from mae_jax.tools import visualize
 from tests.helpers import MODEL, run_tool
 
+pytestmark = pytest.mark.slow  # every test runs the command, on the tiny pre-training's workdir
+
 SIZE, GAP, PATCH = 32, 2, 4
 
 

@@ -173,6 +173,7 @@ def test_drop_path_rates_and_determinism(pooled_params):
   np.testing.assert_allclose(remat.apply({"params": params}, images), off, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_interpolate_pos_embed_matches_torch_bicubic(torch_ref):
   rng = np.random.default_rng(0)
   old, dim = 4, 6

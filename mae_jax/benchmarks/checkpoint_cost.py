@@ -1,6 +1,6 @@
 r"""What a checkpoint costs on gs:// against a local disk: save and restore times of a train state,
 and the requests per save, measured through the local Cloud Storage server of
-mae_jax.tools.gcs_rehearsal (an emulator on this machine: its times are this machine's CPU and
+mae_jax.testing.local_gcs (an emulator on this machine: its times are this machine's CPU and
 loopback, not Cloud Storage's latency or bandwidth; the request counts are the clients' own).
 
   python -m mae_jax.benchmarks.checkpoint_cost --variants=tiny,vit_base --repeats=3
@@ -29,6 +29,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from mae_jax import checkpointing, sharding  # pylint: disable=g-import-not-at-top
 from mae_jax.configs import pretrain as pretrain_config  # pylint: disable=g-import-not-at-top
 from mae_jax.training.tasks import pretrain  # pylint: disable=g-import-not-at-top
+
+from mae_jax.testing import local_gcs  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list("variants", ["tiny", "vit_base"], "Pre-training config variants.")
 flags.DEFINE_integer("repeats", 3, "Saves and restores per variant and destination.")
@@ -99,13 +101,12 @@ def main(argv):
       print(json.dumps(measure(variant, FLAGS.worker, FLAGS.repeats,
                                os.environ.get("MAE_JAX_REQUESTS_LOG"))), flush=True)
     return
-  from mae_jax.tools import gcs_rehearsal  # pylint: disable=import-outside-toplevel
   local = FLAGS.local_dir or tempfile.mkdtemp(prefix="mae_jax_ckpt_cost_")
   worker = [sys.executable, "-m", "mae_jax.benchmarks.checkpoint_cost",
             f"--variants={','.join(FLAGS.variants)}", f"--repeats={FLAGS.repeats}"]
   subprocess.run(worker + [f"--worker={os.path.abspath(local)}"], check=True)
   with tempfile.TemporaryDirectory(prefix="mae_jax_gcs_") as root:
-    with gcs_rehearsal.LocalGCS(root, ["bench"]) as gcs:
+    with local_gcs.LocalGCS(root, ["bench"]) as gcs:
       env = gcs.environ()
       env["MAE_JAX_REQUESTS_LOG"] = os.path.join(root, "requests.log")
       done = gcs.run(worker + ["--worker=gs://bench/ckpt"], env=env)

@@ -25,9 +25,9 @@ _LAZY = {
     "pipeline": ("DataIterator", "check_global_batch", "create_dataset", "create_iterator",
                  "default_sharding", "epoch_permutation", "num_eval_steps", "rows_for_process",
                  "rows_for_sharding"),
+    "prepare": ("prepare_fashion_mnist", "prepare_imagenet2012"),
     "shards": ("DamagedShardError",),
-    "sources": ("Source", "hide_accelerators_from_tf", "open_source", "prepare_fashion_mnist",
-                "prepare_imagenet2012", "split_info"),
+    "sources": ("Source", "hide_accelerators_from_tf", "open_source", "split_info"),
 }
 _HOME = {name: module for module, names in _LAZY.items() for name in names}
 

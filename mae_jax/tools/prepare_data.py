@@ -17,13 +17,14 @@ import argparse
 import sys
 
 from mae_jax import data
+from mae_jax.data.prepare import prepare_imagenet2012
 
 
 def prepare(cfg, rebuild: bool = False) -> dict[str, int]:
   """Prepares cfg's dataset (a no-op when done; `rebuild`: again); returns {split: num_examples}.
   imagenet2012's splits are opened, which checks every shard file."""
   if rebuild:
-    data.prepare_imagenet2012(cfg, cfg.train_split, rebuild=True)
+    prepare_imagenet2012(cfg, cfg.train_split, rebuild=True)
   splits = (cfg.train_split, data.resolve_split(cfg, "", evaluation=True))
   if cfg.name == "imagenet2012":  # opening a split checks its shard files
     return {split: data.open_source(cfg, split).num_examples for split in splits}

@@ -11,9 +11,8 @@ same function compiles for simulated CPU devices (`cpu_target`), where no estima
 
 What a TPU compile returned is kept in a cache of its own (`cache_dir`), keyed by the lowered
 program, the slice and the compiler: the same program is never compiled twice. JAX's persistent
-compilation cache cannot serve here: with jax 0.12.0.1 and libtpu 0.0.50.1 it writes the
-executables of compile-only devices but cannot read them back ("PjRtCompiler must be constructed
-with a Client to call DeserializeLoadedExecutable"), so every run compiled again.
+compilation cache cannot serve here: it writes the executables of compile-only devices but
+cannot read them back, so every run would compile again (docs/tpu.md).
 """
 import dataclasses
 import hashlib

@@ -2,8 +2,8 @@
 process 0 writes it.
 
 On a local disk every line is appended as it comes. An object store (gs://) cannot append: each
-append downloaded and re-uploaded the whole object, two requests and the whole file per log line,
-quadratic over a long run. There the lines wait in memory and are written at the trainer's flush
+append would download and re-upload the whole object, two requests and the whole file per log
+line, quadratic over a long run. There the lines wait in memory and are written at the trainer's flush
 points, before every checkpoint save and at the end: one upload of the file (known in memory, never
 read back) per checkpoint. A kill loses only lines of steps after the newest flush, which the
 relaunch, resuming from a checkpoint no newer than it, computes and writes again; a flush that
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from mae_jax import checkpointing, paths
+from mae_jax import paths
 
 
 def summarise(pending: list) -> dict:
@@ -88,7 +88,7 @@ class MetricsLog:
       else:
         dropped += 1
     if dropped:
-      checkpointing.write_atomically(self.path, "".join(kept))
+      paths.write_atomically(self.path, "".join(kept))
       self._written = "".join(kept)
       logging.warning("%s: dropped %d line(s) after step %d, written after the checkpoint this "
                       "run resumes from; the resumed run writes those steps again.", self.path,

@@ -12,7 +12,7 @@ import json
 from absl import logging
 from etils import epath
 
-from mae_jax import checkpointing
+from mae_jax import paths
 
 # What a plan file holds: the fields of a compile report the comparison needs.
 FIELDS = ("topology", "model", "global_batch", "mesh", "remat", "grad_accum_steps",
@@ -62,7 +62,7 @@ class PlanCheck:
     if self.plan is None and kept.exists():
       self.plan = load(str(kept))
     elif self.plan is not None and is_chief:
-      checkpointing.write_atomically(kept, json.dumps(self.plan, indent=1))
+      paths.write_atomically(kept, json.dumps(self.plan, indent=1))
     self.done = self.plan is None
 
   def __call__(self, record_: dict) -> str:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from clu import periodic_actions
 
-from mae_jax import checkpointing, data, paths, sharding
+from mae_jax import checkpointing, data, paths, sharding, store_retries
 from mae_jax.training import (config_checks, flops, metrics_log, plan_check, preemption,
                               tasks, tensorboard_writer)
 # In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
@@ -38,13 +38,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   of every logged metric and evaluation, and whether a preemption stopped the run."""
   # --- Config checks: everything that can be wrong fails here, before any compute.
   config_checks.check(config, jax.process_count(), jax.device_count())
-  checkpointing.configure_store_retries()  # before the first gs:// access
+  store_retries.configure()  # before the first gs:// access
   workdir = paths.resolve(workdir)  # a relative local workdir: from the current directory
   is_chief = jax.process_index() == 0
   if is_chief:
     config_checks.check_writable(workdir)
     (workdir / FINISHED).unlink(missing_ok=True)
-    checkpointing.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+    paths.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
   check_plan = plan_check.PlanCheck(config.get("plan", ""), workdir, is_chief)
 
@@ -159,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("%s", line)
   logging.info("MFU against %.3g FLOP/s per device from %s.", peak_flops, peak_source)
   if is_chief and step == total_steps and not watcher.preempted:
-    checkpointing.write_atomically(workdir / FINISHED, f'{{"step": {step}}}\n')
+    paths.write_atomically(workdir / FINISHED, f'{{"step": {step}}}\n')
   return {"step": step, **last, "preempted": watcher.preempted}
 
 

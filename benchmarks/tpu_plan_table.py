@@ -64,28 +64,27 @@ def choices(runs: dict) -> list:
          "estimates, not measurements** (on v3 they came out 27-40% below the paper's measured "
          "hours). Chip-hours = chips x estimated hours of the 800-epoch run: what a slice is "
          "paid by. Where the cost model returned a negative time it is no estimate at all "
-         "(the row says so); the roofline bound (FLOPs at peak or HBM bytes at full bandwidth, "
-         "whichever is slower, collectives not counted) is given beside every row as a lower "
-         "bound, not an estimate.", "",
+         "(the row says so). These compiles predate the step model (mae_jax.tpu.step_model), "
+         "which `launch/tpu.sh plan` now ranks by: its times for these slices, checked against "
+         "every measured step there is, are in docs/tpu.md (the step model's validation).", "",
          "| model | slice | chips (devices) | chosen mesh (data x fsdp) | remat | grad accum | "
          "required / HBM GiB per device | est. step s | est. img/s | est. hours | "
-         "est. chip-hours | est. MFU | roofline bound h / chip-h | candidates | "
-         "compile s (all candidates) | overrides to paste |", "|" + "---|" * 16]
+         "est. chip-hours | est. MFU | candidates | "
+         "compile s (all candidates) | overrides to paste |", "|" + "---|" * 15]
   details = []
   for model, label in MODELS:
     for topology in CURRENT:
       rows = runs.get(f"choose_{model}_{topology}")
       if not rows:
-        out.append(f"| {label} | {topology} | not compiled yet |" + " |" * 13)
+        out.append(f"| {label} | {topology} | not compiled yet |" + " |" * 12)
         continue
       given = choose.of_report(rows[0]) if "error" not in rows[0] else None
       ranked = choose.rank(rows)
-      negative = [r for g, r in ranked if g == "no estimate"]
-      group, best = ranked[0]
+      negative = [r for r in rows if r.get("est_step_s") is None and "error" not in r]
+      best = ranked[0][1]
       compile_s = sum(r.get("compile_s", 0) for r in rows)
       c = choose.of_report(best)
-      note = "" if group == "estimate" else f" ({group})"
-      bound_h = best["total_steps"] * best["roofline_step_s"] / 3600
+      note = "" if best.get("est_step_s") is not None else " (no estimate: not ranked)"
       out.append(
           f"| {label} | {topology} | {best['chips']} ({best['devices']}) | "
           f"{best['mesh']['data']} x {best['mesh']['fsdp']}{note} | "
@@ -93,7 +92,7 @@ def choices(runs: dict) -> list:
           f"{best['memory_per_device']['required'] / GIB:.2f} / {best['hbm_per_device'] / GIB:.2f} | "
           f"{_f(best.get('est_step_s'), '.3f')} | {_f(best.get('est_images_per_sec'), '.0f')} | "
           f"{_f(best.get('est_hours'), '.1f')} | {_f(best.get('est_chip_hours'), '.0f')} | "
-          f"{_f(best.get('est_mfu'), '.2f')} | {bound_h:.1f} / {bound_h * best['chips']:.0f} | "
+          f"{_f(best.get('est_mfu'), '.2f')} | "
           f"{len(rows)}{f', {len(negative)} with a negative cost-model time' if negative else ''} | "
           f"{compile_s:.0f} | `{c.overrides(best['devices'])}` |")
       details += [f"### {label} on {topology}", "", choose.table(ranked, given), ""]

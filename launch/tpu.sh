@@ -12,16 +12,20 @@
 #   check    on every worker at once: python3 launch/check_devices.py (jax must see the TPU)
 #   plan     here, no TPU needed: compile the run's config and overrides for the slice
 #            (--accelerator-type) with the TPU compiler (libtpu: setup_env.sh --tpu) and print
-#            memory per device against HBM, collectives and the compiler's time estimate;
+#            memory per device against HBM, collectives, the step model's time (with its
+#            range and what bounds it; mae_jax.tpu.step_model) and the compiler's estimate;
 #            then compile other meshes (data/FSDP), remat and gradient accumulation, rank
-#            them by the compiler's estimate and print the --config overrides of the fastest
-#            that fits (--choose=false: the config alone). Compiles are cached: asked again,
-#            a plan only lowers. Exits 3 when the config as given does not fit
+#            them by the step model, print hours and chip-hours, whether the input keeps
+#            up, and the --config overrides of the fastest that fits (--choose=false: the
+#            config alone). Compiles are cached: asked again, a plan only lowers. Exits 3
+#            when the config as given does not fit
 #   run      on every worker at once, detached (nohup setsid), a log per worker:
 #              python3 -m mae_jax.main --config=CONFIG --workdir=WORKDIR [--config.k=v ...]
 #            --config.* options, and everything after --, go to mae_jax.main unchanged.
 #            With --accelerator-type, `plan` runs first and a config that does not fit is
-#            refused (--force starts it anyway; --plan=false skips the compile).
+#            refused (--force starts it anyway; --plan=false skips the compile); the
+#            plan's step time goes to the run (--config.plan), which keeps it in WORKDIR and
+#            logs "plan: X s/step (model), measured: Y s/step" with its first throughput.
 #            Run it again on a preempted or recreated slice (after setup) to resume: the
 #            train loop resumes from the latest checkpoint in WORKDIR, which is never wiped.
 #            --keep-running: `watch` instead
@@ -402,6 +406,7 @@ cmd_plan() {
   # The choice is made for one slice; several are compiled as the config gives them.
   [[ "$search" == 0 || "$num_slices" -gt 1 ]] || overrides+=(--choose)
   [[ "$num_slices" == 1 ]] || overrides+=("--num_slices=$num_slices")
+  [[ -z "${PLAN_OUT-}" ]] || overrides+=("--plan_out=$PLAN_OUT")
   local rc=0
   (cd "$ROOT" && run_cmd "$PYTHON" -m mae_jax.tools.scaling "--topology=$accelerator_type" \
     "--config=$config" ${overrides[@]+"${overrides[@]}"} --check_fits) || rc=$?
@@ -432,7 +437,10 @@ check_run_settings() {
 plan_before_run() {
   [[ -n "$accelerator_type" && "$plan" == 1 ]] || return 0
   local rc=0
+  PLAN_OUT=$(mktemp)  # the step model's time for it: the run's first throughput line shows it
   cmd_plan 0 || rc=$?
+  if [[ -s "$PLAN_OUT" ]]; then job_args+=("--config.plan=$(cat "$PLAN_OUT")"); fi
+  rm -f "$PLAN_OUT"
   if [[ "$rc" != 0 && "$force" == 1 ]]; then
     warn "--force: starting anyway."
   elif [[ "$rc" != 0 ]]; then

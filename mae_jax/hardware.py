@@ -20,6 +20,16 @@ the runtime keeps some. Read with libtpu 0.0.42 and again with 0.0.50 (the same 
 where they differ, v5p 95.74/95.73 and v6e 31.25/31.24, the smaller is kept); TPU7x with 0.0.50:
 a jitted matmul of 160000^2 float32 operands per device on tpu7x:2x2x1 is refused with
 "HLO temporaries (190.73G) exceeds available HBM (94.74G)".
+
+ICI, per link and both directions (the step-time model's collectives): Google's per-generation
+pages give a chip's bidirectional ICI bandwidth and its ports: v5e 400 GB/s over 4 ports, v6e
+800 over 4, v5p 1200 over 6 (3-D torus), TPU7x 1200 over 6; v3 (2e11) and v4 (9e10) per link are
+the figures of "How to Scale Your Model" (jax-ml.github.io/scaling-book, "All about TPUs"), which
+agree with the pages above for v5e/v5p/v6e to within 10%. Wraparound: v4, v5p and TPU7x slices
+have it on every axis that is a multiple of 4 chips ("All 4x4x4 and larger slices have full 3D
+torus", v5p page; v4 page); v5e and v6e on the full pod's 16-chip axes; for v3 the model takes
+it only on the 32-chip pod axes, so v3-128's 8x8 is priced as a mesh (an assumption). v2 has no
+ICI row: the model names its collectives unknown.
 """
 import dataclasses
 import sys
@@ -41,24 +51,38 @@ class Generation:
   runtime_version: str         # default TPU VM image for `gcloud ... tpu-vm create`
   chips_per_host: int          # multi-host slices
   shapes: tuple                # chip grid of each slice, smallest first
+  # The interconnect, for the step-time model (mae_jax.tpu.step_model): bidirectional bytes/s
+  # of one ICI link of a chip (None: not known, the model names its collectives unknown), and
+  # from which length (a multiple of it) a torus axis of the slice has wraparound links.
+  ici_link_bandwidth: float | None = None
+  torus_wraps_at: int = 0
+  # vCPUs of one host of a multi-host slice (the plan's input check; 0: not in the table):
+  # Google's TPU VM machine types, v3 96, v4 240, v5e ct5lp-hightpu-4t 112, v5p 208 (v5p page),
+  # v6e ct6e-standard-4t 180.
+  host_vcpus: int = 0
 
 
 GENERATIONS = (
     Generation("v2", "v2", "TPU v2", "default", 2, 2, int(7.48 * GIB), 22.5e12, 350e9, "tpu-ubuntu2204-base", 4,
                ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
     Generation("v3", "v3", "TPU v3", "default", 2, 2, int(15.48 * GIB), 61.5e12, 450e9, "tpu-ubuntu2204-base",
-               4, ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32))),
+               4, ((2, 2), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16), (16, 32), (32, 32)),
+               ici_link_bandwidth=2e11, torus_wraps_at=32, host_vcpus=96),
     Generation("v4", "v4", "TPU v4", "megacore", 2, 1, int(30.75 * GIB), 275e12, 1228e9, "tpu-ubuntu2204-base",
                4, ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
-                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16)),
+               ici_link_bandwidth=9e10, torus_wraps_at=4, host_vcpus=240),
     Generation("v5litepod", "v5e", "TPU v5 lite", "default", 1, 1, int(15.75 * GIB), 197e12, 819e9,
                "v2-alpha-tpuv5-lite", 4,
-               ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+               ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)),
+               ici_link_bandwidth=1e11, torus_wraps_at=16, host_vcpus=112),
     Generation("v5p", "v5", "TPU v5", "megacore", 2, 1, int(95.73 * GIB), 459e12, 2765e9, "v2-alpha-tpuv5", 4,
                ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
-                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16)),
+               ici_link_bandwidth=2e11, torus_wraps_at=4, host_vcpus=208),
     Generation("v6e", "v6e", "TPU v6 lite", "default", 1, 1, int(31.24 * GIB), 918e12, 1640e9, "v2-alpha-tpuv6e",
-               4, ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16))),
+               4, ((1, 1), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)),
+               ici_link_bandwidth=2e11, torus_wraps_at=16, host_vcpus=180),
     # Ironwood. Names as maxtext's accelerator table (tpu7x-N, N TensorCores; libtpu refuses
     # "v7x:"). Runtime: the image Google's TPU VM examples create tpu7x-8 with; the TPU7x page
     # points to GKE first, where the node image is chosen by GKE. Shapes: the power-of-two 3-D
@@ -66,7 +90,8 @@ GENERATIONS = (
     Generation("tpu7x", "tpu7x", "TPU7x", "default", 2, 2, int(94.74 * GIB), 2307e12 / 2, 7380e9 / 2,
                "v2-alpha-tpu7-ubuntu2404", 4,
                ((2, 2, 1), (2, 2, 2), (2, 2, 4), (2, 4, 4), (4, 4, 4), (4, 4, 8), (4, 8, 8),
-                   (8, 8, 8), (8, 8, 16), (8, 16, 16))),
+                   (8, 8, 8), (8, 8, 16), (8, 16, 16)),
+               ici_link_bandwidth=2e11, torus_wraps_at=4),
 )
 # Also accepted by gcloud for v5e slices.
 ALIASES = {"v5e": "v5litepod"}

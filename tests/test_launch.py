@@ -338,6 +338,9 @@ FAKE_PLAN_PYTHON = f"""#!/usr/bin/env bash
 if [ "$1 $2" = "-m mae_jax.tools.scaling" ]; then
   printf '%s\\0' "$@" > "$FAKE_PLAN_RECORD"
   echo '{{"fits": false}}'
+  for a in "$@"; do
+    case "$a" in --plan_out=*) echo '{{"model_step_s": 0.2, "x": "a b"}}' > "${{a#--plan_out=}}" ;; esac
+  done
   exit "${{FAKE_PLAN_RC:-0}}"
 fi
 exec {sys.executable} "$@"
@@ -363,11 +366,16 @@ TAIL = ("--", "--config.batch_size=2048", "--heartbeat_timeout_seconds=30")
 
 def test_run_plans_first_and_passes_the_overrides(plan_env):
     tpu(plan_env, *RUN_ON_SLICE, *TAIL)
-    assert plan_args(plan_env) == ["-m", "mae_jax.tools.scaling", "--topology=v3-128",
-                                   "--config=configs/pretrain.py:vit_large", NASTY,
-                                   "--config.batch_size=2048", "--check_fits"]
+    *args, plan_out, check = plan_args(plan_env)
+    assert args == ["-m", "mae_jax.tools.scaling", "--topology=v3-128",
+                    "--config=configs/pretrain.py:vit_large", NASTY, "--config.batch_size=2048"]
+    assert plan_out.startswith("--plan_out=") and check == "--check_fits"
     [call] = calls(plan_env)
     assert call[3] == "ssh" and "--heartbeat_timeout_seconds=30" in remote_command(call)[1]
+    # The plan's step time travels to mae_jax.main, quotes and spaces intact.
+    assert shlex.quote('--config.plan={"model_step_s": 0.2, "x": "a b"}') in \
+        remote_command(call)[1]
+    assert not Path(plan_out.removeprefix("--plan_out=")).exists()  # the local copy is gone
 
 
 def test_run_refuses_what_does_not_fit_unless_forced(plan_env):

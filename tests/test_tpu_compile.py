@@ -143,7 +143,14 @@ def test_report_fields_are_there_and_consistent(compiled):
       assert r["est_hours"] == pytest.approx(r["total_steps"] * r["est_step_s"] / 3600)
       assert r["est_mfu"] == pytest.approx(
           r["flops_per_device"] / r["est_step_s"] / s.generation.peak_flops_per_device)
-    assert r["roofline_step_s"] > 0
+    # The step model's time for the compiled program, with its range and what bounds it.
+    assert r["model_step_s_range"][0] <= r["model_step_s"] <= r["model_step_s_range"][1]
+    assert r["model_step_s"] > 0 and r["model_bound"] in ("compute", "hbm", "collectives")
+    assert r["model_unknown"] == {}  # every op of the test model's TPU program is known
+    assert r["model_flops"] == pytest.approx(r["flops_per_device"], rel=0.2)
+    assert r["model_chip_hours"] == pytest.approx(r["model_hours"] * s.chips)
+    assert "bytes_accessed" not in json.dumps({k: v for k, v in r.items()
+                                               if k.startswith(("model", "est"))})
 
 
 def test_fsdp_divides_the_state_and_brings_its_collectives(compiled):
@@ -284,12 +291,11 @@ def test_choose_compiles_the_meshes_and_pastes_the_fastest(chosen):
       == {1, 8}
   assert len(reports) == 2 and all(r["fits"] for r in reports)
   assert all(not r["remat"] and r["grad_accum_steps"] == 1 for r in reports)
-  # The paste line is the candidate with the smallest estimated step, and it is labelled.
-  timed = [r for r in reports if r["est_step_s"] is not None]
-  best = min(timed, key=lambda r: r["est_step_s"])
+  # The paste line is the candidate with the smallest model step, and it is labelled.
+  best = min(reports, key=lambda r: r["model_step_s"])
   assert paste_line(proc.stdout) == choose.of_report(best).overrides(8)
-  assert "Fastest that fits (the TPU compiler's cost-model estimate, not a measurement)" in \
-      proc.stdout
+  assert f"Fastest that fits ({choose.MODEL})" in proc.stdout
+  assert "Input: the step needs" in proc.stdout
   assert "your config" in proc.stdout
   assert not any(r["compile_cached"] for r in reports)
 
@@ -300,9 +306,9 @@ def test_the_pasted_overrides_are_the_chosen_program(chosen):
   cache, [(_, proc, reports), _] = chosen
   _, [again] = scaling(*CHOOSE_CONFIG, *paste_line(proc.stdout).split(),
                        f"--compile_cache={cache}")
-  best = min((r for r in reports if r["est_step_s"] is not None), key=lambda r: r["est_step_s"])
+  best = min(reports, key=lambda r: r["model_step_s"])
   assert again["compile_cached"] and again["mesh"] == best["mesh"]
-  assert again["est_step_s"] == best["est_step_s"]
+  assert again["model_step_s"] == best["model_step_s"]
 
 
 def test_a_repeated_plan_compiles_nothing(chosen):
@@ -317,33 +323,36 @@ def test_a_repeated_plan_compiles_nothing(chosen):
   assert second_s < first_s
 
 
-def _fake(fsdp, est, fits=True, raw=None, remat=False, accum=1):
+def _fake(fsdp, model, fits=True, remat=False, accum=1):
   """A compile report with what the ranking reads."""
   return {"topology": "v5p-8", "model": "m", "task": "pretrain", "global_batch": 64,
           "devices": 4, "chips": 4, "hosts": 1, "total_steps": 1000, "batch_per_device": 16,
           "mesh": {"data": 4 // fsdp, "fsdp": fsdp}, "remat": remat, "grad_accum_steps": accum,
           "choosable": ["mesh", "remat", "grad_accum"], "compile_s": 1.0,
           "memory_per_device": {"required": 2 ** 30}, "hbm_per_device": 2 * 2 ** 30,
-          "fits": fits, "est_step_s": est, "est_optimal_seconds_raw": est if raw is None else raw,
-          "roofline_step_s": 0.05, "est_hours": est and est * 1000 / 3600,
-          "est_chip_hours": est and est * 4000 / 3600, "est_mfu": est and 0.5}
+          "fits": fits, "est_step_s": None, "est_optimal_seconds_raw": -716.8,
+          "model_step_s": model, "model_step_s_range": model and [model, model],
+          "model_bound": "compute", "model_hours": model and model * 1000 / 3600,
+          "model_hours_range": model and [model * 1000 / 3600] * 2,
+          "model_chip_hours": model and model * 4000 / 3600,
+          "model_chip_hours_range": model and [model * 4000 / 3600] * 2}
 
 
-def test_rank_puts_unusable_estimates_after_the_others_and_says_so():
-  negative = _fake(4, None, raw=-716.8)
+def test_rank_puts_candidates_without_a_model_time_after_the_others_and_says_so():
+  unpriced = _fake(4, None)
   slow, fast = _fake(1, 0.2), _fake(2, 0.1, remat=True)
   too_big = _fake(1, None, fits=False, remat=True)
-  ranked = choose.rank([negative, too_big, slow, fast])
-  assert [r for _, r in ranked] == [fast, slow, negative, too_big]
-  assert [g for g, _ in ranked] == ["estimate", "estimate", "no estimate", "does not fit"]
+  ranked = choose.rank([unpriced, too_big, slow, fast])
+  assert [r for _, r in ranked] == [fast, slow, unpriced, too_big]
+  assert [g for g, _ in ranked] == ["model", "model", "no model time", "does not fit"]
   text = choose.summary(ranked, choose.of_report(slow))
-  assert "cost model returned -716.8 s: no estimate" in text
+  assert "compiler's cost model returned -716.8 s" in text
   assert paste_line(text) == ("--config.mesh.data=2 --config.mesh.fsdp=2 "
                               "--config.model.remat=True --config.grad_accum_steps=1")
-  # Only unusable estimates: none is called the fastest.
-  text = choose.summary(choose.rank([negative, too_big]), None)
-  assert "Fastest" not in text and "no usable time" in text
-  assert paste_line(text) == choose.of_report(negative).overrides(4)
+  # No model time anywhere: none is called the fastest.
+  text = choose.summary(choose.rank([unpriced, too_big]), None)
+  assert "Fastest" not in text and "none has a model time" in text
+  assert paste_line(text) == choose.of_report(unpriced).overrides(4)
 
 
 def test_search_adds_remat_and_micro_batches_only_where_needed():

@@ -22,6 +22,8 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
                                   # splits the processes into N slices (data and fsdp per slice)
   c.max_consecutive_nonfinite = 10  # non-finite steps are skipped; this many in a row stop the run
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
+  c.plan = ""                     # a plan file (scaling --plan_out) or its JSON: the first
+                                  # throughput line sets its step time beside the measured one
   return c
 
 

@@ -12,14 +12,18 @@ The compiled program is the one `mae_jax.main` trains for that config and overri
 builders: step, shardings, dtype, remat, gradient accumulation), built from abstract arrays.
 TPU compiles use libtpu's compile-only devices for the slice (`pip install -e ".[tpu]"`); no TPU
 is needed. Every compile runs in its own process and prints one JSON line; a table follows.
-Times labelled `est_` are the TPU compiler's cost-model estimates, not measurements.
+Times labelled `est_` are the TPU compiler's cost-model estimates, `model_` the step model's
+(mae_jax.tpu.step_model: the compiled HLO priced with the slice table's constants): both
+estimates, not measurements, never mixed.
 `--check_fits` exits with status 3 when a compile does not fit in HBM (launch/tpu.sh plan/run).
 
   python -m mae_jax.tools.scaling --choose --topology=v5p-128 --config=configs/pretrain.py:vit_huge
 
 `--choose` (launch/tpu.sh plan) compiles the config as given, then other meshes, remat and
 gradient accumulation on the one slice (mae_jax.tpu.choose says which and in what order), ranks
-them by the compiler's estimate and prints the --config overrides of the fastest that fits.
+them by the step model's time, prints hours and chip-hours with their range, whether the input
+keeps up, and the --config overrides of the fastest that fits (--plan_out=FILE keeps its
+times for the run: `mae_jax.main --config.plan=FILE`).
 Compiles are kept (--compile_cache): a plan asked again lowers each candidate and compiles none.
 """
 import json
@@ -34,6 +38,7 @@ from ml_collections import config_flags
 
 from mae_jax import configs, hardware, models
 from mae_jax.tpu import aot, choose
+from mae_jax.training import plan_check
 from mae_jax.training import tasks
 
 flags.DEFINE_list("topology", [], "TPU slices (accelerator types): v3-128,v4-64,v5litepod-256,...")
@@ -65,8 +70,14 @@ flags.DEFINE_string("compile_cache", None, "Where TPU compiles are kept and look
 flags.DEFINE_bool("check_fits", False, "Exit 3 when a compile does not fit in HBM (with --choose: "
                   "the config as given).")
 flags.DEFINE_bool("choose", False, "On one TPU slice: compile the config, then the meshes, remat "
-                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the compiler's "
-                  "estimate and print the overrides of the fastest that fits.")
+                  "and gradient accumulation of mae_jax.tpu.choose; rank them by the step "
+                  "model's time and print the overrides of the fastest that fits.")
+flags.DEFINE_float("input_images_per_core", 0.0, "--choose: the input pipeline's images/s per "
+                   "host core to check the step against (0: the one measured in "
+                   "benchmarks/README.md, mae_jax.tpu.choose.INPUT_IMAGES_PER_CORE).")
+flags.DEFINE_string("plan_out", "", "Write the plan of the run here (the chosen candidate with "
+                    "--choose, else the compile): `mae_jax.main --config.plan=FILE` sets its step "
+                    "time beside the measured one (launch/tpu.sh run passes it on).")
 flags.DEFINE_string("worker", "", "Internal: compile one JSON spec in this process.")
 FLAGS = flags.FLAGS
 
@@ -198,9 +209,9 @@ def _fmt(x, spec: str) -> str:
 def markdown(results: list) -> str:
   out = ["| slice | task | model | global batch | batch/dev | mesh (data x fsdp) | remat | "
          "required GiB/dev | HBM GiB | fits | TFLOP/dev/step | all-gather | reduce-scatter | "
-         "all-reduce | est. step s | est. img/s | est. hours | est. chip-hours | est. MFU | "
-         "compile s |",
-         "|" + "---|" * 20]
+         "all-reduce | model step s (range) | bound | model hours | model chip-hours | "
+         "compiler's est. step s | est. hours | compile s |",
+         "|" + "---|" * 21]
   for r in results:
     if "error" in r:
       out.append(f"| {r.get('topology') or r.get('devices')} | error: {r['error'][:200]} |")
@@ -216,9 +227,10 @@ def markdown(results: list) -> str:
         f"{_gib(r.get('hbm_per_device'))} | {fits} | "
         f"{_fmt(r.get('flops_per_device') and r['flops_per_device'] / 1e12, '.2f')} | "
         f"{count('all-gather')} | {count('reduce-scatter')} | {count('all-reduce')} | "
-        f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_images_per_sec'), '.0f')} | "
-        f"{_fmt(r.get('est_hours'), '.1f')} | {_fmt(r.get('est_chip_hours'), '.0f')} | "
-        f"{_fmt(r.get('est_mfu'), '.2f')} | {compile_time(r)} |")
+        f"{choose.span(r, 'model_step_s', '.3g')} | {r.get('model_bound', '-')} | "
+        f"{choose.span(r, 'model_hours', '.3g')} | {choose.span(r, 'model_chip_hours', '.4g')} | "
+        f"{_fmt(r.get('est_step_s'), '.3f')} | {_fmt(r.get('est_hours'), '.1f')} | "
+        f"{compile_time(r)} |")
   return "\n".join(out)
 
 
@@ -304,16 +316,27 @@ def main(argv):
   if FLAGS.choose:
     results, given = run_choose(specs[0], emit)
     # Nothing to rank when the config as given failed to compile: its error is the answer.
-    table = markdown(results) if given is None else choose.summary(choose.rank(results), given)
+    ranked = choose.rank(results) if given is not None else []
+    # The fastest that fits by the model (None: none has a model time).
+    best = next((r for group, r in ranked if group == "model"), None)
+    check = choose.input_check(best, FLAGS.input_images_per_core) if best else ""
+    table = markdown(results) if given is None else choose.summary(ranked, given, check)
   else:
     results = [emit(run_worker(spec, config_args(spec["variant_arg"]))) for spec in specs]
-    table = markdown(results)
+    table, best = markdown(results), None
   if out:
     out.close()
   print(table)
   for r in results:
     if "cross_slice" in r:
       print(cross_slice_line(r))
+  planned = best if FLAGS.choose else results[0]
+  if FLAGS.plan_out and planned is not None and planned.get("model_step_s"):
+    with open(FLAGS.plan_out, "w") as f:
+      json.dump(plan_check.record(planned), f)
+  elif FLAGS.plan_out:
+    print(f"error: no plan written to {FLAGS.plan_out}: no candidate has a model time.",
+          file=sys.stderr)
   if FLAGS.markdown:
     with open(FLAGS.markdown, "w") as f:
       f.write(table + "\n")

@@ -4,8 +4,9 @@ the TPU compiler (libtpu) for a slice's devices without the slice and with nothi
   from mae_jax.tpu import aot
   report = aot.compile_config(config, aot.tpu_target("v3-128"))
 
-The report says what the step needs per device (memory, FLOPs, collectives) and the compiler's
-own time estimate (`optimal_seconds` of its cost model): an estimate, never a measurement. The
+The report says what the step needs per device (memory, FLOPs, collectives), the compiler's
+own time estimate (`optimal_seconds` of its cost model) and the step model's
+(mae_jax.tpu.step_model, from the compiled HLO): estimates, never measurements. The
 same function compiles for simulated CPU devices (`cpu_target`), where no estimate exists.
 
 What a TPU compile returned is kept in a cache of its own (`cache_dir`), keyed by the lowered
@@ -28,6 +29,7 @@ from jax.experimental import topologies
 import numpy as np
 
 from mae_jax import data, hardware, sharding
+from mae_jax.tpu import step_model
 from mae_jax.training import config_checks, flops, tasks
 
 GIB = 2 ** 30
@@ -291,6 +293,7 @@ def cache_key(lowered, mesh, target: Target) -> str:
   """What decides the compiled program: the lowered module (shapes, shardings, the step itself),
   the devices in mesh order on the slice, the compiler and its flags."""
   parts = (lowered.as_text(), target.topology, target.device_kind, str(target.hosts),
+           step_model.SUMMARY_VERSION,
            " ".join(str(d.id) for d in mesh.devices.flat), jax.__version__,
            importlib.metadata.version("libtpu"), os.environ.get("XLA_FLAGS", ""),
            os.environ.get("LIBTPU_INIT_ARGS", ""))
@@ -312,9 +315,11 @@ def _write_cache(cache_dir: str, key: str, facts: dict):
   os.replace(f.name, os.path.join(cache_dir, key + ".json"))  # other planners may read it now
 
 
-def compile_facts(lowered, hlo_path: str = "", multi_slice: bool = False) -> dict:
-  """What the compiler says of a lowered program: memory, FLOPs, collectives and its cost
-  model's numbers, or its refusal when the program does not fit."""
+def compile_facts(lowered, hlo_path: str = "", multi_slice: bool = False,
+                  layout: list | None = None) -> dict:
+  """What the compiler says of a lowered program: memory, FLOPs, collectives, its cost
+  model's numbers and the step model's summary of its HLO (`layout`: where each partition
+  sits on the torus), or its refusal when the program does not fit."""
   start = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -330,6 +335,7 @@ def compile_facts(lowered, hlo_path: str = "", multi_slice: bool = False) -> dic
     with open(hlo_path, "w") as f:
       f.write(hlo)
   facts["collectives"] = collectives(hlo)
+  facts["step_summary"] = step_model.summarize(hlo, layout)
   if multi_slice:
     facts["cross_slice"] = cross_slice_traffic(hlo)
   analysis = compiled.cost_analysis()
@@ -368,7 +374,7 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   facts = _read_cache(cache_dir, key) if key and not hlo_path else None
   report["compile_cached"] = facts is not None
   if facts is None:
-    facts = compile_facts(lowered, hlo_path, target.slices > 1)
+    facts = compile_facts(lowered, hlo_path, target.slices > 1, step_model.layout_of(mesh))
     if key:
       _write_cache(cache_dir, key, facts)
   report["compile_s"] = facts["compile_s"]
@@ -382,21 +388,22 @@ def compile_config(config, target: Target, train_examples: int = 0, hlo_path: st
   if "cross_slice" in facts:
     report["cross_slice"] = facts["cross_slice"]
   report.update(estimates(facts, report, target))
+  report.update(model_estimates(facts, report, target))
   return report
 
 
 def estimates(facts: dict, report: dict, target: Target) -> dict:
   """The compiler's cost-model step time and what follows from it, labelled as estimates. The
-  model sometimes returns a non-positive time (seen with FSDP meshes): then none. Beside it, a
-  roofline bound from the same analysis: the step cannot be faster than its FLOPs at peak or its
-  HBM traffic at full bandwidth (collectives and overheads not counted)."""
-  seconds, hbm_bytes = facts["optimal_seconds"], facts["bytes_accessed"]
+  model sometimes returns a non-positive time (libtpu 0.0.50.1 on v5e, v6e and TPU7x): then
+  none. XLA's `bytes accessed` is kept as it says it, and never turned into a time: it counts
+  the traffic inside fusions too, which does not go through HBM."""
+  seconds = facts["optimal_seconds"]
   out = {"est_source": "TPU compiler cost model (optimal_seconds): an estimate, not measured",
-         "est_optimal_seconds_raw": seconds, "bytes_accessed_per_device": hbm_bytes}
-  peak, bandwidth = target.peak_flops_per_device, target.hbm_bandwidth_per_device
+         "est_optimal_seconds_raw": seconds,
+         "xla_bytes_accessed_per_device": facts["bytes_accessed"]}
+  peak = target.peak_flops_per_device
   if not peak:
     return {**out, "est_step_s": None, "est_note": "no cost model for this target"}
-  out["roofline_step_s"] = max(report["flops_per_device"] / peak, hbm_bytes / bandwidth)
   if seconds <= 0:
     return {**out, "est_step_s": None, "est_note": f"cost model returned {seconds:g} s: unusable"}
   out["est_step_s"] = seconds
@@ -404,4 +411,25 @@ def estimates(facts: dict, report: dict, target: Target) -> dict:
   out["est_hours"] = report["total_steps"] * seconds / 3600
   out["est_chip_hours"] = out["est_hours"] * target.chips
   out["est_mfu"] = report["flops_per_device"] / seconds / peak
+  return out
+
+
+def model_estimates(facts: dict, report: dict, target: Target) -> dict:
+  """The step model's time for the compiled program on the target's generation, with its range
+  and bound, and the hours and chip-hours of the config's steps at that time (see
+  mae_jax.tpu.step_model): estimates, labelled `model_`, never mixed with the compiler's."""
+  generation = hardware.generation_of_device_kind(target.device_kind)
+  summary = facts.get("step_summary")
+  if generation is None or summary is None:
+    return {"model_step_s": None, "model_note": "no step model for this target" if summary
+            else "compiled before the step model: compile again (--compile_cache=)"}
+  out = step_model.price(summary, step_model.hardware_of(generation))
+  steps, chips = report["total_steps"], target.chips
+  out["model_hours"] = steps * out["model_step_s"] / 3600
+  out["model_hours_range"] = [steps * s / 3600 for s in out["model_step_s_range"]]
+  out["model_chip_hours"] = out["model_hours"] * chips
+  out["model_chip_hours_range"] = [h * chips for h in out["model_hours_range"]]
+  out["model_images_per_sec"] = report["global_batch"] / out["model_step_s"]
+  out["model_mfu"] = report["flops_per_device"] / out["model_step_s"] / \
+      generation.peak_flops_per_device
   return out

@@ -22,8 +22,8 @@ import numpy as np
 from clu import periodic_actions
 
 from mae_jax import checkpointing, data, paths, sharding, store_retries
-from mae_jax.training import (config_checks, flops, metrics_log, preemption, tasks,
-                              tensorboard_writer)
+from mae_jax.training import (config_checks, flops, metrics_log, plan_check, preemption,
+                              tasks, tensorboard_writer)
 # In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
 # stops on. A run that starts (or resumes) removes it first.
 FINISHED = "finished.json"
@@ -46,6 +46,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     (workdir / FINISHED).unlink(missing_ok=True)
     paths.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
+  check_plan = plan_check.PlanCheck(config.get("plan", ""), workdir, is_chief)
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, slices=config.mesh.slices)
@@ -114,6 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         record["skipped_steps"] = int(jax.device_get(state["skipped"]))
         record.update(_throughput(config, step - tick_step, time.perf_counter() - tick,
                                   step_flops, peak_flops))
+        check_plan(record)
         pending, tick, tick_step = [], time.perf_counter(), step
       record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
       if best is not None:

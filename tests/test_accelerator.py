@@ -152,7 +152,10 @@ def test_device_call_rehearsed_in_the_gpu_image_venv(torch_ref, tmp_path):
       capture_output=True, text=True, timeout=120, check=True, cwd=tmp_path)
   assert probe.stdout.split() == ["0.11.2", "False", "False", "False", "False"]
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-  env.update({"PYTHON": python, "OUT": str(tmp_path), torch_worker.ENV_VAR: torch_ref.python})
+  env.update({"PYTHON": python, "OUT": str(tmp_path), torch_worker.ENV_VAR: torch_ref.python,
+              "STEP_MODEL_VARIANTS": "tiny",
+              "STEP_MODEL_ARGS": "--config.model.name=mae_vit_test_patch4 --config.batch_size=16 "
+                                 "--steps=1 --warmup=0 --matmul_size=128 --copy_mib=8"})
   out = subprocess.run(["bash", "benchmarks/accelerator.sh", *TINY, "--torch_modes=eager"],
                        cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -162,3 +165,6 @@ def test_device_call_rehearsed_in_the_gpu_image_venv(torch_ref, tmp_path):
   assert "tensorflow is not installed" in real["skipped"]
   assert theirs["framework"] == "pytorch" and theirs["images_per_sec"] > 0
   assert "| tiny | mae_jax | jit |" in (tmp_path / "accelerator.log").read_text()
+  # The step model held against the same device's measured step, in the same call.
+  check = json.loads((tmp_path / "step_model.jsonl").read_text().splitlines()[-1])
+  assert check["measured_step_s"] > 0, check

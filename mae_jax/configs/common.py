@@ -22,6 +22,7 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
                                   # splits the processes into N slices (data and fsdp per slice)
   c.max_consecutive_nonfinite = 10  # non-finite steps are skipped; this many in a row stop the run
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
+  c.profile_steps = ()            # START,END: a jax.profiler trace of these steps in workdir/profile
   return c
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 
+from mae_jax.tools import goodput as goodput_tool
 from mae_jax.training import config_checks, goodput, trainer
 from mae_jax.training.tasks import pretrain
 from tests.helpers import parse, tiny_config
@@ -56,7 +57,7 @@ def test_summary_moves_the_steps_a_relaunch_ran_again_to_redone_and_counts_the_s
   assert summary["total_s"] == pytest.approx(sum(seconds.values()))
   assert summary["goodput"] == pytest.approx(16.0 / 40.0)
   assert [r["outcome"] for r in summary["attempts"]] == [
-      "stopped without an end record (killed)", "preempted", "finished"]
+      "no end line: still running, or killed", "preempted", "finished"]
   scalars = goodput.scalars(summary)
   assert scalars["goodput"] == pytest.approx(0.4) and scalars["badput/redone"] == pytest.approx(
       2.2 / 40)
@@ -126,6 +127,16 @@ def test_on_an_object_store_only_saves_and_the_end_write_the_record(tmp_path, mo
       "start", "checkpoint"]                          # the per-step line is not kept there
   clock.finish(3)
   assert clock._log.uploads == 2  # pylint: disable=protected-access
+
+
+def test_the_tool_prints_a_workdirs_summary(tmp_path):
+  with pytest.raises(FileNotFoundError, match="goodput.jsonl does not exist"):
+    goodput_tool.report(str(tmp_path))
+  with open(tmp_path / goodput.FILE, "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in _three_attempts())
+  text = goodput_tool.report(str(tmp_path))
+  assert text.splitlines()[0] == "Goodput 40.0% of 40.0 s over 3 attempt(s) (goodput.jsonl):"
+  assert "  attempt 1: steps 0-6, 10.0 s, no end line: still running, or killed" in text
 
 
 @pytest.mark.parametrize("value, message", [

@@ -189,7 +189,7 @@ def test_goodput_counts_the_steps_redone_after_a_kill9_and_the_time_stopped(
   records = [json.loads(line) for line in open(workdir / goodput.FILE)]
   summary = goodput.summarise(records)
   assert [(a["start_step"], a["step"], a["outcome"]) for a in summary["attempts"]] == [
-      (0, 6, "stopped without an end record (killed)"), (4, 9, "preempted"),
+      (0, 6, "no end line: still running, or killed"), (4, 9, "preempted"),
       (9, TOTAL, "finished")]
   assert summary["redone_steps"] == 2                 # steps 5 and 6, run again after the kill
   seconds = summary["seconds"]

@@ -198,7 +198,7 @@ def summarise(records: list[dict]) -> dict:
         seconds["redone"] += lost
       redone_steps += last["step"] - max(resumed, first_step)
     rows.append({"attempt": last["attempt"], "start_step": first_step, "step": last["step"],
-                 "outcome": last.get("outcome", "stopped without an end record (killed)"),
+                 "outcome": last.get("outcome", "no end line: still running, or killed"),
                  "wall_s": last["time"] - last["started"]})
   total = sum(seconds.values())
   return {"seconds": seconds, "total_s": total,

@@ -54,12 +54,17 @@ class StepProfiler:
 
   def stop(self, state=None):
     """Ends a trace in progress (its steps' device work first, when `state` is given) and writes
-    it out."""
+    it out. A trace that cannot be written is reported, not raised: training goes on."""
     if not self._tracing:
       return
-    with self._clock.timing("profile", state):
-      jax.profiler.stop_trace()
     self._tracing = False
+    try:
+      with self._clock.timing("profile", state):
+        jax.profiler.stop_trace()
+    except Exception as err:  # pylint: disable=broad-except
+      logging.error("The profile of steps %d-%d could not be written to %s: %s: %s",
+                    self.traced[0], self.traced[-1], self.directory, type(err).__name__, err)
+      return
     logging.info("Profile of steps %d-%d written to %s; view it with tensorboard --logdir=%s "
                  "(Profile tab).", self.traced[0], self.traced[-1], self.directory,
                  self.directory)

@@ -17,7 +17,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(REPO, "tests", "reference_runs.json")
 XLA_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-TIMINGS = ("step_time_s", "images_per_sec", "images_per_sec_per_device", "mfu")
+TIMINGS = ("step_time_s", "images_per_sec", "images_per_sec_per_device", "mfu", "goodput")
 
 # name: (config, overrides); "{pretrain}" stands for the pre-training run's workdir.
 _COMMON = ["--config.log_every_steps=1", "--config.checkpoint_every_steps=1000"]

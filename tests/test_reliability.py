@@ -21,11 +21,12 @@ import time
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 
 from mae_jax import checkpointing, paths, sharding
 from mae_jax.testing import pod_preemption
-from mae_jax.training import config_checks, trainer
+from mae_jax.training import config_checks, goodput, trainer
 from mae_jax.training.tasks import classification, finetune, pretrain
 from tests.helpers import REPO, losses, parse, tiny_config
 
@@ -157,6 +158,53 @@ def test_kill9_at_several_moments_resumes_from_the_newest_complete_checkpoint(
   print(f"kill -9 during the save of step 6 -> resumed from 4; kill -9 after step {logged} "
         f"logged (checkpoints {complete}) -> resumed from {resumed_from}; "
         f"losses of steps 1-{TOTAL} equal the unbroken run's")
+
+
+# ----------------------------------------------------------------------------------------------
+# Goodput across relaunches
+def test_goodput_counts_the_steps_redone_after_a_kill9_and_the_time_stopped(
+    reference, caches, tmp_path, monkeypatch):
+  workdir = tmp_path / "goodput"
+  # 1. kill -9 during the async save of step 6: steps 5 and 6 ran, step 4 is the newest checkpoint.
+  first = subprocess.run(command(workdir, caches, ("-c", KILL_DURING_SAVE.format(step=6))),
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+  # 2. The relaunch resumes from step 4; a preemption notice (SIGTERM) comes during step 9.
+  real_iterator = trainer.data.create_iterator
+
+  def preempted_at_9(*args, **kwargs):
+    for i, batch in enumerate(real_iterator(*args, **kwargs)):
+      if kwargs["start_step"] + 1 + i == 9:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  monkeypatch.setattr(trainer.data, "create_iterator", preempted_at_9)
+  assert trainer.run(run_config(caches), str(workdir))["preempted"]
+  monkeypatch.setattr(trainer.data, "create_iterator", real_iterator)
+  # 3. The last relaunch, to the end.
+  result = trainer.run(run_config(caches), str(workdir))
+  got, (_, expected) = losses(workdir), reference
+  assert sorted(got) == list(range(1, TOTAL + 1))     # the clock changes no step
+  np.testing.assert_allclose([got[s] for s in got], [expected[s] for s in got], rtol=1e-6)
+
+  records = [json.loads(line) for line in open(workdir / goodput.FILE)]
+  summary = goodput.summarise(records)
+  assert [(a["start_step"], a["step"], a["outcome"]) for a in summary["attempts"]] == [
+      (0, 6, "no end line: still running, or killed"), (4, 9, "preempted"),
+      (9, TOTAL, "finished")]
+  assert summary["redone_steps"] == 2                 # steps 5 and 6, run again after the kill
+  seconds = summary["seconds"]
+  assert seconds["redone"] > 0 and seconds["down"] > 0 and seconds["step"] > 0
+  assert all(seconds[c] > 0 for c in ("compile", "restore", "checkpoint", "input", "other"))
+  assert seconds["eval"] == 0 and seconds["profile"] == 0
+  assert summary["total_s"] == pytest.approx(sum(seconds.values()))
+  # The last metrics line's goodput so far: before the final save and the closing down.
+  assert result["goodput"] == pytest.approx(summary["goodput"], rel=0.25)
+  # The end of each run writes the summary to TensorBoard as well.
+  tags = {value.tag for path in (workdir / "tensorboard").iterdir()
+          for event in tf.compat.v1.train.summary_iterator(str(path))
+          for value in event.summary.value}
+  assert {"goodput", "badput/redone", "badput/down", "badput/compile"} <= tags
+  print("\n".join(goodput.table(summary)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ def base_config(task: str, variant: str, variants) -> ml_collections.ConfigDict:
   c.peak_flops_per_device = 0.0   # for MFU; 0 = known accelerator table, else a measured matmul
   c.plan = ""                     # a plan file (scaling --plan_out) or its JSON: the first
                                   # throughput line sets its step time beside the measured one
+  c.profile_steps = ()            # START,END: a jax.profiler trace of these steps in workdir/profile
   return c
 
 

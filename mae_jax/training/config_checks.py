@@ -6,7 +6,7 @@ import uuid
 from etils import epath
 
 from mae_jax import data, sharding
-from mae_jax.training import tasks
+from mae_jax.training import profiling, tasks
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _POSITIVE = ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
@@ -30,6 +30,7 @@ def check(config, num_processes: int, num_devices: int):
                      "interval.")
   if config.model.dtype not in _DTYPES:
     raise ValueError(f"config.model.dtype={config.model.dtype!r}; choose one of {_DTYPES}.")
+  profiling.check_config(config.profile_steps, config.total_steps)
   _check_batch(config, config.batch_size, num_processes, num_devices)
   task.check_config(config, num_devices)
   data.check_config(config.data)

@@ -11,10 +11,13 @@ and the non-finite guard; evaluators; checkpoints; preemption) -> final checkpoi
 Non-finite steps leave the state as it was (train_step.py) and are counted in it; the driver stops
 the run once `max_consecutive_nonfinite` come in a row, and never saves parameters that are not
 finite (`save_checkpoint`).
+
+The run's clock (goodput.py) says where each second goes: the throughput counts its training time
+only, and its record in the workdir sums the causes over relaunches. profiling.py traces the
+steps `profile_steps` names.
 """
 import logging
 import math
-import time
 
 import jax
 import ml_collections
@@ -22,8 +25,8 @@ import numpy as np
 from clu import periodic_actions
 
 from mae_jax import checkpointing, data, paths, sharding, store_retries
-from mae_jax.training import (config_checks, flops, metrics_log, plan_check, preemption,
-                              tasks, tensorboard_writer)
+from mae_jax.training import (config_checks, flops, goodput, metrics_log, plan_check, preemption,
+                              profiling, tasks, tensorboard_writer)
 # In the workdir once the run has reached its last step: what a supervisor (launch/tpu.sh watch)
 # stops on. A run that starts (or resumes) removes it first.
 FINISHED = "finished.json"
@@ -47,6 +50,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     paths.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
   check_plan = plan_check.PlanCheck(config.get("plan", ""), workdir, is_chief)
+  clock = goodput.RunClock(workdir, writer=is_chief)  # wall time by cause, across relaunches
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, slices=config.mesh.slices)
@@ -62,7 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # --- Checkpoint restore (automatic resume).
   manager = checkpointing.create_manager(str(workdir), config.checkpoint_every_steps,
                                          config.keep_checkpoints)
-  _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
+  with clock.timing("restore"):
+    _, restored = checkpointing.restore_latest(manager, checkpointing.abstract_like(state))
   state = restored if restored is not None else state
   start_step = int(jax.device_get(state["step"]))
 
@@ -72,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       seed=config.seed, start_step=start_step, sharding=sharding.batch_sharding(mesh),
       preprocess=task.train_preprocess)
   log = metrics_log.MetricsLog(workdir / "metrics.jsonl", writer=is_chief)
-  best = BestCheckpoint(workdir, *task.keep_best, log) if task.keep_best else None
+  best = BestCheckpoint(workdir, *task.keep_best, log, clock) if task.keep_best else None
   log.truncate(start_step)  # after reading the best so far: best/ may hold a later step
   writer = tensorboard_writer.create(workdir / "tensorboard", is_chief,
                                      upload_every_steps=config.checkpoint_every_steps)
@@ -84,27 +89,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Loop.
   watcher, throttle = preemption.PreemptionWatcher(), StepThrottle()
+  profiler = profiling.StepProfiler(config.profile_steps, workdir, clock)
   compiled = step_flops = None
   pending, last = [], {}
-  tick, tick_step = time.perf_counter(), start_step
+  clock.begin(start_step)  # throughput counts the clock's training time: no evals, saves, ...
+  tick, tick_step = clock.train_seconds(), start_step
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
       # --- Step.
-      batch = next(train_iter)
-      with jax.set_mesh(mesh):
+      profiler.before_step(step, state)
+      with clock.timing("input"):
+        batch = next(train_iter)
+      with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
         if compiled is None:  # the executable the loop runs, and its FLOPs for MFU
-          compiled = program.train_step.lower(state, batch).compile()
+          with clock.timing("compile"):
+            compiled = program.train_step.lower(state, batch).compile()
           step_flops = flops.compiled_flops(compiled)
           logging.info("Train step: %.3g FLOPs per device per step.", step_flops)
         state, metrics = compiled(state, batch)
       pending.append(metrics)
       guard.latest = metrics
       throttle(metrics)
-      progress(step)
+      progress(step, clock.train_seconds())
       if step == start_step + 1:  # time from here on: the first step includes compilation
         jax.block_until_ready(state)
-        tick, tick_step = time.perf_counter(), step
+        tick, tick_step = clock.train_seconds(), step
       preempted = watcher.reached(step)
 
       # --- Metrics line (every log_every_steps, the last step and a preemption), evaluations.
@@ -113,11 +123,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if logged:
         record = metrics_log.summarise(pending)
         record["skipped_steps"] = int(jax.device_get(state["skipped"]))
-        record.update(_throughput(config, step - tick_step, time.perf_counter() - tick,
+        record.update(_throughput(config, step - tick_step, clock.train_seconds() - tick,
                                   step_flops, peak_flops))
         check_plan(record)
-        pending, tick, tick_step = [], time.perf_counter(), step
-      record.update(_evaluate(task.evaluators, step, total_steps, state, writer))
+        record.update(clock.progress(step))
+        pending, tick, tick_step = [], clock.train_seconds(), step
+      record.update(_evaluate(task.evaluators, step, total_steps, state, writer, clock))
       if best is not None:
         record.update(best.update(record))
       if record:
@@ -131,24 +142,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if best is not None and best.improved:
         best.save(step, state, guard, log)
       if preempted or step % config.checkpoint_every_steps == 0:
-        save_checkpoint(manager, step, state, guard, log, force=preempted)
+        with clock.saving(step, state):
+          save_checkpoint(manager, step, state, guard, log, force=preempted)
       if preempted:
         logging.warning("Preempted: checkpoint saved at step %d; relaunch the same command to "
                         "resume.", step)
         break
     if not watcher.preempted and manager.latest_step() != step:  # the state the run ends with
-      save_checkpoint(manager, step, state, guard, log, force=True)
+      with clock.saving(step, state):
+        save_checkpoint(manager, step, state, guard, log, force=True)
     log.flush()  # a failed write raises here; below, after another error, it is only logged
   finally:
     try:
       log.flush()  # after an error too: the lines of the steps that led to it
     except metrics_log.MetricsWriteError as err:
       logging.error("%s", err)
+    profiler.stop()
     watcher.close()
     writer.flush()
-    manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
-    if best is not None:
-      best.close()
+    try:
+      with clock.timing("checkpoint"):
+        manager.close()  # waits for the last async save; a failed one raises CheckpointSaveError
+      if best is not None:
+        best.close()
+    finally:
+      clock.finish(step, writer if is_chief else None, watcher.preempted)  # a failure too
   if is_chief:
     kept = "" if best is None else (f" (last), {workdir / 'best'} (best {best.logged_as} "
                                     f"{best.value:.4f})")
@@ -218,8 +236,9 @@ _FIX = ("Lower base_lr, use float32 (--config.model.dtype=float32), or check the
 class BestCheckpoint:
   """`workdir/best`: the checkpoint of the best value of one evaluation so far."""
 
-  def __init__(self, workdir, metric: str, logged_as: str, log: metrics_log.MetricsLog):
-    self.metric, self.logged_as = metric, logged_as
+  def __init__(self, workdir, metric: str, logged_as: str, log: metrics_log.MetricsLog,
+               clock: goodput.RunClock):
+    self.metric, self.logged_as, self.clock = metric, logged_as, clock
     self.value = log.best(logged_as, -math.inf)  # a resumed run's best so far
     self.improved = False  # by the last `update`: its step's state is to be saved
     self.manager = checkpointing.create_best_manager(str(workdir))
@@ -232,8 +251,9 @@ class BestCheckpoint:
     return {self.logged_as: self.value} if self.metric in record else {}
 
   def save(self, step: int, state, guard: NonFiniteGuard, log: metrics_log.MetricsLog):
-    save_checkpoint(self.manager, step, state, guard, log, force=True)
-    self.manager.wait_until_finished()
+    with self.clock.timing("checkpoint", state):
+      save_checkpoint(self.manager, step, state, guard, log, force=True)
+      self.manager.wait_until_finished()
 
   def close(self):
     self.manager.close()
@@ -248,13 +268,16 @@ def _throughput(config, steps: int, seconds: float, step_flops: float, peak_flop
           "mfu": step_flops * steps / seconds / peak_flops}
 
 
-def _evaluate(evaluators, step: int, total_steps: int, state, writer) -> dict:
-  """Runs the evaluators due at `step`; returns their scalars, writes their images."""
+def _evaluate(evaluators, step: int, total_steps: int, state, writer, clock) -> dict:
+  """Runs the evaluators due at `step` (a pause of the clock's step time); returns their
+  scalars, writes their images."""
   scalars = {}
   for evaluator in evaluators:
     if not evaluator.every_steps or (step % evaluator.every_steps and step != total_steps):
       continue
-    for name, value in evaluator(state).items():
+    with clock.timing("eval", state):
+      values = evaluator(state)
+    for name, value in values.items():
       if np.ndim(value) == 3:
         writer.write_images(step, {name: np.asarray(value)[None]})
       else:

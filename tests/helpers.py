@@ -65,6 +65,17 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
+def assert_losses_of_unbroken_run(workdir, reference, total_steps: int):
+  """Every step 1..total_steps logged in `workdir`, with the losses of the unbroken run in
+  `reference` (a run stopped and resumed, or laid out otherwise, must not change them)."""
+  got, expected = losses(workdir), losses(reference)
+  worst = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
+  print(f"{len(got)} steps; largest relative loss difference from the unbroken run: {worst:.1e}")
+  assert sorted(got) == list(range(1, total_steps + 1))
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
+                             rtol=2e-5)
+
+
 def run_tool(name, *args):
   return subprocess.run([sys.executable, "-m", f"mae_jax.tools.{name}", *args], cwd=REPO,
                         capture_output=True, text=True, timeout=600, check=False)

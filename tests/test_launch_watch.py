@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from tests.helpers import POD_RUN, REPO, losses
+from tests.helpers import POD_RUN, REPO, assert_losses_of_unbroken_run
 
 pytestmark = pytest.mark.slow  # tpu.sh watch runs as a process
 
@@ -147,12 +146,7 @@ def test_keep_running_spot_run_survives_refusal_failure_preemption_and_matches_u
   print(events)
   workdir = cloud_dir / "gcs" / "fake-bucket" / "mae" / "run"
   assert json.loads((workdir / "finished.json").read_text()) == {"step": POD_RUN["total_steps"]}
-  got, expected = losses(workdir), losses(reference)
-  worst = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
-  print(f"{len(got)} steps; largest relative loss difference from the unbroken run: {worst:.1e}")
-  assert sorted(got) == list(range(1, POD_RUN["total_steps"] + 1))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
-                             rtol=2e-5)
+  assert_losses_of_unbroken_run(workdir, reference, POD_RUN["total_steps"])
   # The event log tells the slice's life, in order.
   order = [f"request refused (1 in a row): ERROR: (gcloud) {QUOTA}", f"FAILED ({CAPACITY})",
            "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE; setting up mae", "launched (launch 1:",

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import types
 
-import numpy as np
 import pytest
 
 from mae_jax.tpu import aot
 from mae_jax import sharding
 from mae_jax.training import config_checks
-from tests.helpers import POD_RUN, REPO, losses, tiny_config
+from tests.helpers import POD_RUN, REPO, assert_losses_of_unbroken_run, tiny_config
 
 
 def _devices(processes, per_process, slices=None):
@@ -83,12 +82,7 @@ def test_multi_slice_pod_run_over_two_slices_matches_the_single_slice_run(unbrok
   log = (workdir / "logs" / "process_0.log").read_text()
   assert proc.returncode == 0, proc.stderr[-2000:] + log[-3000:]
   assert "Mesh {'dcn': 2, 'data': 1, 'fsdp': 4} over 8 devices in 2 processes." in log
-  got, expected = losses(workdir), losses(reference)
-  worst = max(abs(got[s] - expected[s]) / abs(expected[s]) for s in got)
-  print(f"{len(got)} steps; largest relative loss difference from the unbroken run: {worst:.1e}")
-  assert sorted(got) == list(range(1, POD_RUN["total_steps"] + 1))
-  np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)],
-                             rtol=2e-5)
+  assert_losses_of_unbroken_run(workdir, reference, POD_RUN["total_steps"])
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from jax.experimental import topologies
 import numpy as np
 
 from mae_jax import data, hardware, sharding
-from mae_jax.tpu import step_model
+from mae_jax.tpu import hlo, step_model
 from mae_jax.training import config_checks, flops, tasks
 
 GIB = 2 ** 30
@@ -115,29 +115,11 @@ def _array_bytes(shape: str) -> list:
 
 
 def _instructions(hlo_text: str):
-  """(computation, opcode, result shape, line) of every instruction in HLO text."""
-  computation = ""
-  for line in hlo_text.splitlines():
-    header = re.match(r"(?:ENTRY )?%([\w.\-]+) ", line)
-    if header:
-      computation = header.group(1)
-      continue
-    head = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = ", line)
-    if not head:
-      continue
-    rest = line[head.end():]
-    if rest.startswith("("):  # a tuple shape: up to its closing parenthesis
-      depth = 0
-      for end, char in enumerate(rest):
-        depth += (char == "(") - (char == ")")
-        if depth == 0:
-          break
-      shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
-    else:
-      shape, _, rest = rest.partition(" ")
-    op = re.match(r"([\w\-]+)\(", rest)
-    if op:
-      yield computation, op.group(1), shape, line
+  """(computation, opcode, result shape, attributes) of every instruction in HLO text."""
+  computations, _ = hlo.parse(hlo_text)
+  for computation, instructions in computations.items():
+    for ins in instructions:
+      yield computation, ins.op, ins.shape, ins.attrs
 
 
 def collectives(hlo_text: str) -> dict:
@@ -151,11 +133,11 @@ def collectives(hlo_text: str) -> dict:
   out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   scatter_bodies = set(re.findall(r"kind=kCustom, calls=%(all-reduce-scatter[\w.\-]*)",
                                   hlo_text))
-  for computation, op, shape, line in _instructions(hlo_text):
+  for computation, op, shape, attrs in _instructions(hlo_text):
     kind = op.removesuffix("-start")
     arrays = _array_bytes(shape)
     if op == "fusion":
-      called = re.search(r"calls=%([\w.\-]+)", line)
+      called = re.search(r"calls=%([\w.\-]+)", attrs)
       if called and called.group(1) in scatter_bodies:
         out["reduce-scatter"]["count"] += 1
         out["reduce-scatter"]["bytes"] += sum(arrays)
@@ -175,8 +157,8 @@ def cross_slice_traffic(hlo_text: str) -> dict:
   for the Megascale runtime: send/recv pairs marked `_xla_megascale_transfer_type`. This counts
   the sends by transfer type and sums their payloads (an op in a loop body counts once)."""
   out = {}
-  for _, op, shape, line in _instructions(hlo_text):
-    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', line)
+  for _, op, shape, attrs in _instructions(hlo_text):
+    transfer = re.search(r'_xla_megascale_transfer_type="(\w+)"', attrs)
     if op != "send" or not transfer:
       continue
     entry = out.setdefault(transfer[1].lower().replace("_", "-"), {"count": 0, "bytes": 0})

@@ -67,7 +67,7 @@ def parse(hlo_text: str) -> tuple:
       current = computations.setdefault(header.group(2), [])
       entry = header.group(2) if header.group(1) else entry
       continue
-    head = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+    head = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
     if not head or current is None:
       continue
     rest = line[head.end():]

@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import flax.serialization
 import jax
 import numpy as np
+from safetensors import numpy as safetensors_np
 
 from mae_jax import models, paths
 from mae_jax.interop import checkpoint_mismatch, pth, safe_load
@@ -190,8 +191,7 @@ def read_state_dict(path: str, allow_unsafe_pickle: bool = False) -> dict[str, n
   """
   path = os.fspath(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    return dict(load_file(path))
+    return dict(safetensors_np.load_file(path))
   obj = safe_load.torch_load(path, allow_unsafe_pickle)
   if isinstance(obj, Mapping) and "model" in obj:
     obj = obj["model"]
@@ -226,7 +226,6 @@ def save_official(params: Mapping[str, Any], model: MaskedAutoencoder, path: str
   path = os.fspath(path)
   state_dict = to_official(params, model, encoder_only=encoder_only)
   if path.endswith(".safetensors"):
-    from safetensors import numpy as safetensors_np  # pylint: disable=import-outside-toplevel
     if paths.is_remote(path):  # safetensors writes local files only
       paths.resolve(path).write_bytes(safetensors_np.save(state_dict, metadata={"format": "pt"}))
     else:

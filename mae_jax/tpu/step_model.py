@@ -31,7 +31,6 @@ per-op launch overheads, the host and the input pipeline. docs/tpu.md holds the 
 every measured step there is.
 """
 import dataclasses
-import math
 import re
 
 import numpy as np

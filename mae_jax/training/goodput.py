@@ -28,7 +28,7 @@ import uuid
 
 import jax
 
-from mae_jax import checkpointing
+from mae_jax import paths
 from mae_jax.training import metrics_log
 
 # What an attempt measures; `summarise` adds the two causes that only several attempts show.
@@ -164,7 +164,7 @@ def _read_repaired(path, log: metrics_log.MetricsLog) -> list[dict]:
   if not log.buffered and path.exists():
     text = path.read_text()
     if text and not text.endswith("\n"):
-      checkpointing.write_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+      paths.write_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
   return records
 
 

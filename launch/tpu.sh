@@ -371,7 +371,7 @@ cmd_setup() {
     export COPYFILE_DISABLE=1  # no macOS ._ files in the tarball
     run_cmd tar -C "$root" -czf "$bundle" --exclude=.git --exclude=__pycache__ \
       --exclude='*.pyc' --exclude='*.egg-info' --exclude=.pytest_cache --exclude=./workdirs \
-      --exclude=./build --exclude=./.whl --exclude=./.venv --exclude=./.venv-torch .
+      --exclude=./build --exclude=./.whl --exclude='./.venv*' .
     local n
     for n in "${nodes[@]}"; do
       tpu_vm scp "$bundle" "$n:mae_jax_bundle.tgz" "--worker=${worker:-all}"

@@ -529,7 +529,7 @@ describe_queued() {
     2>"$WATCH_TMP/err") || rc=$?
   QR_REASON=""
   if [[ "$rc" != 0 ]]; then
-    QR_REASON=$(grep -v '^ *$' "$WATCH_TMP/err" | tail -n 1)
+    QR_REASON=$(grep -v '^ *$' "$WATCH_TMP/err" | tail -n 1 || true)  # gcloud may say nothing
     if grep -qi 'not.found' "$WATCH_TMP/err"; then QR_STATE=ABSENT QR_REASON=""; else QR_STATE=UNKNOWN; fi
     return 0
   fi
@@ -542,13 +542,15 @@ describe_queued() {
 job_state() {
   local check out
   check=$(quote_cmd python3 -c "import sys; from etils import epath; sys.exit(0 if epath.Path(sys.argv[1]).exists() else 1)" "$workdir/finished.json")
-  local script="$enter_project; $worker_id; pid=$q_logs/worker-\$w.pid"
-  script+="; if $check; then echo FINISHED; elif [ -f \"\$pid\" ] && kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then echo RUNNING; else echo STOPPED; fi"
+  # Not $enter_project: on a slice not set up yet its `cd` fails, and that is a plain STOPPED.
+  local script="cd \"\$HOME\"; $worker_id; pid=$q_logs/worker-\$w.pid"
+  script+="; if (cd $q_dir && export VIRTUAL_ENV=$q_venv && export PATH=\"\$VIRTUAL_ENV/bin:\$PATH\" && $check) 2>/dev/null; then echo FINISHED; elif [ -f \"\$pid\" ] && kill -0 \"\$(cat \"\$pid\")\" 2>/dev/null; then echo RUNNING; else echo STOPPED; fi"
   node=${nodes[0]}
   tpu_vm ssh "$node" --worker=0
   out=$("${TPU_VM_CMD[@]}" ${gcloud_args[@]+"${gcloud_args[@]}"} \
     "--command=bash -c $(shell_quote "$script")" 2>>"$WATCH_TMP/ssh.err") || true
-  JOB_STATE=$(printf '%s\n' "$out" | grep -E '^(FINISHED|RUNNING|STOPPED)$' | tail -n 1)
+  # No answer (a worker slow to reply, ssh refused) is UNKNOWN, and asked again at the next poll.
+  JOB_STATE=$(printf '%s\n' "$out" | grep -E '^(FINISHED|RUNNING|STOPPED)$' | tail -n 1 || true)
   JOB_STATE=${JOB_STATE:-UNKNOWN}
 }
 
@@ -622,7 +624,11 @@ cmd_watch() {
       ACTIVE)
         failures=0
         job_state
-        if [[ "$on_slice" == 0 && ( "$JOB_STATE" == RUNNING || "$JOB_STATE" == FINISHED ) ]]; then
+        if [[ "$JOB_STATE" == UNKNOWN ]]; then
+          # Whether a job runs there is not known: never set up or launch over one.
+          event "no answer from ${nodes[0]} worker 0 on the run's state; asking again"
+          last=$QR_STATE; sleep "$poll"; continue
+        elif [[ "$on_slice" == 0 && ( "$JOB_STATE" == RUNNING || "$JOB_STATE" == FINISHED ) ]]; then
           on_slice=1  # a watch started again finds the job it started before
           event "queued resource $name: ACTIVE, the run there: $JOB_STATE"
         elif [[ "$on_slice" == 0 ]]; then

@@ -15,6 +15,8 @@ last one repeating:
 sandbox home FAKE_HOME with MAE_WORKER_ID, POD_PORT (a free port, one per call) and POD_SIZE
 set; gs://BUCKET in C reads FAKE_CLOUD/gcs/BUCKET (the workers' view of the bucket). Set-up and
 device checks (setup_env.sh, check_devices.py) are recorded, not run: the sandbox is set up.
+FAKE_SILENT_STATE_CHECKS=N: the first N questions for the job's state (the ssh that looks for
+finished.json) get no answer, as from a worker too slow to reply.
 Every call is appended to FAKE_CLOUD/calls.jsonl.
 """
 import json
@@ -136,6 +138,16 @@ def free_port():
     return s.getsockname()[1]
 
 
+def _silent_state_check() -> bool:
+  """True for the first FAKE_SILENT_STATE_CHECKS job-state questions (counted in FAKE_CLOUD)."""
+  path = os.path.join(CLOUD, "silent_checks.json")
+  done = load(path, 0)
+  if done >= int(os.environ.get("FAKE_SILENT_STATE_CHECKS", "0")):
+    return False
+  save(path, done + 1)
+  return True
+
+
 def ssh(args):
   qr = load(STATE, {})
   life = load(os.path.join(CLOUD, "life.json"), [])
@@ -145,6 +157,8 @@ def ssh(args):
   [worker] = [a[len("--worker="):] for a in args if a.startswith("--worker=")]
   if "setup_env.sh" in command or "check_devices.py" in command:
     return 0
+  if "finished.json" in command and _silent_state_check():
+    return 0  # a worker that did not answer the supervisor's question
   for bucket in sorted(os.listdir(os.path.join(CLOUD, "gcs"))):
     command = command.replace(f"gs://{bucket}", os.path.join(CLOUD, "gcs", bucket))
   env = {**os.environ, "HOME": os.environ["FAKE_HOME"], "POD_PORT": str(free_port()),

@@ -169,10 +169,14 @@ def test_keep_running_spot_run_survives_refusal_failure_preemption_and_matches_u
   assert len(setups) == 2  # once on each slice it got
 
 
-def test_queued_watch_started_again_follows_the_running_job_without_setting_up(cloud):
+@pytest.mark.parametrize("silent_checks", [0, 2])
+def test_queued_watch_started_again_follows_the_running_job_without_setting_up(cloud,
+                                                                             silent_checks):
   """A supervisor restarted while its job runs on an active slice adopts it: no set-up, no
-  second launch; it stops when the run writes finished.json."""
+  second launch; it stops when the run writes finished.json. Workers that do not answer its
+  questions (silent_checks) leave the job's state unknown until they do: it asks again."""
   env, cloud_dir, home = cloud
+  env = {**env, "FAKE_SILENT_STATE_CHECKS": str(silent_checks)}
   (cloud_dir / "life.json").write_text(json.dumps([{"states": ["ACTIVE"]}]))
   (cloud_dir / "qr.json").write_text(json.dumps({"request": 0, "describes": 0, "forced": None}))
   job = subprocess.Popen(["sleep", "60"])  # the job the earlier supervisor launched
@@ -198,5 +202,6 @@ def test_queued_watch_started_again_follows_the_running_job_without_setting_up(c
     job.wait()
   assert "finished: gs://fake-bucket/mae/run/finished.json is there, after 0 launch(es)" in (
       events.read_text())
+  assert events.read_text().count("no answer from mae worker 0") == silent_checks
   calls = [json.loads(line) for line in (cloud_dir / "calls.jsonl").read_text().splitlines()]
   assert not [c for c in calls if c[3] in ("scp", "create") or "mae_jax.main" in c[-1]]
